@@ -1,0 +1,129 @@
+"""The ``convscope`` command line.
+
+    convscope run MANIFEST [--output DIR] [--address RAY_ADDRESS] [--set key=value ...]
+    convscope validate MANIFEST [--set key=value ...]
+    convscope layers MODEL-SPEC | MANIFEST
+
+Exit codes: 0 done, 1 an analysis failed (the rest is committed), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="convscope", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a manifest's analyses and write the output tables")
+    run.add_argument("manifest", type=Path)
+    run.add_argument("--output", "-o", type=Path, help="output folder (overrides the manifest's 'output')")
+    run.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a manifest field, e.g. --set execution.batch_size=32 (repeatable)")
+
+    val = sub.add_parser("validate", help="check a manifest fully (files, model, layers) without starting Ray")
+    val.add_argument("manifest", type=Path)
+    val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    lay = sub.add_parser("layers", help="list a model's layer names and output shapes")
+    lay.add_argument("spec", help="a manifest, or SOURCE:NAME such as builtin:cifar_resnet20, "
+                                  "torchvision:resnet50, torchscript:model.pt, python:pkg.mod:fn")
+    lay.add_argument("--weights", type=Path, help="checkpoint to load (torchvision, builtin, python)")
+    lay.add_argument("--size", type=int, help="input side for the dry forward (default: from preprocessing)")
+    return p
+
+
+def _model_spec(text: str, weights: Path | None):
+    """``builtin:cifar_resnet20`` etc. -> a validated model spec."""
+    from pipeline.errors import ManifestError
+    from pipeline.manifest import MODEL_SOURCES, validate_raw
+
+    source, sep, rest = text.partition(":")
+    if not sep or source not in MODEL_SOURCES:
+        raise UserError(f"model spec {text!r}: expected SOURCE:NAME with SOURCE one of {', '.join(MODEL_SOURCES)} "
+                        "(or a manifest .yaml)")
+    key = {"torchvision": "name", "builtin": "name", "python": "entrypoint", "torchscript": "path"}[source]
+    raw = {source == "torchscript" and "path" or key: rest, "source": source}
+    if weights is not None:
+        raw["weights"] = str(weights)
+    try:
+        manifest = validate_raw(
+            {"name": "layers", "output": ".", "dataset": {"kind": "list", "path": __file__},
+             "model": raw, "analyses": [{"type": "predictions"}]},
+            "the command line", Path.cwd(),
+        )
+    except ManifestError as e:
+        raise UserError("\n".join(p for p in e.problems if p.startswith("model"))) from None
+    return manifest.model
+
+
+def cmd_layers(args) -> int:
+    from pipeline.manifest import load_manifest
+    from pipeline.models import input_shape, layer_shapes, load_model
+
+    if args.spec.endswith((".yaml", ".yml")):
+        spec = load_manifest(args.spec).model
+    else:
+        spec = _model_spec(args.spec, args.weights)
+    model = load_model(spec, allow_untrained_demo=True)
+    shape = input_shape(spec.preprocess) if not args.size else (3, args.size, args.size)
+    rows = layer_shapes(model, shape)
+    width = max(len(n) for n, _, _ in rows)
+    print(f"{'layer':<{width}}  {'type':<20} output shape (input {'x'.join(map(str, shape))})")
+    for name, kind, out in rows:
+        print(f"{name:<{width}}  {kind:<20} {'x'.join(map(str, out)) if out else '-'}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from pipeline.manifest import check_manifest, load_manifest
+
+    manifest = load_manifest(args.manifest, args.overrides)
+    check_manifest(manifest)
+    print(f"{args.manifest}: valid ({len(manifest.analyses)} analyses: "
+          f"{', '.join(a.entry_name for a in manifest.analyses)}; output {manifest.output})")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from pipeline.execute import run_manifest
+    from pipeline.manifest import load_manifest
+
+    manifest = load_manifest(args.manifest, args.overrides, output=args.output, address=args.address)
+    result = run_manifest(manifest)
+    width = max(len(n) for n in result.analyses)
+    print(f"\n{manifest.name}: {result.status}; results in {result.output}")
+    for name, info in result.analyses.items():
+        rows = info.get("rows")
+        extra = f"{rows:,} rows" if isinstance(rows, int) else ""
+        if info.get("seconds") is not None:
+            extra += f", {info['seconds']:.1f}s"
+        if info.get("error"):
+            extra = info["error"].splitlines()[0][:200]
+        print(f"  {name:<{width}}  {info['status']:<9} {extra}")
+    if result.errors:
+        print(f"  {result.errors} image(s) could not be used: see {result.output / 'errors.parquet'}")
+    return 0 if result.ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"run": cmd_run, "validate": cmd_validate, "layers": cmd_layers}[args.command]
+    try:
+        return handler(args)
+    except UserError as e:
+        print(f"convscope {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; committed analyses are kept, rerun to finish the rest", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Models: build from a manifest spec, load checkpoints safely, list layers.
+
+Sources: ``torchvision`` (architecture by name, weights from a local file), ``builtin``
+(CIFAR ResNets, the demo CNN), ``python`` (``module:callable``; runs your code by design)
+and ``torchscript``. Checkpoints are read with ``torch.load(..., weights_only=True)``
+only, so a checkpoint file can never run code; plain state dicts, ``{"state_dict": ...}``
+wrappers and ``module.`` prefixes all load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import UserError, suggest
+from pipeline.manifest import (
+    BuiltinModel,
+    ModelSpec,
+    Preprocess,
+    PythonModel,
+    TorchScriptModel,
+    TorchvisionModel,
+)
+
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
+_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint, unwrapped from common containers; never unpickles code."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- any failure here is a bad file, reported as such
+        raise UserError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}".split("\n")[0]) from None
+    for _ in range(3):
+        if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+            inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+            if inner is None:
+                break
+            obj = inner
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise UserError(f"checkpoint {path} holds no state dict (found {type(obj).__name__})")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """Remove wrapper prefixes (DataParallel's ``module.``, torch.compile's ``_orig_mod.``)."""
+    for _ in range(3):
+        if set(state) & expected:
+            return state
+        for p in _PREFIXES:
+            if all(k.startswith(p) for k in state):
+                state = {k[len(p):]: v for k, v in state.items()}
+                break
+        else:
+            return state
+    return state
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load a checkpoint file into ``model`` strictly, with a readable error on mismatch."""
+    expected = set(model.state_dict())
+    state = _strip_prefixes(read_state_dict(path), expected)
+    missing = sorted(expected - set(state) - {k for k in expected if k.endswith("num_batches_tracked")})
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        def head(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
+
+        parts = [f"missing keys: {head(missing)}"] if missing else []
+        parts += [f"unexpected keys: {head(unexpected)}"] if unexpected else []
+        raise UserError(f"checkpoint {path} does not fit the model: " + "; ".join(parts))
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {path} does not fit the model: {str(e).splitlines()[-1].strip()}") from None
+
+
+def _python_model(spec: PythonModel) -> nn.Module:
+    module_name, fn_name = spec.entrypoint.split(":")
+    for p in reversed(spec.python_path):
+        if str(p) not in sys.path:
+            sys.path.insert(0, str(p))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"model.entrypoint: cannot import {module_name!r}: {e}") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise UserError(f"model.entrypoint: {module_name!r} has no callable {fn_name!r}")
+    model = fn(**spec.kwargs)
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model.entrypoint: {spec.entrypoint} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def load_model(spec: ModelSpec, allow_untrained_demo: bool = False) -> nn.Module:
+    """Build the model a spec names, load its weights, and put it in eval mode (on the CPU).
+
+    Randomly initialised parts are seeded, so every worker builds the same model.
+    The demo CNN trains itself when its weights file is missing, unless
+    ``allow_untrained_demo`` (used by validation, which only needs the architecture).
+    """
+    torch.manual_seed(0)
+    if isinstance(spec, TorchvisionModel):
+        import torchvision
+
+        kwargs = {"num_classes": spec.num_classes} if spec.num_classes else {}
+        model = torchvision.models.get_model(spec.name, weights=None, **kwargs)
+        if spec.weights is not None:
+            load_weights(model, spec.weights)
+    elif isinstance(spec, BuiltinModel):
+        from pipeline.zoo import BUILTINS
+
+        kwargs = {"num_classes": spec.num_classes} if spec.num_classes else {}
+        model = BUILTINS[spec.name](**kwargs)
+        if spec.weights is not None:
+            if spec.name == "demo_cnn" and not spec.weights.is_file():
+                if allow_untrained_demo:
+                    return model.eval()
+                from pipeline.demo import train_demo_model
+
+                train_demo_model(spec.weights)
+            load_weights(model, spec.weights)
+    elif isinstance(spec, PythonModel):
+        model = _python_model(spec)
+        if spec.weights is not None:
+            load_weights(model, spec.weights)
+    elif isinstance(spec, TorchScriptModel):
+        try:
+            model = torch.jit.load(str(spec.path), map_location="cpu")
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"model.path: cannot load TorchScript file {spec.path}: {str(e).splitlines()[0]}") from None
+    else:  # pragma: no cover -- the manifest's discriminated union rules this out
+        raise TypeError(f"unknown model spec {spec!r}")
+    return model.eval()
+
+
+def model_hash(spec: ModelSpec, model: nn.Module) -> str:
+    """sha256 of the weights file, or of the parameters when there is no file."""
+    path = getattr(spec, "weights", None) or getattr(spec, "path", None)
+    h = hashlib.sha256()
+    if path is not None and Path(path).is_file():
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return "sha256:" + h.hexdigest()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """Hookable layer names as ``named_modules()`` spells them (the root excluded)."""
+    return [n for n, _ in model.named_modules() if n]
+
+
+def input_shape(preprocess: Preprocess) -> tuple[int, int, int]:
+    h, w = preprocess.output_size() or (224, 224)
+    return (3, h, w)
+
+
+@contextmanager
+def capture(model: nn.Module, layers: Sequence[str], detach: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the outputs of ``layers`` during forward passes; hooks are always removed.
+
+    Outputs are cloned: a later in-place op (``ReLU(inplace=True)`` after a BatchNorm, as in
+    torchvision's ResNets) would otherwise change what was recorded.
+
+    >>> with capture(model, ["layer1"]) as acts:
+    ...     model(x)
+    >>> acts["layer1"].shape
+    """
+    modules = dict(model.named_modules())
+    for name in layers:
+        if name not in modules:
+            raise UserError(suggest(name, layer_names(model), "layer"))
+    store: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook_for(name: str):
+        def hook(_module, _inputs, output):
+            if isinstance(output, (tuple, list)):
+                output = output[0]
+            store[name] = output.detach().clone() if detach else output
+
+        return hook
+
+    try:
+        for name in dict.fromkeys(layers):
+            handles.append(modules[name].register_forward_hook(hook_for(name)))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def layer_shapes(model: nn.Module, shape: tuple[int, int, int]) -> list[tuple[str, str, tuple[int, ...] | None]]:
+    """(name, module type, output shape without batch) for every module, from one dry forward."""
+    names = layer_names(model)
+    shapes: dict[str, tuple[int, ...]] = {}
+    handles = []
+    modules = dict(model.named_modules())
+    for name in names:
+        def hook(_m, _i, out, name=name):
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            if isinstance(out, torch.Tensor):
+                shapes[name] = tuple(out.shape[1:])
+
+        try:
+            handles.append(modules[name].register_forward_hook(hook))
+        except (RuntimeError, AttributeError):  # TorchScript submodules take no Python hooks
+            pass
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, *shape)))
+    finally:
+        for h in handles:
+            h.remove()
+    return [(n, type(modules[n]).__name__ if not isinstance(modules[n], torch.jit.ScriptModule)
+             else modules[n].original_name, shapes.get(n)) for n in names]

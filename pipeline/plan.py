@@ -1,0 +1,56 @@
+"""Planning: the manifest's analyses as stages, with shared work fused.
+
+Every ``map`` analysis of a manifest runs in one pass over the dataset: one decode and one
+forward per batch, hooks on the union of their layers. ``reduce`` analyses read what map
+stages committed; ``model`` analyses need no dataset pass. Entries already committed with
+the same key (resume) are left out of the plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from jobs import REGISTRY, Analysis, AnalysisParams
+from pipeline.manifest import Manifest
+
+ORDER = {"map": 0, "reduce": 1, "model": 2}
+
+
+@dataclass
+class Stage:
+    kind: str
+    analyses: list[Analysis] = field(default_factory=list)
+
+    @property
+    def entries(self) -> list[str]:
+        return [a.params.entry_name for a in self.analyses]
+
+    def layers(self) -> list[str]:
+        """Union of the layers every analysis of the stage reads, in first-seen order."""
+        return list(dict.fromkeys(layer for a in self.analyses for _, layer in a.layers()))
+
+
+def entry_key(params: AnalysisParams, manifest: Manifest, dataset_fingerprint: str, model_hash: str) -> dict:
+    """What an entry's output depends on; a committed entry with an equal key is reused."""
+    inputs = {
+        "params": params.model_dump(mode="json"),
+        "dataset": dataset_fingerprint,
+        "model": model_hash,
+        "preprocess": manifest.model.preprocess.model_dump(mode="json") if manifest.model.preprocess else None,
+        "precision": manifest.execution.precision,
+    }
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    return {"key": "sha256:" + digest, "type": params.type, "dataset": dataset_fingerprint, "model": model_hash}
+
+
+def plan(manifest: Manifest, skip: set[str] = frozenset()) -> list[Stage]:
+    """Stages to run, in order; entries named in ``skip`` are already done."""
+    stages: dict[str, Stage] = {}
+    for params in manifest.analyses:
+        if params.entry_name in skip:
+            continue
+        analysis = REGISTRY[params.type](params)
+        stages.setdefault(analysis.stage, Stage(analysis.stage)).analyses.append(analysis)
+    return sorted(stages.values(), key=lambda s: ORDER[s.kind])

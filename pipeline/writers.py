@@ -1,0 +1,143 @@
+"""Writers: Parquet parts, ``_SUCCESS`` markers, run.json -- every file appears only complete.
+
+Each analysis entry is written into a staging folder (``<output>/.staging/<entry>``), then
+renamed to ``<output>/<entry>`` and sealed with ``_SUCCESS`` (written last, itself by
+write-then-rename). A folder without ``_SUCCESS`` is incomplete, whatever it holds.
+``_SUCCESS`` records the entry's key (its parameters, the dataset fingerprint and the
+model hash): a rerun skips an entry whose key matches and recomputes one whose key does not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SUCCESS = "_SUCCESS"
+STAGING = ".staging"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_table(path: Path, table: pa.Table) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def to_arrow(values: np.ndarray) -> pa.Array:
+    """A column from a numpy array: 1-D as is, (N, D) as ``list<...>`` (float arrays as float32)."""
+    if values.ndim == 1:
+        if values.dtype == object:
+            return pa.array(values.tolist())
+        return pa.array(values)
+    flat = values.reshape(len(values), -1)
+    if np.issubdtype(flat.dtype, np.floating):
+        flat = flat.astype(np.float32, copy=False)
+    width = flat.shape[1]
+    offsets = pa.array(np.arange(0, (len(flat) + 1) * width, width, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(flat.reshape(-1)))
+
+
+def labels_to_arrow(labels: np.ndarray) -> pa.Array:
+    """int labels with -1 for 'unlabelled' -> int64 with nulls."""
+    labels = np.asarray(labels, dtype=np.int64)
+    return pa.array(labels, mask=labels < 0)
+
+
+def read_success(folder: Path) -> dict | None:
+    """The committed key of an analysis folder, or None when it is not complete."""
+    marker = Path(folder) / SUCCESS
+    if not marker.is_file():
+        return None
+    try:
+        return json.loads(marker.read_text())
+    except ValueError:
+        return None
+
+
+class EntryWriter:
+    """Buffers one analysis entry's rows per partition and writes Parquet parts of bounded size."""
+
+    def __init__(self, output: Path, entry: str, rows_per_part: int = 100_000):
+        self.output = Path(output)
+        self.entry = entry
+        self.rows_per_part = rows_per_part
+        self.staging = self.output / STAGING / entry
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir(parents=True)
+        self.buffers: dict[str, list[pa.Table]] = defaultdict(list)
+        self.buffered: dict[str, int] = defaultdict(int)
+        self.parts: dict[str, int] = defaultdict(int)
+        self.rows = 0
+
+    def add(self, partition: str, columns: dict[str, Any]) -> None:
+        table = pa.table(columns)
+        self.buffers[partition].append(table)
+        self.buffered[partition] += table.num_rows
+        self.rows += table.num_rows
+        if self.buffered[partition] >= self.rows_per_part:
+            self._flush(partition)
+
+    def _flush(self, partition: str) -> None:
+        if not self.buffers[partition]:
+            return
+        table = pa.concat_tables(self.buffers[partition])
+        folder = self.staging / partition if partition else self.staging
+        while table.num_rows:
+            part, table = table.slice(0, self.rows_per_part), table.slice(self.rows_per_part)
+            atomic_write_table(folder / f"part-{self.parts[partition]:05d}.parquet", part)
+            self.parts[partition] += 1
+        self.buffers[partition] = []
+        self.buffered[partition] = 0
+
+    def abort(self) -> None:
+        """Drop what was staged: nothing of a failed entry may look like output."""
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def commit(self, key: dict) -> Path:
+        """Flush, move the staging folder into place, then write ``_SUCCESS`` last."""
+        for partition in list(self.buffers):
+            self._flush(partition)
+        final = self.output / self.entry
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(self.staging, final)
+        atomic_write_text(final / SUCCESS, json.dumps({**key, "rows": self.rows}, indent=1, sort_keys=True))
+        return final
+
+
+def invalidate(output: Path, entry: str) -> None:
+    """Un-commit an entry before recomputing it: its ``_SUCCESS`` goes first."""
+    folder = Path(output) / entry
+    marker = folder / SUCCESS
+    if marker.exists():
+        marker.unlink()
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")

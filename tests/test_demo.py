@@ -1,0 +1,42 @@
+"""The demo: its generator, its model's training, and the manifest end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.demo import train_demo_model
+from pipeline.execute import run_manifest
+from pipeline.manifest import load_manifest
+from pipeline.zoo import DemoCNN
+
+from .conftest import ROOT
+
+
+def test_training_is_seeded_and_learns(tmp_path):
+    a = train_demo_model(tmp_path / "a.pt", n_train=1024, epochs=4, size=32, log=lambda m: None)
+    train_demo_model(tmp_path / "b.pt", n_train=1024, epochs=4, size=32, log=lambda m: None)
+    sa = torch.load(tmp_path / "a.pt", weights_only=True)
+    sb = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    DemoCNN().load_state_dict(sa)
+    assert a > 0.4  # well above chance (0.25) after a few dozen steps
+
+
+@pytest.mark.slow
+def test_demo_manifest_end_to_end(ray_session, tmp_path):
+    """What the README's demo command runs, into a temporary folder (trains the CNN: ~1 min)."""
+    manifest = load_manifest(ROOT / "manifests" / "demo.yaml", output=tmp_path / "demo",
+                             overrides=[f"dataset.root={tmp_path / 'shapes'}",
+                                        f"model.weights={tmp_path / 'demo_cnn.pt'}"])
+    result = run_manifest(manifest, log=lambda m: None)
+    assert result.ok
+    info = json.loads((tmp_path / "demo" / "run.json").read_text())
+    assert info["dataset"]["images"] == 1000 and info["dataset"]["errors"] == 0
+    pred = pd.read_parquet(tmp_path / "demo" / "predictions")
+    assert (pred.pred == pred.label).mean() > 0.9  # the demo CNN really learnt the task
+    images = pd.read_parquet(tmp_path / "demo" / "images.parquet")
+    assert images.box.notna().all() and set(images.label_name) == {"circle", "cross", "square", "triangle"}

@@ -16,6 +16,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -111,6 +112,21 @@ def _decode_remote_args() -> dict:
     return {}
 
 
+def _decode_stage(ds, manifest: Manifest, block: int, column: str):
+    """Read + decode + resize/crop as CPU tasks (``pipeline.decode``, no torch)."""
+    return ds.map_batches(
+        decode_batch,
+        batch_size=block,
+        batch_format="numpy",
+        fn_kwargs={"resize": manifest.model.preprocess.resize, "crop": manifest.model.preprocess.crop,
+                   "parquet_column": column},
+        num_cpus=1,
+        # A remote-args function keeps Ray Data from fusing decoding into the model actor:
+        # decode tasks then run beside the actors and overlap the model instead of delaying it.
+        ray_remote_args_fn=_decode_remote_args,
+    )
+
+
 def _map_dataset(manifest: Manifest, index: DatasetIndex, stage: Stage):
     """The Ray Data pipeline of a map stage (lazy; nothing runs until it is iterated)."""
     import ray
@@ -133,17 +149,10 @@ def _map_dataset(manifest: Manifest, index: DatasetIndex, stage: Stage):
     blocks = [table.slice(i, block) for i in range(0, table.num_rows, block)] or [table]
     column = manifest.dataset.image_column if isinstance(manifest.dataset, ParquetDataset) else "image"
     ds = ray.data.from_arrow(blocks)
-    ds = ds.map_batches(
-        decode_batch,
-        batch_size=block,
-        batch_format="numpy",
-        fn_kwargs={"resize": manifest.model.preprocess.resize, "crop": manifest.model.preprocess.crop,
-                   "parquet_column": column},
-        num_cpus=1,
-        # A remote-args function keeps Ray Data from fusing decoding into the model actor:
-        # decode tasks then run beside the actors and overlap the model instead of delaying it.
-        ray_remote_args_fn=_decode_remote_args,
-    )
+    with warnings.catch_warnings():
+        # ray_remote_args_fn is deprecated for removal in Ray 2.64; pyproject pins below it.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*")
+        ds = _decode_stage(ds, manifest, block, column)
     ds = ds.map_batches(
         ModelWorker,
         batch_size=ex.batch_size,
@@ -320,12 +329,12 @@ def run_manifest(manifest: Manifest, log: Log = _stderr) -> RunResult:
 
     status = "complete"
     if stages:
+        import ray
+
         init_ray(manifest.execution.address, log)
         _configure_data()
     for stage in stages:
         log(f"{stage.kind} stage: {', '.join(stage.entries)}")
-        import ray
-
         cpus_before = ray.available_resources().get("CPU", 0)
         try:
             if stage.kind != "map":  # pragma: no cover -- every registered analysis is a map analysis so far
@@ -350,7 +359,8 @@ def run_manifest(manifest: Manifest, log: Log = _stderr) -> RunResult:
         atomic_write_table(output / "errors.parquet", pa.Table.from_pylist(
             all_errors, schema=pa.schema([("image_id", pa.string()), ("stage", pa.string()), ("error", pa.string())])))
         atomic_write_table(output / "images.parquet", _images_table(index))
-    bad = {e["image_id"] for e in all_errors}
+    # Images that could not be used (listing errors about whole shards are counted apart).
+    bad = {e["image_id"] for e in all_errors} & set(index.table.column("image_id").to_pylist())
     summary = {
         "name": manifest.name,
         "status": status,
@@ -359,8 +369,8 @@ def run_manifest(manifest: Manifest, log: Log = _stderr) -> RunResult:
         "manifest": str(manifest.source) if manifest.source else None,
         "dataset": {
             "kind": manifest.dataset.kind, "fingerprint": index.fingerprint, "images": len(index),
-            "ok": len(index) - len(bad & set(index.table.column("image_id").to_pylist())),
-            "errors": len(all_errors), "label_names": index.label_names,
+            "ok": len(index) - len(bad), "errors": len(bad), "error_rows": len(all_errors),
+            "label_names": index.label_names,
         },
         "model": {"source": manifest.model.source, "name": getattr(manifest.model, "name", None),
                   "hash": mhash},

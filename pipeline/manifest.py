@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import os
+import typing
 import difflib
 import re
 from pathlib import Path
@@ -156,17 +157,14 @@ class ShapesDataset(_Dataset):
     seed: int = 0
 
 
-DatasetSpec = Annotated[
-    Union[ImageFolderDataset, ParquetDataset, WebDatasetDataset, ListDataset, ShapesDataset],
-    Field(discriminator="kind"),
-]
-DATASET_KINDS = {
-    "image_folder": ImageFolderDataset,
-    "parquet": ParquetDataset,
-    "webdataset": WebDatasetDataset,
-    "list": ListDataset,
-    "shapes": ShapesDataset,
-}
+def _by_tag(tag: str, classes: tuple[type[BaseModel], ...]) -> dict[str, type[BaseModel]]:
+    """``{"image_folder": ImageFolderDataset, ...}`` from each class' ``Literal`` tag field."""
+    return {typing.get_args(c.model_fields[tag].annotation)[0]: c for c in classes}
+
+
+_DATASETS = (ImageFolderDataset, ParquetDataset, WebDatasetDataset, ListDataset, ShapesDataset)
+DatasetSpec = Annotated[Union[_DATASETS], Field(discriminator="kind")]
+DATASET_KINDS = _by_tag("kind", _DATASETS)
 
 
 # ----------------------------------------------------------------------------- model
@@ -311,16 +309,9 @@ class TorchScriptModel(_Model):
         return self
 
 
-ModelSpec = Annotated[
-    Union[TorchvisionModel, BuiltinModel, PythonModel, TorchScriptModel],
-    Field(discriminator="source"),
-]
-MODEL_SOURCES = {
-    "torchvision": TorchvisionModel,
-    "builtin": BuiltinModel,
-    "python": PythonModel,
-    "torchscript": TorchScriptModel,
-}
+_MODELS = (TorchvisionModel, BuiltinModel, PythonModel, TorchScriptModel)
+ModelSpec = Annotated[Union[_MODELS], Field(discriminator="source")]
+MODEL_SOURCES = _by_tag("source", _MODELS)
 
 
 # ----------------------------------------------------------------------------- execution
@@ -467,8 +458,6 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def _fields_at(cls: Any, loc: Loc) -> list[str] | None:
     """Allowed field names of the model found at ``loc`` inside ``cls`` (for 'did you mean')."""
-    import typing
-
     for part in loc:
         if isinstance(part, int):
             continue

@@ -142,6 +142,7 @@ def _map_dataset(manifest: Manifest, index: DatasetIndex, stage: Stage):
     actor_cpus = max(0.1, min(1.0, (total_cpus - 1) / ex.workers)) if not use_gpu else 1.0
     threads = ex.threads_per_worker or (None if use_gpu else default_threads(ex.workers))
 
+    _await_cpus(min(total_cpus, actor_cpus * ex.workers + 1))
     execution = ex.model_dump(mode="json")
     execution["device"] = "cuda" if use_gpu else "cpu"
     block = ex.decode_batch_size
@@ -218,14 +219,13 @@ def _consume(batch: dict[str, np.ndarray], writers: dict[str, EntryWriter], erro
         writers[entry].add(partition, columns)
 
 
-def _release_actors(cpus_before: float, timeout: float = 10.0) -> None:
-    """Wait (bounded) until the stage's actors are gone.
+def _await_cpus(needed: float, timeout: float = 10.0) -> None:
+    """Wait (bounded) until ``needed`` CPUs are free before a stage starts.
 
-    Ray Data releases its actors by dropping references, so they exit only once garbage
-    collection gets to them (after a failure, once the exception and its frames are gone);
-    an actor still holding its CPU when the next stage starts could starve that stage's
-    decode tasks. Called after the stage, outside any ``except`` block: collect now and
-    wait for the CPUs to return.
+    Ray Data releases a finished stage's actors by dropping references, so they exit only
+    once garbage collection gets to them (after a failure, once the exception and its
+    frames are gone). An actor still holding its CPU when the next stage starts could
+    starve that stage's decode tasks; collect now and give the CPUs a moment to return.
     """
     import gc
 
@@ -233,8 +233,8 @@ def _release_actors(cpus_before: float, timeout: float = 10.0) -> None:
 
     gc.collect()
     deadline = time.time() + timeout
-    while ray.available_resources().get("CPU", 0) < cpus_before and time.time() < deadline:
-        time.sleep(0.1)
+    while ray.available_resources().get("CPU", 0) < needed and time.time() < deadline:
+        time.sleep(0.05)
 
 
 def run_map_stage(
@@ -329,13 +329,10 @@ def run_manifest(manifest: Manifest, log: Log = _stderr) -> RunResult:
 
     status = "complete"
     if stages:
-        import ray
-
         init_ray(manifest.execution.address, log)
         _configure_data()
     for stage in stages:
         log(f"{stage.kind} stage: {', '.join(stage.entries)}")
-        cpus_before = ray.available_resources().get("CPU", 0)
         try:
             if stage.kind != "map":  # pragma: no cover -- every registered analysis is a map analysis so far
                 raise NotImplementedError(f"{stage.kind} stages")
@@ -353,7 +350,6 @@ def run_manifest(manifest: Manifest, log: Log = _stderr) -> RunResult:
             for name in stage.entries:
                 analyses[name] = {"status": "failed", "error": message[:2000],
                                   "traceback": traceback.format_exc()[-4000:]}
-        _release_actors(cpus_before)
 
     if stages or not (output / "errors.parquet").exists():
         atomic_write_table(output / "errors.parquet", pa.Table.from_pylist(

@@ -14,6 +14,7 @@ import torch
 
 from jobs import REGISTRY, AnalysisParams, MapBatch
 from pipeline.manifest import MODEL_SOURCES
+from pipeline.plan import Stage
 
 SEP = "|"  # output columns are "<entry>|<partition>|<column>"
 
@@ -45,12 +46,12 @@ class ModelWorker:
         self.device = resolve_device(execution["device"])
         self.precision = execution["precision"]
         self.model = load_model(spec).to(self.device)
-        if execution.get("channels_last") and self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
         self.channels_last = bool(execution.get("channels_last")) and self.device.type == "cuda"
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         params = [REGISTRY[e["type"]].Params.model_validate(e) for e in entries]
         self.analyses = [REGISTRY[p.type](p) for p in params]
-        self.layers = list(dict.fromkeys(layer for a in self.analyses for _, layer in a.layers()))
+        self.layers = Stage("map", self.analyses).layers()
         h, w = self.preprocess.output_size()
         # One dry pass fixes every output column's shape and dtype, so a batch in which every
         # image failed to decode still yields the same columns (zero-filled, dropped later).

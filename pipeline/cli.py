@@ -10,6 +10,7 @@ Exit codes: 0 done, 1 an analysis failed (the rest is committed), 2 bad input.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -82,7 +83,8 @@ def cmd_layers(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from pipeline.manifest import check_manifest, load_manifest
+    from pipeline.manifest import load_manifest
+    from pipeline.models import check_manifest
 
     manifest = load_manifest(args.manifest, args.overrides)
     check_manifest(manifest)
@@ -113,6 +115,8 @@ def cmd_run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `convscope layers ... | head` ends quietly
     args = _parser().parse_args(argv)
     handler = {"run": cmd_run, "validate": cmd_validate, "layers": cmd_layers}[args.command]
     try:

@@ -26,8 +26,8 @@ import pyarrow as pa
 
 from pipeline.datasets import DatasetIndex, list_dataset
 from pipeline.errors import UserError
-from pipeline.manifest import Manifest, ParquetDataset, check_layers
-from pipeline.models import load_model, model_hash
+from pipeline.manifest import Manifest, ParquetDataset
+from pipeline.models import check_layers, load_model, model_hash
 from pipeline.plan import Stage, entry_key, plan
 from pipeline.decode import decode_batch
 from pipeline.worker import SEP, ModelWorker, default_threads, entries_json, error_key

@@ -12,7 +12,7 @@ A manifest has six sections::
     execution: {workers: 1, batch_size: 256}
 
 ``load_manifest`` checks the schema (types, unknown keys, names, files that must exist);
-``check_manifest`` also builds the model and checks every layer name against it.
+``pipeline.models.check_manifest`` also builds the model and checks every layer name against it.
 Problems are collected, not stopped at: one run of ``convscope validate`` lists them all.
 """
 
@@ -631,33 +631,3 @@ def load_manifest(
     manifest = validate_raw(raw, str(path), path.parent.absolute(), lines)
     manifest.source = path.absolute()
     return manifest
-
-
-def check_manifest(manifest: Manifest) -> None:
-    """Build the model and check every analysis' layers exist in it (no Ray needed)."""
-    from pipeline.models import load_model
-
-    check_layers(manifest, load_model(manifest.model, allow_untrained_demo=True))
-
-
-def check_layers(manifest: Manifest, model) -> None:
-    """Every layer an analysis names must be a module path of ``model``."""
-    from pipeline.models import layer_names
-
-    import torch
-
-    names = layer_names(model)
-    scripted = isinstance(model, torch.jit.ScriptModule)
-    problems = []
-    for i, params in enumerate(manifest.analyses):
-        analysis = REGISTRY[params.type](params)
-        for sub, layer in analysis.layers():
-            if scripted:
-                problems.append(f"{format_loc(('analyses', i) + sub)}: a TorchScript model runs as one compiled "
-                                "graph and cannot be hooked at its layers; load it with source 'python' or "
-                                f"'torchvision' to read layer {layer!r} (analyses of the output work)")
-                break
-            if layer not in names:
-                problems.append(f"{format_loc(('analyses', i) + sub)}: {suggest(layer, names, 'layer')}")
-    if problems:
-        raise ManifestError(str(manifest.source or manifest.name), problems)

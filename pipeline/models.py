@@ -19,14 +19,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.errors import UserError, suggest
+from jobs import REGISTRY
+from pipeline.errors import ManifestError, UserError, suggest
 from pipeline.manifest import (
     BuiltinModel,
+    Manifest,
     ModelSpec,
     Preprocess,
     PythonModel,
     TorchScriptModel,
     TorchvisionModel,
+    format_loc,
 )
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
@@ -228,3 +231,27 @@ def layer_shapes(model: nn.Module, shape: tuple[int, int, int]) -> list[tuple[st
             h.remove()
     return [(n, type(modules[n]).__name__ if not isinstance(modules[n], torch.jit.ScriptModule)
              else modules[n].original_name, shapes.get(n)) for n in names]
+
+
+def check_manifest(manifest: Manifest) -> None:
+    """Build the model and check every analysis' layers exist in it (no Ray needed)."""
+    check_layers(manifest, load_model(manifest.model, allow_untrained_demo=True))
+
+
+def check_layers(manifest: Manifest, model) -> None:
+    """Every layer an analysis names must be a module path of ``model``."""
+    names = layer_names(model)
+    scripted = isinstance(model, torch.jit.ScriptModule)
+    problems = []
+    for i, params in enumerate(manifest.analyses):
+        analysis = REGISTRY[params.type](params)
+        for sub, layer in analysis.layers():
+            if scripted:
+                problems.append(f"{format_loc(('analyses', i) + sub)}: a TorchScript model runs as one compiled "
+                                "graph and cannot be hooked at its layers; load it with source 'python' or "
+                                f"'torchvision' to read layer {layer!r} (analyses of the output work)")
+                break
+            if layer not in names:
+                problems.append(f"{format_loc(('analyses', i) + sub)}: {suggest(layer, names, 'layer')}")
+    if problems:
+        raise ManifestError(str(manifest.source or manifest.name), problems)

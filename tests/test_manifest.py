@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from pipeline.errors import ManifestError, suggest
-from pipeline.manifest import apply_overrides, check_manifest, format_loc, load_manifest, parse_set_path
+from pipeline.manifest import apply_overrides, format_loc, load_manifest, parse_set_path
+from pipeline.models import check_manifest
 
 from .conftest import CIFAR, RESNET20, ROOT, needs_shared, write_manifest
 

@@ -42,26 +42,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def _model_spec(text: str, weights: Path | None):
     """``builtin:cifar_resnet20`` etc. -> a validated model spec."""
-    from pipeline.errors import ManifestError
-    from pipeline.manifest import MODEL_SOURCES, validate_raw
+    from pipeline.manifest import MODEL_SOURCES, validate_model
 
     source, sep, rest = text.partition(":")
     if not sep or source not in MODEL_SOURCES:
         raise UserError(f"model spec {text!r}: expected SOURCE:NAME with SOURCE one of {', '.join(MODEL_SOURCES)} "
                         "(or a manifest .yaml)")
     key = {"torchvision": "name", "builtin": "name", "python": "entrypoint", "torchscript": "path"}[source]
-    raw = {source == "torchscript" and "path" or key: rest, "source": source}
+    raw = {"source": source, key: rest}
     if weights is not None:
         raw["weights"] = str(weights)
-    try:
-        manifest = validate_raw(
-            {"name": "layers", "output": ".", "dataset": {"kind": "list", "path": __file__},
-             "model": raw, "analyses": [{"type": "predictions"}]},
-            "the command line", Path.cwd(),
-        )
-    except ManifestError as e:
-        raise UserError("\n".join(p for p in e.problems if p.startswith("model"))) from None
-    return manifest.model
+    return validate_model(raw, "the command line", Path.cwd())
 
 
 def cmd_layers(args) -> int:

@@ -591,6 +591,15 @@ def validate_raw(raw: Any, source: str, base: Path, lines: dict[Loc, int] | None
     )
 
 
+def validate_model(raw: Any, source: str, base: Path) -> ModelSpec:
+    """Validate a ``model`` section on its own (``convscope layers SOURCE:NAME``)."""
+    problems: list[str] = []
+    model = _tagged("model", "source", MODEL_SOURCES, raw, {}, {"base": base}, problems)
+    if problems:
+        raise ManifestError(source, problems)
+    return model
+
+
 class _Head(Strict):
     name: str = Field(pattern=r"^[\w.-]+$")
     output: AnyPath

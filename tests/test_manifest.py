@@ -11,7 +11,7 @@ from pipeline.errors import ManifestError, suggest
 from pipeline.manifest import apply_overrides, format_loc, load_manifest, parse_set_path
 from pipeline.models import check_manifest
 
-from .conftest import CIFAR, RESNET20, ROOT, needs_shared, write_manifest
+from .conftest import CIFAR, RESNET20, ROOT, needs_shared
 
 
 def good(tmp_path: Path, image_folder: Path) -> dict:

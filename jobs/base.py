@@ -6,6 +6,11 @@ for one stage of the plan:
 * ``map``: per image. The runner decodes a batch, runs the model once with hooks on every
   layer any fused analysis asked for, and hands each analysis a :class:`MapBatch`.
   The analysis returns its table rows as arrays aligned with the batch.
+* ``reduce``: over the whole dataset. ``map_batch`` runs in the same fused pass but returns
+  *partials* of any length (per-batch top-k candidates, per-image feature vectors, moment
+  sums); the runner commits them as Parquet, then calls ``reduce`` once with those tables
+  (:class:`ReduceInputs`) and a :class:`ReduceContext` (the model, the input pixels, a
+  parallel map). ``reduce`` returns tables and rendered images (:class:`ReduceOutput`).
 
 Kernels here never touch Ray or files; ``pipeline`` feeds them and writes what they return.
 
@@ -22,11 +27,15 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar, Literal
+import re
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
+import pyarrow as pa
 import torch
+from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
 Stage = Literal["map", "reduce", "model"]
@@ -91,6 +100,13 @@ class Analysis:
             found.append((("layers", i), name))
         return found
 
+    def check_dataset(self, image_ids: Collection[str]) -> list[tuple[tuple[str | int, ...], str]]:
+        """Problems with this entry against the listed dataset, each with its field path.
+
+        Called before any work starts (e.g. query ids that are not in the dataset).
+        """
+        return []
+
 
 class MapAnalysis(Analysis):
     """An analysis computed per image from one shared forward pass."""
@@ -99,6 +115,117 @@ class MapAnalysis(Analysis):
 
     def map_batch(self, batch: MapBatch) -> Rows:
         raise NotImplementedError
+
+
+class ReduceInputs(Protocol):
+    """The partials an entry's ``map_batch`` returned over the whole dataset, per partition."""
+
+    def partitions(self) -> list[str]: ...
+
+    def read(self, partition: str = "", columns: Sequence[str] | None = None) -> pa.Table: ...
+
+    def batches(self, partition: str = "", columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """The same rows in bounded record batches, for reductions that stream."""
+        ...
+
+
+class ReduceContext(Protocol):
+    """What a reduction may use besides its inputs; the runner provides it.
+
+    ``model`` is the run's model in eval mode on ``device``; ``input_size`` is the (H, W) of
+    every model input; ``images(ids)`` returns those images as the model saw them before
+    normalisation (uint8, (H, W, 3)), the frame every box and crop is in;
+    ``parallel_map(fn, items, shared)`` returns ``[fn(shared, item) for item in items]``,
+    possibly computed on several workers (``fn`` must be a module-level function).
+    """
+
+    model: torch.nn.Module
+    device: torch.device
+    input_size: tuple[int, int]
+    label_names: list[str] | None
+    workers: int
+
+    def images(self, image_ids: Sequence[str]) -> dict[str, np.ndarray]: ...
+
+    def parallel_map(self, fn: Callable[[Any, Any], Any], items: Sequence[Any], shared: Any = None) -> list: ...
+
+    def log(self, message: str) -> None: ...
+
+
+@dataclass
+class ReduceOutput:
+    """A reduction's result.
+
+    ``tables``: {partition: table}, a ``pa.Table`` or {column: array}. A column named
+    ``key`` (or ``<prefix>_key``) names a rendered image; the runner adds the matching
+    ``shard`` (``<prefix>_shard``) column: the tar file, relative to the entry folder, that
+    holds ``<key>.png``. ``images``: (key, image) pairs, consumed lazily, so a reduction can
+    render thousands without holding them all. ``stats``: extra numbers for run.json.
+    """
+
+    tables: dict[str, pa.Table | dict[str, Any]]
+    images: Iterable[tuple[str, Image.Image]] = ()
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class ReduceAnalysis(Analysis):
+    """An analysis of the whole dataset: per-batch partials, then one reduction."""
+
+    stage: ClassVar[Stage] = "reduce"
+
+    def map_batch(self, batch: MapBatch) -> Rows:
+        """Partials for one batch: {partition: {column: array}}, rows of any count."""
+        raise NotImplementedError
+
+    def reduce(self, inputs: ReduceInputs, ctx: ReduceContext) -> ReduceOutput:
+        raise NotImplementedError
+
+
+class TableInputs:
+    """:class:`ReduceInputs` over in-memory tables (tests, notebooks)."""
+
+    def __init__(self, tables: dict[str, pa.Table], batch_rows: int = 65536):
+        self.tables, self.batch_rows = tables, batch_rows
+
+    def partitions(self) -> list[str]:
+        return sorted(self.tables)
+
+    def read(self, partition: str = "", columns: Sequence[str] | None = None) -> pa.Table:
+        t = self.tables[partition]
+        return t.select(list(columns)) if columns else t
+
+    def batches(self, partition: str = "", columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+        yield from self.read(partition, columns).to_batches(max_chunksize=self.batch_rows)
+
+
+@dataclass
+class LocalContext:
+    """:class:`ReduceContext` in one process, from images held in memory (tests, notebooks)."""
+
+    model: torch.nn.Module
+    pixels: dict[str, np.ndarray]
+    input_size: tuple[int, int]
+    label_names: list[str] | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    workers: int = 1
+
+    def images(self, image_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        return {i: self.pixels[i] for i in image_ids}
+
+    def parallel_map(self, fn: Callable[[Any, Any], Any], items: Sequence[Any], shared: Any = None) -> list:
+        return [fn(shared, item) for item in items]
+
+    def log(self, message: str) -> None:
+        pass
+
+
+def safe_key(text: str) -> str:
+    """A WebDataset-safe sample key: no dots (they start the extension), no slashes.
+
+    >>> safe_key("layer3.2.conv2")
+    'layer3_2_conv2'
+    """
+    return re.sub(r"[^A-Za-z0-9_-]", "_", text)
 
 
 REGISTRY: dict[str, type[Analysis]] = {}

@@ -74,11 +74,14 @@ def cmd_layers(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    from pipeline.datasets import list_dataset
+    from pipeline.execute import check_dataset
     from pipeline.manifest import load_manifest
     from pipeline.models import check_manifest
 
     manifest = load_manifest(args.manifest, args.overrides)
     check_manifest(manifest)
+    check_dataset(manifest, list_dataset(manifest.dataset))
     print(f"{args.manifest}: valid ({len(manifest.analyses)} analyses: "
           f"{', '.join(a.entry_name for a in manifest.analyses)}; output {manifest.output})")
     return 0

@@ -29,9 +29,11 @@ from pipeline.errors import UserError
 from pipeline.manifest import Manifest, ParquetDataset
 from pipeline.models import check_layers, load_model, model_hash
 from pipeline.plan import Stage, entry_key, plan
+from pipeline.reduce import run_reduce_stage
 from pipeline.decode import decode_batch
-from pipeline.worker import SEP, ModelWorker, default_threads, entries_json, error_key
+from pipeline.worker import PARTIAL, SEP, ModelWorker, default_threads, entries_json, error_key, unpack_partial
 from pipeline.writers import (
+    INPUTS,
     STAGING,
     EntryWriter,
     atomic_write_table,
@@ -214,6 +216,11 @@ def _consume(batch: dict[str, np.ndarray], writers: dict[str, EntryWriter], erro
         entry, partition, column = key.split(SEP)
         if entry in failures:
             continue
+        if column == PARTIAL:
+            for cell in values:
+                if cell is not None and len(cell):
+                    writers[entry].add(partition, unpack_partial(cell))
+            continue
         grouped.setdefault((entry, partition), {"image_id": ids, "label": labels})[column] = to_arrow(values[ok])
     for (entry, partition), columns in grouped.items():
         writers[entry].add(partition, columns)
@@ -242,7 +249,10 @@ def run_map_stage(
 ) -> tuple[dict[str, dict], list[dict]]:
     """Run one fused map stage; commit every entry; return per-entry stats and error rows."""
     output = manifest.output
-    writers = {name: EntryWriter(output, name, manifest.execution.rows_per_part) for name in stage.entries}
+    # A reduce entry's partials are committed apart, under .inputs/, for its reduction.
+    writers = {a.params.entry_name: EntryWriter(output / INPUTS if a.stage == "reduce" else output,
+                                                a.params.entry_name, manifest.execution.rows_per_part)
+               for a in stage.analyses}
     errors: list[dict] = []
     failures: dict[str, str] = {}
     progress = _Progress(len(index), "+".join(stage.entries), log)
@@ -262,6 +272,9 @@ def run_map_stage(
             continue
         writer.commit(keys[name])
         stats[name] = {"status": "complete", "rows": writer.rows, "errors": len(errors), **common}
+        if writer.output.name == INPUTS:
+            stats[name].update(status="partials", stage="reduce", partial_rows=stats[name].pop("rows"),
+                               map_seconds=stats[name].pop("seconds"))
     return stats, errors
 
 
@@ -295,6 +308,20 @@ def _images_table(index: DatasetIndex) -> pa.Table:
     return table.set_column(1, "label", labels_to_arrow(labels))
 
 
+def check_dataset(manifest: Manifest, index: DatasetIndex) -> None:
+    """Entries that refer to images (query lists) must name images of the dataset."""
+    from jobs import REGISTRY
+    from pipeline.errors import ManifestError
+    from pipeline.manifest import format_loc
+
+    ids = set(index.table.column("image_id").to_pylist())
+    problems = [f"{format_loc(('analyses', i) + sub)}: {message}"
+                for i, params in enumerate(manifest.analyses)
+                for sub, message in REGISTRY[params.type](params).check_dataset(ids)]
+    if problems:
+        raise ManifestError(str(manifest.source or manifest.name), problems)
+
+
 def run_manifest(manifest: Manifest, log: Log = _stderr) -> RunResult:
     """Run every analysis of a validated manifest; skip entries already committed."""
     started = time.time()
@@ -309,8 +336,10 @@ def run_manifest(manifest: Manifest, log: Log = _stderr) -> RunResult:
     index = list_dataset(manifest.dataset)
     log(f"dataset: {len(index):,} images ({manifest.dataset.kind}), fingerprint {index.fingerprint[:19]}")
 
+    check_dataset(manifest, index)
+
     keys = {p.entry_name: entry_key(p, manifest, index.fingerprint, mhash) for p in manifest.analyses}
-    done = set()
+    done, partials_done = set(), set()
     for name, key in keys.items():
         committed = read_success(output / name)
         if committed and committed.get("key") == key["key"]:
@@ -318,13 +347,20 @@ def run_manifest(manifest: Manifest, log: Log = _stderr) -> RunResult:
         elif committed:
             log(f"{name}: inputs changed since it was committed; recomputing")
             invalidate(output, name)
+        partials = read_success(output / INPUTS / name)
+        if name not in done and partials and partials.get("key") == key["key"]:
+            partials_done.add(name)
+        elif partials:
+            invalidate(output / INPUTS, name)
     analyses: dict[str, dict] = {
         name: {"status": "skipped", "reason": "already committed with the same inputs",
                "rows": (read_success(output / name) or {}).get("rows")} for name in done
     }
     if done:
         log(f"already complete, skipped: {', '.join(sorted(done))}")
-    stages = plan(manifest, skip=done)
+    stages = plan(manifest, skip=done, partials_done=partials_done)
+    if partials_done:
+        log(f"partials already committed (no dataset pass needed): {', '.join(sorted(partials_done))}")
     all_errors: list[dict] = list(index.errors)
 
     status = "complete"
@@ -334,10 +370,20 @@ def run_manifest(manifest: Manifest, log: Log = _stderr) -> RunResult:
     for stage in stages:
         log(f"{stage.kind} stage: {', '.join(stage.entries)}")
         try:
-            if stage.kind != "map":  # pragma: no cover -- every registered analysis is a map analysis so far
+            if stage.kind == "map":
+                stats, errors = run_map_stage(manifest, index, stage, keys, log)
+                all_errors.extend(errors)
+            elif stage.kind == "reduce":
+                ready = [a for a in stage.analyses
+                         if read_success(output / INPUTS / a.params.entry_name) is not None]
+                stats = run_reduce_stage(manifest, index, ready, keys, log)
+                for name, info in stats.items():
+                    before = analyses.get(name, {})
+                    info["seconds"] = round(before.get("map_seconds", 0.0) + info.get("reduce_seconds", 0.0), 3)
+                    info.update({k: before[k] for k in ("map_seconds", "partial_rows", "fused_with", "errors") if k in before})
+                    info["stage"] = "reduce"
+            else:  # pragma: no cover -- no model-stage analysis is registered yet
                 raise NotImplementedError(f"{stage.kind} stages")
-            stats, errors = run_map_stage(manifest, index, stage, keys, log)
-            all_errors.extend(errors)
             analyses.update(stats)
             if any(info["status"] == "failed" for info in stats.values()):
                 status = "failed"

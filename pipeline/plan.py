@@ -1,9 +1,10 @@
 """Planning: the manifest's analyses as stages, with shared work fused.
 
-Every ``map`` analysis of a manifest runs in one pass over the dataset: one decode and one
-forward per batch, hooks on the union of their layers. ``reduce`` analyses read what map
-stages committed; ``model`` analyses need no dataset pass. Entries already committed with
-the same key (resume) are left out of the plan.
+Every ``map`` analysis of a manifest, and the per-batch part of every ``reduce`` analysis,
+runs in one pass over the dataset: one decode and one forward per batch, hooks on the union
+of their layers. The ``reduce`` stage then reads what that pass committed; ``model``
+analyses need no dataset pass. Entries already committed with the same key (resume) are
+left out of the plan, and so is the dataset pass of a reduce entry whose partials are.
 """
 
 from __future__ import annotations
@@ -45,12 +46,15 @@ def entry_key(params: AnalysisParams, manifest: Manifest, dataset_fingerprint: s
     return {"key": "sha256:" + digest, "type": params.type, "dataset": dataset_fingerprint, "model": model_hash}
 
 
-def plan(manifest: Manifest, skip: set[str] = frozenset()) -> list[Stage]:
-    """Stages to run, in order; entries named in ``skip`` are already done."""
+def plan(manifest: Manifest, skip: set[str] = frozenset(), partials_done: set[str] = frozenset()) -> list[Stage]:
+    """Stages to run, in order; entries named in ``skip`` are already done, and reduce
+    entries named in ``partials_done`` need no dataset pass."""
     stages: dict[str, Stage] = {}
     for params in manifest.analyses:
         if params.entry_name in skip:
             continue
         analysis = REGISTRY[params.type](params)
+        if analysis.stage == "reduce" and params.entry_name not in partials_done:
+            stages.setdefault("map", Stage("map")).analyses.append(analysis)
         stages.setdefault(analysis.stage, Stage(analysis.stage)).analyses.append(analysis)
     return sorted(stages.values(), key=lambda s: ORDER[s.kind])

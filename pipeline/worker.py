@@ -17,6 +17,26 @@ from pipeline.manifest import MODEL_SOURCES
 from pipeline.plan import Stage
 
 SEP = "|"  # output columns are "<entry>|<partition>|<column>"
+PARTIAL = "__partial__"  # a reduce entry's partials for one batch: Arrow IPC bytes in the batch's first row
+
+
+def pack_partial(columns: dict[str, np.ndarray]) -> bytes:
+    """One batch's partial table (any row count) as Arrow IPC stream bytes."""
+    import pyarrow as pa
+
+    from pipeline.writers import to_arrow
+
+    table = pa.table({k: to_arrow(np.asarray(v)) for k, v in columns.items()})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def unpack_partial(data: bytes):
+    import pyarrow as pa
+
+    return pa.ipc.open_stream(data).read_all()
 
 
 def normalize(pixels: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
@@ -102,11 +122,20 @@ class ModelWorker:
         for analysis in self.analyses:
             entry = analysis.params.entry_name
             try:
-                rows = {
-                    SEP.join((entry, partition, column)): np.asarray(values)
-                    for partition, columns in analysis.map_batch(batch).items()
-                    for column, values in columns.items()
-                }
+                if analysis.stage == "reduce":
+                    # Partials are not aligned with the images: one Arrow table per partition
+                    # rides in the batch's first row.
+                    rows = {}
+                    for partition, columns in analysis.map_batch(batch).items():
+                        cell = np.full(n, b"", dtype=object)
+                        cell[0] = pack_partial(columns)
+                        rows[SEP.join((entry, partition, PARTIAL))] = cell
+                else:
+                    rows = {
+                        SEP.join((entry, partition, column)): np.asarray(values)
+                        for partition, columns in analysis.map_batch(batch).items()
+                        for column, values in columns.items()
+                    }
             except Exception as e:  # noqa: BLE001 -- recorded against this entry only
                 rows = {}
                 out[error_key(entry)] = np.full(n, _describe(e, analysis.name), dtype=object)
@@ -125,7 +154,9 @@ class ModelWorker:
             if ok.all() and key in computed:
                 out[key] = computed[key]
                 continue
-            if template.dtype == object:
+            if key.endswith(SEP + PARTIAL):
+                full = np.full(n, b"", dtype=object)
+            elif template.dtype == object:
                 full = np.full((n,) + template.shape[1:], "", dtype=object)
             else:
                 full = np.zeros((n,) + template.shape[1:], dtype=template.dtype)

@@ -9,9 +9,12 @@ model hash): a rerun skips an entry whose key matches and recomputes one whose k
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import shutil
+import tarfile
 import uuid
 from collections import defaultdict
 from pathlib import Path
@@ -20,9 +23,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 SUCCESS = "_SUCCESS"
 STAGING = ".staging"
+SHARDS = "_shards"
+INPUTS = ".inputs"  # a reduce entry's committed partials, kept until the entry itself commits
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -95,8 +101,8 @@ class EntryWriter:
         self.parts: dict[str, int] = defaultdict(int)
         self.rows = 0
 
-    def add(self, partition: str, columns: dict[str, Any]) -> None:
-        table = pa.table(columns)
+    def add(self, partition: str, columns: dict[str, Any] | pa.Table) -> None:
+        table = columns if isinstance(columns, pa.Table) else pa.table(columns)
         self.buffers[partition].append(table)
         self.buffered[partition] += table.num_rows
         self.rows += table.num_rows
@@ -129,6 +135,89 @@ class EntryWriter:
         os.replace(self.staging, final)
         atomic_write_text(final / SUCCESS, json.dumps({**key, "rows": self.rows}, indent=1, sort_keys=True))
         return final
+
+
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class ShardWriter:
+    """Rendered images as WebDataset-style tar shards: ``_shards/shard-00000.tar`` of ``<key>.png``.
+
+    The folder's leading underscore makes Parquet readers (pandas, pyarrow, polars, duckdb)
+    skip it, as they skip ``_SUCCESS``: ``pd.read_parquet(<entry>)`` keeps working. A shard is
+    written under a temporary name and renamed when full, so a shard file is always whole;
+    the folder itself lives in the entry's staging folder until commit.
+    """
+
+    def __init__(self, folder: Path, max_count: int = 1000, max_bytes: int = 256 << 20):
+        self.folder = Path(folder)
+        self.max_count, self.max_bytes = max_count, max_bytes
+        self.index = 0
+        self.count = 0
+        self.bytes = 0
+        self.tar: tarfile.TarFile | None = None
+        self.tmp: Path | None = None
+        self.shards: dict[str, str] = {}  # key -> shard path relative to the entry folder
+        self.written = 0
+
+    @property
+    def name(self) -> str:
+        return f"{SHARDS}/shard-{self.index:05d}.tar"
+
+    def add(self, key: str, image: Image.Image) -> str:
+        """Append ``<key>.png``; return the shard (relative to the entry folder) that holds it."""
+        if not KEY_PATTERN.match(key):
+            raise ValueError(f"image key {key!r} must be letters, digits, '_' or '-' (WebDataset keys have no dots)")
+        if key in self.shards:
+            raise ValueError(f"image key {key!r} was rendered twice")
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        data = buf.getvalue()
+        if self.tar is not None and (self.count >= self.max_count or self.bytes + len(data) > self.max_bytes):
+            self._close_shard()
+        if self.tar is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.tmp = self.folder / f".shard-{self.index:05d}.tar.tmp"
+            self.tar = tarfile.open(self.tmp, "w")
+        info = tarfile.TarInfo(f"{key}.png")
+        info.size = len(data)
+        info.mtime = 0  # identical inputs give identical shards
+        self.tar.addfile(info, io.BytesIO(data))
+        self.count += 1
+        self.bytes += len(data)
+        self.written += 1
+        self.shards[key] = self.name
+        return self.name
+
+    def _close_shard(self) -> None:
+        assert self.tar is not None and self.tmp is not None
+        self.tar.close()
+        os.replace(self.tmp, self.folder / f"shard-{self.index:05d}.tar")
+        self.tar, self.tmp = None, None
+        self.index += 1
+        self.count = self.bytes = 0
+
+    def close(self) -> None:
+        if self.tar is not None:
+            self._close_shard()
+
+    def abort(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+            self.tar = None
+        if self.tmp is not None and self.tmp.exists():
+            self.tmp.unlink()
+
+
+def add_shard_columns(table: pa.Table, shards: dict[str, str]) -> pa.Table:
+    """For every ``key`` / ``<prefix>_key`` column, add ``shard`` / ``<prefix>_shard`` after it."""
+    for name in list(table.column_names):
+        if name != "key" and not name.endswith("_key"):
+            continue
+        shard_name = name[:-3] + "shard"
+        values = [None if k is None else shards.get(k) for k in table.column(name).to_pylist()]
+        table = table.add_column(table.column_names.index(name) + 1, shard_name, pa.array(values, pa.string()))
+    return table
 
 
 def invalidate(output: Path, entry: str) -> None:

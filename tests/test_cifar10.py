@@ -27,3 +27,17 @@ def test_cifar10_accuracy_and_features(ray_session, tmp_path):
                                                                       "layer3": 10_000}
     dims = feats.groupby("layer", observed=True).vector.apply(lambda v: len(v.iloc[0])).to_dict()
     assert dims == {"layer1": 16, "layer2": 32, "layer3": 64}
+
+
+@needs_shared
+def test_cifar10_probes_rise_with_depth(ray_session, tmp_path):
+    """Zeiler & Fergus' Table 7 on CIFAR-10: a linear probe reads more from deeper layers."""
+    manifest = load_manifest(ROOT / "manifests" / "cifar10.yaml", output=tmp_path / "probes")
+    manifest.analyses = [a for a in manifest.analyses if a.type == "probes"]
+    result = run_manifest(manifest, log=lambda m: None)
+    assert result.ok, result.analyses
+    probes = pd.read_parquet(tmp_path / "probes" / "probes").set_index("layer")
+    acc = probes.test_accuracy
+    assert acc["layer1"] < acc["layer2"] < acc["layer3"], acc.to_dict()
+    assert acc["layer3"] > 0.7  # near the network's own 81%: its last block is nearly linearly separable
+    assert (probes.n_train + probes.n_test == 10_000).all() and (probes.n_test == 2_500).all()

@@ -266,7 +266,10 @@ def test_unwritable_output_fails_before_work(ray_session, resnet20_weights, tmp_
 
 def test_every_registered_analysis_runs_end_to_end(ray_session, resnet20_weights, tmp_path, image_folder):
     # One entry per registered analysis, with its smallest valid parameters.
-    minimal = {"features": {"layers": ["layer2"]}, "predictions": {}}
+    minimal = {"features": {"layers": ["layer2"]}, "predictions": {},
+               "activation_stats": {"layers": ["layer1"]}, "top_patches": {"layers": ["layer2"], "k": 2},
+               "neighbours": {"layer": "layer3", "k": 2}, "embedding": {"layers": ["layer3"], "methods": ["pca"]},
+               "probes": {"layers": ["layer3"]}}
     assert set(minimal) == set(REGISTRY), "add the new analysis to this table"
     entries = [{"type": name, **params} for name, params in minimal.items()]
     manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights, dataset={"kind": "image_folder", "root": str(image_folder)},

@@ -1,0 +1,409 @@
+"""``neighbours``: each query image's nearest images in a layer's feature space and in pixel space.
+
+Krizhevsky et al. (2012, Fig. 4) showed that images near each other in the last hidden layer
+of a CNN look alike semantically, while neighbours by L2 distance on raw pixels share mostly
+colour and layout. This analysis draws both columns of that figure for a whole dataset:
+every query image against every other image of the dataset (the query itself excluded).
+
+Example manifest entry::
+
+    - type: neighbours
+      spaces: [feature, pixel]
+      layer: layer3
+      metric: cosine          # feature space: cosine | l2 (pixel space is always l2)
+      pool: avg               # avg | max | grid | none, as in ``features``
+      pixel_size: 32          # pixel space: the model input area-averaged down to 32x32 (null: full size)
+      k: 5
+      queries: {sample: 100, seed: 0}   # all | {sample, seed} | [image ids]
+      index: exact            # exact | faiss (approximate, HNSW; needs convscope[ann])
+
+Table ``neighbours/part-*.parquet``: ``image_id`` (the query), ``label``, ``space``,
+``rank`` (1..k), ``neighbour_id``, ``distance``, ``key`` and ``shard`` (the strip: the query
+then its neighbours, ``<key>.png`` in that tar). Rows by space, query, rank.
+
+Exact search ranks by (float32 distance, database index): equal distances go to the image
+earlier in the dataset, and the result does not depend on block size or worker count.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from collections.abc import Collection, Iterator, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from jobs.base import (
+    AnalysisParams,
+    MapBatch,
+    ReduceAnalysis,
+    ReduceContext,
+    ReduceInputs,
+    ReduceOutput,
+    Rows,
+    register,
+)
+from jobs.features import pool
+from jobs.kernels import matrix, topk_first
+from jobs.render import strip
+
+# Rows of queries and of database vectors per distance block: a block pair holds at most
+# BLOCK x BLOCK float64 distances (32 MiB).
+BLOCK = 2048
+# Query x database pairs from which exact search is spread over the context's workers.
+PARALLEL_MIN = 2**26
+# Distances below this fraction of the vectors' scale count as 0: float64 rounding of the
+# dot products (which depends on the matrix shapes BLAS sees) must not separate exact
+# duplicates, and the square root in l2 would magnify it to ~1e-7.
+SNAP = 2.0**-36
+# Queries whose strips are rendered from one ``ctx.images`` call.
+RENDER_CHUNK = 256
+
+Space = Literal["feature", "pixel"]
+
+
+class QuerySample(BaseModel):
+    """A seeded random sample of the dataset's images as queries (all of them when larger)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    sample: int = Field(ge=1)
+    seed: int = 0
+
+
+class NeighboursParams(AnalysisParams):
+    type: Literal["neighbours"] = "neighbours"
+    spaces: list[Space] = Field(default_factory=lambda: ["feature", "pixel"], min_length=1)
+    layer: str | None = None
+    metric: Literal["cosine", "l2"] = "cosine"
+    pool: Literal["avg", "max", "grid", "none"] = "avg"
+    grid: int = Field(default=2, ge=1, description="cells per side when pool is 'grid'")
+    pixel_size: int | None = Field(default=32, ge=1)
+    k: int = Field(default=5, ge=1)
+    queries: Literal["all"] | QuerySample | list[str] = "all"
+    index: Literal["exact", "faiss"] = "exact"
+    recall_sample: int = Field(default=1000, ge=1)
+    render: bool = True
+    thumb: int = Field(default=64, ge=1)
+
+    @field_validator("spaces")
+    @classmethod
+    def _distinct_spaces(cls, spaces: list[str]) -> list[str]:
+        repeated = sorted({s for s in spaces if spaces.count(s) > 1})
+        if repeated:
+            raise ValueError(f"each space may be listed once; repeated: {', '.join(repeated)}")
+        return spaces
+
+    @field_validator("queries")
+    @classmethod
+    def _distinct_queries(cls, queries: Any) -> Any:
+        if isinstance(queries, list):
+            if not queries:
+                raise ValueError("queries: an empty list; name at least one image id, or use 'all'")
+            seen: set[str] = set()
+            repeated = [q for q in queries if q in seen or seen.add(q)]
+            if repeated:
+                raise ValueError(f"queries: ids listed more than once: {', '.join(map(repr, repeated[:5]))}")
+        return queries
+
+    @field_validator("index")
+    @classmethod
+    def _faiss_installed(cls, index: str) -> str:
+        if index == "faiss" and importlib.util.find_spec("faiss") is None:
+            raise ValueError("index 'faiss' needs the faiss-cpu package (pip install 'convscope[ann]')")
+        return index
+
+    @model_validator(mode="after")
+    def _layer_for_features(self) -> NeighboursParams:
+        if "feature" in self.spaces and self.layer is None:
+            raise ValueError("space 'feature' needs a layer (e.g. layer: layer3); "
+                             "for pixel-space neighbours alone use spaces: [pixel]")
+        return self
+
+
+def knn(queries: torch.Tensor, database: torch.Tensor, k: int, metric: str,
+        exclude: torch.Tensor | None = None, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest database rows of every query row: distances (M, k) float32, indices (M, k).
+
+    ``metric``: ``cosine`` (1 - cosine similarity; a zero vector is at distance 1 from
+    everything) or ``l2`` (Euclidean). ``exclude`` (M,) names one database index per query
+    that is never returned (the query itself; -1: none); with it, k is capped at N - 1,
+    without it at N. Neighbours are ordered by (float32 distance, database index).
+
+    Works in blocks of at most ``block`` queries x ``block`` database rows on the inputs'
+    device, keeping a running top-k per query, so memory is O(block^2 + M k), never M x N.
+    Products are taken in float64, so the float32 distances (and hence the order) do not
+    depend on the blocking.
+
+    >>> d, i = knn(torch.tensor([[0.0], [1.0], [3.0]]), torch.tensor([[0.0], [1.0], [3.0]]), 1, "l2",
+    ...            exclude=torch.tensor([0, 1, 2]))
+    >>> i.tolist(), d.tolist()
+    ([[1], [0], [1]], [[1.0], [1.0], [2.0]])
+    """
+    if metric not in ("cosine", "l2"):
+        raise ValueError(f"unknown metric {metric!r}; expected cosine or l2")
+    if queries.dim() != 2 or database.dim() != 2 or queries.shape[1] != database.shape[1]:
+        raise ValueError(f"knn needs (M, D) queries and (N, D) database, got shapes {tuple(queries.shape)} "
+                         f"and {tuple(database.shape)}")
+    if block < 1:
+        raise ValueError(f"block must be at least 1, got {block}")
+    m, n = queries.shape[0], database.shape[0]
+    device = database.device
+    k_eff = max(0, min(k, n - 1 if exclude is not None else n))
+    if m == 0 or k_eff == 0:
+        return (torch.zeros((m, k_eff), dtype=torch.float32, device=device),
+                torch.zeros((m, k_eff), dtype=torch.long, device=device))
+    # One extra candidate per query, so the excluded index can be dropped afterwards: the
+    # top k+1 by (distance, index) minus one member is the top k of the rest.
+    width = k_eff + 1 if exclude is not None else k_eff
+    q = queries.to(device=device, dtype=torch.float64)
+    x = database.to(dtype=torch.float64)
+    if metric == "cosine":
+        q, x = F.normalize(q, dim=1), F.normalize(x, dim=1)  # zero rows stay zero
+    else:
+        q_sq, x_sq = (q * q).sum(dim=1), (x * x).sum(dim=1)
+    out_d, out_i = [], []
+    for qs in range(0, m, block):
+        qb = q[qs:qs + block]
+        best_d = best_i = None
+        for xs in range(0, n, block):
+            dot = qb @ x[xs:xs + block].T
+            if metric == "cosine":
+                dist = dot.neg_().add_(1.0)
+                dist.masked_fill_(dist.abs() <= SNAP, 0.0)
+            else:
+                scale = q_sq[qs:qs + block, None] + x_sq[None, xs:xs + block]
+                dist = dot.mul_(-2.0).add_(scale)
+                dist.masked_fill_(dist <= scale.mul_(SNAP), 0.0).sqrt_()
+            dist = dist.float()  # rank on the values that are reported
+            cols = topk_first(dist, width, largest=False)
+            cand_d, cand_i = dist.gather(1, cols), cols + xs
+            if best_d is not None:
+                # In index order, topk_first's tie-break by position is the tie-break by index.
+                cand_d, cand_i = torch.cat([best_d, cand_d], 1), torch.cat([best_i, cand_i], 1)
+                order = cand_i.argsort(dim=1)
+                cand_d, cand_i = cand_d.gather(1, order), cand_i.gather(1, order)
+                pick = topk_first(cand_d, width, largest=False)
+                cand_d, cand_i = cand_d.gather(1, pick), cand_i.gather(1, pick)
+            best_d, best_i = cand_d, cand_i
+        if exclude is not None:
+            best_d, best_i = _drop_excluded(best_d, best_i, exclude[qs:qs + block].to(device))
+        out_d.append(best_d)
+        out_i.append(best_i)
+    return torch.cat(out_d), torch.cat(out_i)
+
+
+def _drop_excluded(dist: torch.Tensor, idx: torch.Tensor, exclude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Remove one column per row: the excluded index where present, else the last (worst)."""
+    rows, width = idx.shape
+    is_self = idx == exclude[:, None]
+    drop = torch.where(is_self.any(dim=1), is_self.int().argmax(dim=1), torch.full_like(exclude, width - 1))
+    keep = torch.arange(width, device=idx.device)[None, :] != drop[:, None]
+    return dist[keep].view(rows, width - 1), idx[keep].view(rows, width - 1)
+
+
+def knn_rows(shared: tuple[np.ndarray, int, str, int], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``knn`` for the database rows ``rows`` as queries, on the CPU (a ``parallel_map`` task).
+
+    ``shared`` is (database (N, D) float32, k, metric, block).
+    """
+    database, k, metric, block = shared
+    with warnings.catch_warnings():
+        # The object store hands out read-only arrays; knn never writes to its inputs.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        x = torch.from_numpy(np.ascontiguousarray(database))
+    r = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+    dist, idx = knn(x[r], x, k, metric, exclude=r, block=block)
+    return dist.numpy(), idx.numpy()
+
+
+def search_exact(vectors: np.ndarray, rows: np.ndarray, k: int, metric: str,
+                 ctx: ReduceContext) -> tuple[np.ndarray, np.ndarray]:
+    """Exact neighbours of the database rows ``rows`` among all of ``vectors``, self excluded."""
+    m, n = len(rows), len(vectors)
+    workers = int(getattr(ctx, "workers", 1) or 1)
+    # Shipping the database to CPU workers only pays on the CPU; one GPU does it all faster.
+    if workers > 1 and m * n >= PARALLEL_MIN and ctx.device.type == "cpu":
+        chunk = max(1, min(BLOCK, -(-m // workers)))
+        parts = ctx.parallel_map(knn_rows, [rows[s:s + chunk] for s in range(0, m, chunk)],
+                                 (vectors, k, metric, BLOCK))
+        return np.concatenate([d for d, _ in parts]), np.concatenate([i for _, i in parts])
+    x = torch.from_numpy(vectors).to(ctx.device)
+    r = torch.from_numpy(rows).to(ctx.device)
+    dist, idx = knn(x[r], x, k, metric, exclude=r, block=BLOCK)
+    return dist.cpu().numpy(), idx.cpu().numpy()
+
+
+def search_faiss(vectors: np.ndarray, rows: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate neighbours from an HNSW graph (Malkov & Yashunin 2018); -1 where none was found.
+
+    The graph is built with faiss' threads, so results may differ slightly between runs.
+    """
+    import faiss
+
+    n, d = vectors.shape
+    k_eff = max(0, min(k, n - 1))
+    if len(rows) == 0 or k_eff == 0:
+        return np.zeros((len(rows), k_eff), np.float32), np.zeros((len(rows), k_eff), np.int64)
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if metric == "cosine":
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        x = np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0), dtype=np.float32)
+        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+    else:
+        index = faiss.IndexHNSWFlat(d, 32)
+    index.hnsw.efSearch = max(64, 2 * (k_eff + 1))
+    index.add(x)
+    found, idx = index.search(x[rows], k_eff + 1)
+    dist = 1.0 - found if metric == "cosine" else np.sqrt(np.maximum(found, 0.0))
+    dist = np.where(idx >= 0, dist, np.inf).astype(np.float32)
+    # Drop the query itself, or the last candidate when the graph did not return it.
+    is_self = idx == rows[:, None]
+    drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), k_eff)
+    keep = np.arange(k_eff + 1)[None, :] != drop[:, None]
+    return dist[keep].reshape(len(rows), k_eff), idx[keep].reshape(len(rows), k_eff).astype(np.int64)
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
+    """The fraction of the exact neighbours that the approximate search found."""
+    if exact.size == 0:
+        return 1.0
+    hits = sum(len(set(a[a >= 0].tolist()) & set(e.tolist())) for a, e in zip(approx, exact))
+    return hits / exact.size
+
+
+def _unknown_ids(queries: Sequence[str], known: Collection[str]) -> str | None:
+    missing = [q for q in queries if q not in known]
+    if not missing:
+        return None
+    shown = ", ".join(repr(q) for q in missing[:5])
+    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    return f"{len(missing)} query id(s) not in the dataset: {shown}{more}"
+
+
+SCHEMA = pa.schema([("image_id", pa.string()), ("label", pa.int64()), ("space", pa.string()),
+                    ("rank", pa.int32()), ("neighbour_id", pa.string()), ("distance", pa.float32()),
+                    ("key", pa.string())])
+
+
+@register
+class Neighbours(ReduceAnalysis):
+    """The k nearest images of each query in feature space and in pixel space."""
+
+    name = "neighbours"
+    Params = NeighboursParams
+
+    def layers(self) -> list[tuple[tuple[str | int, ...], str]]:
+        # Pixel-space neighbours alone need no hooked layer.
+        return super().layers() if "feature" in self.params.spaces else []
+
+    def check_dataset(self, image_ids: Collection[str]) -> list[tuple[tuple[str | int, ...], str]]:
+        queries = self.params.queries
+        if isinstance(queries, list):
+            known = image_ids if isinstance(image_ids, (set, frozenset, dict)) else set(image_ids)
+            message = _unknown_ids(queries, known)
+            if message:
+                return [(("queries",), message)]
+        return []
+
+    def map_batch(self, batch: MapBatch) -> Rows:
+        p = self.params
+        rows: dict[str, np.ndarray] = {
+            "image_id": np.array(batch.image_ids, dtype=object),
+            "label": batch.labels.cpu().numpy().astype(np.int64),
+        }
+        if "feature" in p.spaces:
+            rows["feature"] = pool(batch.activations[p.layer], p.pool, p.grid).float().cpu().numpy()
+        if "pixel" in p.spaces:
+            x = batch.images.float()
+            if p.pixel_size is not None:
+                # Area average: a thumbnail of the input (never enlarged past its own size).
+                x = F.adaptive_avg_pool2d(x, (min(p.pixel_size, x.shape[2]), min(p.pixel_size, x.shape[3])))
+            rows["pixel"] = x.flatten(1).cpu().numpy()
+        return {"": rows}
+
+    def query_rows(self, ids: Sequence[str]) -> np.ndarray:
+        """Database rows of the queries: all, a seeded sample (dataset order) or the listed ids (list order)."""
+        queries, n = self.params.queries, len(ids)
+        if queries == "all":
+            return np.arange(n, dtype=np.int64)
+        if isinstance(queries, QuerySample):
+            if queries.sample >= n:
+                return np.arange(n, dtype=np.int64)
+            rng = np.random.default_rng(queries.seed)
+            return np.sort(rng.choice(n, size=queries.sample, replace=False)).astype(np.int64)
+        position = {image_id: i for i, image_id in enumerate(ids)}
+        message = _unknown_ids(queries, position)
+        if message:
+            raise ValueError(f"queries: {message}")
+        return np.array([position[q] for q in queries], dtype=np.int64)
+
+    def reduce(self, inputs: ReduceInputs, ctx: ReduceContext) -> ReduceOutput:
+        p = self.params
+        head = inputs.read("", columns=["image_id", "label"])
+        ids = np.array(head.column("image_id").to_pylist(), dtype=object)
+        labels = head.column("label").fill_null(-1).to_numpy().astype(np.int64)
+        rows = self.query_rows(ids.tolist())
+        found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        recall: dict[str, float] = {}
+        for space in p.spaces:
+            vectors = matrix(inputs.read("", columns=[space]).column(space))
+            metric = p.metric if space == "feature" else "l2"
+            if p.index == "faiss":
+                found[space] = search_faiss(vectors, rows, p.k, metric)
+                # Recall against exact search on a seeded sample of the queries.
+                pick = np.sort(np.random.default_rng(0).choice(len(rows), min(p.recall_sample, len(rows)),
+                                                               replace=False))
+                _, exact = search_exact(vectors, rows[pick], p.k, metric, ctx)
+                recall[space] = round(recall_at_k(found[space][1][pick], exact), 6)
+            else:
+                found[space] = search_exact(vectors, rows, p.k, metric, ctx)
+            ctx.log(f"neighbours: {len(rows):,} queries in {space} space against {len(ids):,} images")
+        table = self._table(ids, labels, rows, found)
+        stats: dict[str, Any] = {"queries": int(len(rows)), "database": int(len(ids))}
+        if recall:
+            stats["recall_at_k"] = recall
+        images = self._strips(ids, rows, found, ctx) if p.render else iter(())
+        return ReduceOutput(tables={"": table}, images=images, stats=stats)
+
+    def _table(self, ids: np.ndarray, labels: np.ndarray, rows: np.ndarray,
+               found: dict[str, tuple[np.ndarray, np.ndarray]]) -> pa.Table:
+        parts = []
+        for space, (dist, idx) in found.items():
+            k_eff = idx.shape[1]
+            valid = (idx >= 0).reshape(-1)
+            ordinal = np.repeat(np.arange(len(rows)), k_eff)[valid]
+            query = rows[ordinal]
+            label = labels[query]
+            columns = {
+                "image_id": pa.array(ids[query].tolist(), pa.string()),
+                "label": pa.array(label, pa.int64(), mask=label < 0),
+                "space": pa.array([space] * len(query), pa.string()),
+                "rank": pa.array(np.tile(np.arange(1, k_eff + 1, dtype=np.int32), len(rows))[valid]),
+                "neighbour_id": pa.array(ids[idx.reshape(-1)[valid]].tolist(), pa.string()),
+                "distance": pa.array(dist.reshape(-1)[valid].astype(np.float32)),
+                "key": pa.array([f"{space}-{q:06d}" for q in ordinal], pa.string()),
+            }
+            parts.append(pa.table(columns, schema=SCHEMA))
+        table = pa.concat_tables(parts) if parts else SCHEMA.empty_table()
+        return table if self.params.render else table.drop_columns(["key"])
+
+    def _strips(self, ids: np.ndarray, rows: np.ndarray, found: dict[str, tuple[np.ndarray, np.ndarray]],
+                ctx: ReduceContext) -> Iterator[tuple[str, Image.Image]]:
+        """One strip per query and space, the query first; pixels fetched a chunk of queries at a time."""
+        for space, (_, idx) in found.items():
+            if idx.shape[1] == 0:
+                continue
+            for start in range(0, len(rows), RENDER_CHUNK):
+                chunk_rows, chunk_idx = rows[start:start + RENDER_CHUNK], idx[start:start + RENDER_CHUNK]
+                wanted = np.concatenate([chunk_rows, chunk_idx[chunk_idx >= 0]])
+                pixels = ctx.images(list(dict.fromkeys(ids[wanted].tolist())))
+                for offset, (q, neighbours) in enumerate(zip(chunk_rows, chunk_idx)):
+                    tiles = [pixels.get(ids[j]) for j in [q, *neighbours[neighbours >= 0]]]
+                    yield f"{space}-{start + offset:06d}", strip(tiles, min_side=self.params.thumb)

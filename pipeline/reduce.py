@@ -1,0 +1,183 @@
+"""The reduce stage: whole-dataset analyses read their committed partials and write results.
+
+The map pass commits each reduce entry's partials under ``<output>/.inputs/<entry>`` (Parquet,
+with its own ``_SUCCESS`` and key). Here, per entry, on the driver::
+
+    partials (Parquet) ─► analysis.reduce(inputs, context) ─► tables + rendered images
+                       ─► <output>/.staging/<entry> (parts, _shards/*.tar) ─► rename ─► _SUCCESS
+
+A reduction that fails leaves its partials in place: the next run reduces again without
+another pass over the dataset. Partials are removed once the entry is committed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from jobs import ReduceAnalysis
+from pipeline.datasets import DatasetIndex
+from pipeline.decode import decode_batch
+from pipeline.manifest import Manifest, ParquetDataset
+from pipeline.writers import INPUTS, SHARDS, EntryWriter, ShardWriter, add_shard_columns, to_arrow
+
+Log = Callable[[str], None]
+
+
+class ParquetInputs:
+    """:class:`jobs.ReduceInputs` over a committed partials folder (Hive-style partitions)."""
+
+    def __init__(self, folder: Path, batch_rows: int = 65536):
+        self.folder, self.batch_rows = Path(folder), batch_rows
+
+    def _files(self, partition: str) -> list[Path]:
+        folder = self.folder / partition if partition else self.folder
+        return sorted(folder.glob("part-*.parquet"))
+
+    def partitions(self) -> list[str]:
+        found = [p.name for p in self.folder.iterdir() if p.is_dir() and "=" in p.name] if self.folder.is_dir() else []
+        return ([""] if self._files("") else []) + sorted(found)
+
+    def read(self, partition: str = "", columns: Sequence[str] | None = None) -> pa.Table:
+        files = self._files(partition)
+        if not files:
+            raise ValueError(f"no partials for partition {partition or '(root)'!r}: no image of the dataset "
+                             "could be used")
+        return pa.concat_tables(pq.read_table(f, columns=list(columns) if columns else None) for f in files)
+
+    def batches(self, partition: str = "", columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+        files = self._files(partition)
+        if not files:
+            raise ValueError(f"no partials for partition {partition or '(root)'!r}: no image of the dataset "
+                             "could be used")
+        for f in files:
+            yield from pq.ParquetFile(f).iter_batches(batch_size=self.batch_rows,
+                                                      columns=list(columns) if columns else None)
+
+
+def _apply(fn: Callable[[Any, Any], Any], shared: Any, item: Any) -> Any:
+    return fn(shared, item)
+
+
+class RunContext:
+    """:class:`jobs.ReduceContext` for a run: the model, decoded images, Ray for parallel work."""
+
+    def __init__(self, manifest: Manifest, index: DatasetIndex, log: Log):
+        self.manifest, self.index, self._log = manifest, index, log
+        ex = manifest.execution
+        use_cuda = ex.device == "cuda" or (ex.device == "auto" and torch.cuda.is_available())
+        self.device = torch.device("cuda" if use_cuda else "cpu")
+        self.input_size = manifest.model.preprocess.output_size()
+        self.label_names = index.label_names
+        self.workers = ex.workers
+        self._model: torch.nn.Module | None = None
+        self._rows: dict[str, int] | None = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        if self._model is None:
+            from pipeline.models import load_model
+
+            self._model = load_model(self.manifest.model).to(self.device).eval()
+        return self._model
+
+    def images(self, image_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """Decode ``image_ids`` as the model saw them (resized, cropped; uint8 (H, W, 3))."""
+        if self._rows is None:
+            self._rows = {i: n for n, i in enumerate(self.index.table.column("image_id").to_pylist())}
+        rows = [self._rows[i] for i in dict.fromkeys(image_ids)]
+        if not rows:
+            return {}
+        sub = self.index.table.take(pa.array(rows, pa.int64()))
+        batch = {c: np.asarray(sub.column(c).to_pylist(), dtype=object) for c in sub.column_names}
+        pre = self.manifest.model.preprocess
+        column = self.manifest.dataset.image_column if isinstance(self.manifest.dataset, ParquetDataset) else "image"
+        out = decode_batch(batch, pre.resize, pre.crop, column)
+        return {str(i): out["pixels"][n] for n, i in enumerate(out["image_id"]) if out["error"][n] == ""}
+
+    def parallel_map(self, fn: Callable[[Any, Any], Any], items: Sequence[Any], shared: Any = None) -> list:
+        """``[fn(shared, item) for item in items]`` as Ray tasks; ``shared`` goes to the object store once."""
+        import ray
+
+        if len(items) <= 1:
+            return [fn(shared, item) for item in items]
+        gpus = 1 if self.device.type == "cuda" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        task = ray.remote(_apply).options(num_cpus=1, num_gpus=gpus)
+        ref = ray.put(shared)
+        return ray.get([task.remote(fn, ref, item) for item in items])
+
+    def log(self, message: str) -> None:
+        self._log(f"  {message}")
+
+
+def _as_table(table: pa.Table | dict[str, Any]) -> pa.Table:
+    if isinstance(table, pa.Table):
+        return table
+    columns = {}
+    for name, values in table.items():
+        if isinstance(values, (pa.Array, pa.ChunkedArray)):
+            columns[name] = values
+        else:
+            columns[name] = to_arrow(np.asarray(values))
+    return pa.table(columns)
+
+
+def reduce_entry(manifest: Manifest, analysis: ReduceAnalysis, ctx: RunContext, key: dict) -> dict:
+    """Reduce one entry from its committed partials and commit it; return its run.json stats."""
+    output = manifest.output
+    name = analysis.params.entry_name
+    inputs_folder = output / INPUTS / name
+    start = time.time()
+    result = analysis.reduce(ParquetInputs(inputs_folder), ctx)
+    writer = EntryWriter(output, name, manifest.execution.rows_per_part)
+    shards = ShardWriter(writer.staging / SHARDS)
+    try:
+        for image_key, image in result.images:
+            shards.add(image_key, image)
+        shards.close()
+        for partition, table in result.tables.items():
+            writer.add(partition, add_shard_columns(_as_table(table), shards.shards))
+    except BaseException:
+        shards.abort()
+        writer.abort()
+        raise
+    writer.commit(key)
+    shutil.rmtree(inputs_folder, ignore_errors=True)
+    stats = {"status": "complete", "rows": writer.rows, "reduce_seconds": round(time.time() - start, 3),
+             "images": shards.written, "shards": shards.index + (1 if shards.count else 0)}
+    stats.update(result.stats)
+    return stats
+
+
+def run_reduce_stage(manifest: Manifest, index: DatasetIndex, analyses: list[ReduceAnalysis],
+                     keys: dict[str, dict], log: Log) -> dict[str, dict]:
+    """Reduce every entry in turn; one failure does not stop the others."""
+    ctx = RunContext(manifest, index, log)
+    stats: dict[str, dict] = {}
+    for analysis in analyses:
+        name = analysis.params.entry_name
+        log(f"reducing {name}")
+        start = time.time()
+        try:
+            stats[name] = reduce_entry(manifest, analysis, ctx, keys[name])
+            log(f"  {name}: {stats[name]['rows']:,} rows, {stats[name]['images']:,} images "
+                f"in {time.time() - start:.1f} s")
+        except Exception as e:  # noqa: BLE001 -- recorded; the partials stay for the next run
+            message = f"{type(e).__name__}: {e}"
+            log(f"{name} failed: {message}")
+            stats[name] = {"status": "failed", "error": message[:2000], "traceback": traceback.format_exc()[-4000:],
+                           "reduce_seconds": round(time.time() - start, 3)}
+    inputs_root = manifest.output / INPUTS
+    for leftover in (inputs_root / ".staging", inputs_root):
+        if leftover.is_dir() and not any(leftover.iterdir()):
+            leftover.rmdir()
+    return stats

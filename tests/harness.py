@@ -1,0 +1,81 @@
+"""Run an analysis in one process, without Ray or files: map over batches, then reduce.
+
+The same contract the runner follows (one forward per batch, hooks on the analysis' layers,
+partials gathered per partition, then ``reduce`` with a context), small enough for unit tests
+to compare against brute force.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from jobs import LocalContext, MapBatch, ReduceOutput, TableInputs
+from jobs.base import Analysis, Rows
+
+MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+
+
+def normalise(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) as the runner does with MEAN/STD."""
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float() / 255.0
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def map_batches(analysis: Analysis, model: torch.nn.Module, ids: Sequence[str], pixels: np.ndarray,
+                labels: Sequence[int], batch_size: int) -> list[Rows]:
+    """``analysis.map_batch`` on consecutive batches, as the map stage calls it."""
+    from pipeline.models import capture
+
+    model.eval()
+    layers = [layer for _, layer in analysis.layers()]
+    out = []
+    for start in range(0, len(ids), batch_size):
+        sl = slice(start, start + batch_size)
+        x = normalise(pixels[sl])
+        with torch.inference_mode(), capture(model, layers) as acts:
+            logits = model(x)
+        batch = MapBatch(image_ids=list(ids[sl]), labels=torch.tensor(list(labels[sl]), dtype=torch.int64),
+                         images=x, logits=logits.float(), activations={k: v.float() for k, v in acts.items()},
+                         model=model)
+        out.append(analysis.map_batch(batch))
+    return out
+
+
+def gather(parts: list[Rows]) -> TableInputs:
+    """Concatenate per-batch partials into one table per partition (what the runner commits)."""
+    from pipeline.writers import to_arrow
+
+    tables: dict[str, list[pa.Table]] = {}
+    for rows in parts:
+        for partition, columns in rows.items():
+            tables.setdefault(partition, []).append(
+                pa.table({k: to_arrow(np.asarray(v)) for k, v in columns.items()}))
+    return TableInputs({p: pa.concat_tables(ts) for p, ts in tables.items()})
+
+
+def run_local(analysis: Analysis, model: torch.nn.Module, ids: Sequence[str], pixels: np.ndarray,
+              labels: Sequence[int] | None = None, batch_size: int = 4, workers: int = 1,
+              label_names: list[str] | None = None) -> ReduceOutput:
+    """Map then reduce ``analysis`` over ``pixels`` (uint8 (N, H, W, 3)) named by ``ids``."""
+    labels = list(labels) if labels is not None else [-1] * len(ids)
+    inputs = gather(map_batches(analysis, model, ids, pixels, labels, batch_size))
+    ctx = LocalContext(model=model.eval(), pixels={i: p for i, p in zip(ids, pixels)},
+                       input_size=tuple(pixels.shape[1:3]), label_names=label_names, workers=workers)
+    return analysis.reduce(inputs, ctx)
+
+
+def as_table(output: ReduceOutput, partition: str = "") -> pa.Table:
+    t = output.tables[partition]
+    return t if isinstance(t, pa.Table) else pa.table({k: to_arrow_any(v) for k, v in t.items()})
+
+
+def to_arrow_any(values):
+    from pipeline.writers import to_arrow
+
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return values
+    return to_arrow(np.asarray(values))

@@ -1,0 +1,315 @@
+"""The neighbours analysis: the blocked knn kernel and the whole analysis against brute force."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from pydantic import ValidationError
+
+from jobs import neighbours
+from jobs.base import LocalContext, TableInputs
+from jobs.neighbours import Neighbours, NeighboursParams, knn, search_exact
+from tests.harness import as_table, normalise, run_local
+
+
+def brute_force(q: np.ndarray, x: np.ndarray, k: int, metric: str, exclude=None) -> tuple[np.ndarray, np.ndarray]:
+    """Full float64 distance matrix, then per row (float32 distance, index) order."""
+    q64, x64 = q.astype(np.float64), x.astype(np.float64)
+    if metric == "cosine":
+        def unit(a):
+            n = np.linalg.norm(a, axis=1, keepdims=True)
+            return a / np.where(n > 0, n, 1.0)
+        d = 1.0 - unit(q64) @ unit(x64).T
+    else:
+        d = np.sqrt(((q64[:, None, :] - x64[None, :, :]) ** 2).sum(-1))
+    d32 = d.astype(np.float32)
+    n = len(x)
+    k = min(k, n - 1 if exclude is not None else n)
+    idx = np.zeros((len(q), k), np.int64)
+    for r in range(len(q)):
+        order = [j for j in np.lexsort((np.arange(n), d32[r])) if exclude is None or j != exclude[r]]
+        idx[r] = order[:k]
+    return np.take_along_axis(d, idx, 1), idx
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize("block", [1, 3, 7, 1000])
+def test_knn_matches_brute_force(metric, block):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(41, 6)).astype(np.float32)
+    x[5] = 0.0  # a zero vector: cosine distance 1 to everything
+    rows = np.array([0, 3, 5, 17, 40, 22, 9])
+    dist, idx = knn(torch.from_numpy(x[rows]), torch.from_numpy(x), 4, metric, exclude=torch.from_numpy(rows),
+                    block=block)
+    ref_d, ref_i = brute_force(x[rows], x, 4, metric, exclude=rows)
+    assert dist.dtype == torch.float32 and idx.shape == (7, 4)
+    assert idx.tolist() == ref_i.tolist()
+    np.testing.assert_allclose(dist.numpy(), ref_d, rtol=1e-5, atol=1e-6)
+    assert not (idx.numpy() == rows[:, None]).any()  # never the query itself
+    # Outside queries (nothing excluded) may find any row.
+    q = rng.normal(size=(5, 6)).astype(np.float32)
+    dist, idx = knn(torch.from_numpy(q), torch.from_numpy(x), 6, metric, block=block)
+    ref_d, ref_i = brute_force(q, x, 6, metric)
+    assert idx.tolist() == ref_i.tolist()
+    np.testing.assert_allclose(dist.numpy(), ref_d, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize("block", [1, 3, 7, 1000])
+def test_knn_duplicates_tie_to_the_lower_index(metric, block):
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(30, 5)).astype(np.float32) * 10
+    x[12] = x[3]
+    x[25] = x[3]
+    rows = np.arange(30)
+    dist, idx = knn(torch.from_numpy(x), torch.from_numpy(x), 5, metric, exclude=torch.from_numpy(rows), block=block)
+    # A duplicated image finds its copies first, at distance 0, in index order.
+    assert idx[3, :2].tolist() == [12, 25] and idx[12, :2].tolist() == [3, 25] and idx[25, :2].tolist() == [3, 12]
+    assert dist[3, :2].tolist() == [0.0, 0.0] and dist[25, :2].tolist() == [0.0, 0.0]
+    # Any other query sees the three copies at one distance, adjacent and in index order.
+    for r in range(30):
+        found = [j for j in idx[r].tolist() if j in (3, 12, 25)]
+        assert found == sorted(found)
+    near = torch.from_numpy(x[3] + 0.01 * rng.normal(size=(1, 5)).astype(np.float32))
+    assert knn(near, torch.from_numpy(x), 3, metric, block=block)[1].tolist() == [[3, 12, 25]]
+    # Equal distances in general: the lower index first.
+    d, i = knn(torch.zeros(1, 1), torch.tensor([[2.0], [-1.0], [1.0], [-2.0]]), 4, "l2", block=block)
+    assert i.tolist() == [[1, 2, 0, 3]] and d.tolist() == [[1.0, 1.0, 2.0, 2.0]]
+
+
+def test_knn_k_larger_than_database():
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0], [4.0, 4.0]])
+    dist, idx = knn(x, x, 10, "l2", exclude=torch.arange(4), block=2)
+    assert idx.shape == (4, 3)
+    assert idx.tolist() == [[1, 2, 3], [0, 2, 3], [0, 1, 3], [2, 1, 0]]
+    assert dist[0].tolist() == pytest.approx([1.0, 3.0, np.sqrt(32)])
+    assert knn(x, x, 10, "l2", block=3)[1].shape == (4, 4)  # nothing excluded: all of them
+    assert knn(x[:1], x[:1], 3, "l2", exclude=torch.tensor([0]))[1].shape == (1, 0)
+    with pytest.raises(ValueError, match="metric"):
+        knn(x, x, 1, "manhattan")
+
+
+class CountingContext(LocalContext):
+    calls: int = 0
+
+    def parallel_map(self, fn, items, shared=None):
+        self.calls += 1
+        self.items = len(items)
+        return [fn(shared, item) for item in items]
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_parallel_path_equals_inline(monkeypatch, metric):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(57, 9)).astype(np.float32)
+    rows = np.sort(rng.choice(57, 23, replace=False))
+    inline = CountingContext(model=torch.nn.Identity(), pixels={}, input_size=(1, 1), workers=3)
+    d1, i1 = search_exact(x, rows, 4, metric, inline)
+    assert inline.calls == 0  # small problems stay inline
+    monkeypatch.setattr(neighbours, "PARALLEL_MIN", 1)
+    monkeypatch.setattr(neighbours, "BLOCK", 5)
+    spread = CountingContext(model=torch.nn.Identity(), pixels={}, input_size=(1, 1), workers=3)
+    d2, i2 = search_exact(x, rows, 4, metric, spread)
+    assert spread.calls == 1 and spread.items > 1
+    assert i1.tolist() == i2.tolist()
+    np.testing.assert_array_equal(d1, d2)
+    assert i1.tolist() == brute_force(x[rows], x, 4, metric, exclude=rows)[1].tolist()
+
+
+# -- the analysis end to end ------------------------------------------------------------------------------------
+
+class TinyCNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+@pytest.fixture(scope="module")
+def data():
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    rng = np.random.default_rng(4)
+    pixels = rng.integers(0, 256, size=(30, 16, 16, 3), dtype=np.uint8)
+    pixels[7] = pixels[2]  # an exact duplicate
+    ids = [f"img-{i:03d}" for i in range(30)]
+    labels = [i % 3 if i % 5 else -1 for i in range(30)]
+    return model, ids, pixels, labels
+
+
+def expected_vectors(model, pixels, space, pixel_size):
+    """Features and pixel vectors computed directly: one forward, plain pooling in numpy."""
+    x = normalise(pixels)
+    if space == "pixel":
+        a = x.numpy()
+        if pixel_size is None or pixel_size >= a.shape[2]:
+            return a.reshape(len(a), -1)
+        f = a.shape[2] // pixel_size  # whole-number factors: adaptive pooling is a block mean
+        return a.reshape(len(a), 3, pixel_size, f, pixel_size, f).mean(axis=(3, 5)).reshape(len(a), -1)
+    store = {}
+    handle = model.conv2.register_forward_hook(lambda m, i, o: store.setdefault("a", o.detach()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return store["a"].numpy().mean(axis=(2, 3))
+
+
+def expected_table(model, ids, pixels, labels, p: NeighboursParams, rows):
+    out = {c: [] for c in ["image_id", "label", "space", "rank", "neighbour_id", "distance", "key"]}
+    for space in p.spaces:
+        vectors = expected_vectors(model, pixels, space, p.pixel_size)
+        metric = p.metric if space == "feature" else "l2"
+        dist, idx = brute_force(vectors[rows], vectors, p.k, metric, exclude=rows)
+        for q, r in enumerate(rows):
+            for rank, (j, d) in enumerate(zip(idx[q], dist[q]), 1):
+                out["image_id"].append(ids[r])
+                out["label"].append(None if labels[r] < 0 else labels[r])
+                out["space"].append(space)
+                out["rank"].append(rank)
+                out["neighbour_id"].append(ids[j])
+                out["distance"].append(d)
+                out["key"].append(f"{space}-{q:06d}")
+    return out
+
+
+@pytest.mark.parametrize("settings", [
+    dict(layer="conv2", metric="cosine", k=4, pixel_size=8),
+    dict(layer="conv2", metric="l2", k=3, pixel_size=None, queries={"sample": 7, "seed": 3}),
+    dict(layer="conv2", k=5, queries=["img-011", "img-002", "img-029"]),
+])
+def test_analysis_matches_brute_force(data, settings):
+    model, ids, pixels, labels = data
+    p = NeighboursParams(**settings)
+    analysis = Neighbours(p)
+    out = run_local(analysis, model, ids, pixels, labels, batch_size=4)
+    table = as_table(out)
+    assert table.schema.field("label").type == pa.int64() and table.schema.field("rank").type == pa.int32()
+    assert table.schema.field("distance").type == pa.float32()
+    got = table.to_pydict()
+    if p.queries == "all":
+        rows = np.arange(30)
+    elif isinstance(p.queries, list):
+        rows = np.array([ids.index(q) for q in p.queries])
+    else:
+        rows = np.sort(np.random.default_rng(3).choice(30, 7, replace=False))
+    want = expected_table(model, ids, pixels, labels, p, rows)
+    for column in ["image_id", "label", "space", "rank", "neighbour_id", "key"]:
+        assert got[column] == want[column], column
+    np.testing.assert_allclose(got["distance"], want["distance"], rtol=1e-5, atol=1e-5)
+    assert all(a != b for a, b in zip(got["image_id"], got["neighbour_id"]))
+    assert out.stats["queries"] == len(rows) and "recall_at_k" not in out.stats
+    # Batching does not change a thing.
+    again = as_table(run_local(Neighbours(p), model, ids, pixels, labels, batch_size=7))
+    assert again.equals(table)
+
+
+def test_duplicate_image_is_the_first_neighbour(data):
+    model, ids, pixels, labels = data
+    out = run_local(Neighbours(NeighboursParams(layer="conv2", k=2, queries=["img-007"])), model, ids, pixels, labels)
+    t = as_table(out).to_pydict()
+    assert t["space"] == ["feature", "feature", "pixel", "pixel"]
+    assert t["neighbour_id"][0] == t["neighbour_id"][2] == "img-002"
+    assert t["distance"][0] == t["distance"][2] == 0.0
+
+
+def test_strips(data):
+    model, ids, pixels, labels = data
+    p = NeighboursParams(layer="conv2", k=3, thumb=32, queries={"sample": 5, "seed": 1})
+    out = run_local(Neighbours(p), model, ids, pixels, labels)
+    images = list(out.images)
+    keys = [k for k, _ in images]
+    assert len(images) == 5 * 2  # one strip per query per space
+    assert len(set(keys)) == len(keys) and not any("." in k or "/" in k for k in keys)
+    assert set(keys) == set(as_table(out).column("key").to_pylist())
+    pad, tile = 2, 32  # 16 px enlarged 2x to reach thumb
+    for _, image in images:
+        assert image.size == (pad + 4 * (tile + pad), pad + tile + pad)  # the query and k=3 neighbours
+    # The first tile of a strip is the query itself, enlarged by whole pixels.
+    first = np.asarray(images[0][1])[pad:pad + tile, pad:pad + tile]
+    q = as_table(out).column("image_id")[0].as_py()
+    assert (first == pixels[ids.index(q)].repeat(2, 0).repeat(2, 1)).all()
+    quiet = run_local(Neighbours(NeighboursParams(layer="conv2", render=False)), model, ids, pixels, labels)
+    assert "key" not in as_table(quiet).column_names and list(quiet.images) == []
+
+
+def test_map_batch_partials(data):
+    model, ids, pixels, labels = data
+    from tests.harness import map_batches
+
+    only_pixels = Neighbours(NeighboursParams(spaces=["pixel"], pixel_size=4))
+    assert only_pixels.layers() == []  # no hooks for pixel space alone
+    rows = map_batches(only_pixels, model, ids[:5], pixels[:5], labels[:5], batch_size=5)[0][""]
+    assert set(rows) == {"image_id", "label", "pixel"}
+    assert rows["pixel"].shape == (5, 3 * 4 * 4) and rows["pixel"].dtype == np.float32
+    assert rows["label"].dtype == np.int64 and rows["label"].tolist() == labels[:5]
+    both = Neighbours(NeighboursParams(layer="conv2", pool="max"))
+    assert both.layers() == [(("layer",), "conv2")]
+    rows = map_batches(both, model, ids[:5], pixels[:5], labels[:5], batch_size=5)[0][""]
+    # The default pixel_size (32) is larger than the 16 px input: kept at 16, never enlarged.
+    assert rows["feature"].shape == (5, 6) and rows["pixel"].shape == (5, 3 * 16 * 16)
+
+
+def test_check_dataset_names_unknown_ids():
+    ids = [f"img-{i:03d}" for i in range(10)]
+    assert Neighbours(NeighboursParams(layer="x", queries=["img-001"])).check_dataset(ids) == []
+    assert Neighbours(NeighboursParams(layer="x")).check_dataset(ids) == []
+    wanted = ["img-001"] + [f"gone-{i}" for i in range(7)]
+    [(path, message)] = Neighbours(NeighboursParams(layer="x", queries=wanted)).check_dataset(ids)
+    assert path == ("queries",)
+    assert "7 query id(s) not in the dataset" in message and "'gone-4'" in message
+    assert "'gone-5'" not in message and "2 more" in message
+
+
+def test_params_validation(monkeypatch):
+    with pytest.raises(ValidationError, match="needs a layer"):
+        NeighboursParams()
+    NeighboursParams(spaces=["pixel"])  # pixel space needs no layer
+    with pytest.raises(ValidationError, match="repeated: pixel"):
+        NeighboursParams(spaces=["pixel", "pixel"])
+    with pytest.raises(ValidationError):
+        NeighboursParams(spaces=[])
+    with pytest.raises(ValidationError):
+        NeighboursParams(layer="x", k=0)
+    with pytest.raises(ValidationError):
+        NeighboursParams(layer="x", queries={"sample": 0})
+    with pytest.raises(ValidationError):
+        NeighboursParams(layer="x", queries={"sample": "5"})  # strict: no strings for numbers
+    with pytest.raises(ValidationError):
+        NeighboursParams(layer="x", queries={"n": 5})
+    with pytest.raises(ValidationError, match="more than once"):
+        NeighboursParams(layer="x", queries=["a", "b", "a"])
+    assert NeighboursParams(layer="x", queries={"sample": 3}).queries.seed == 0
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "faiss" else real(name, *a))
+    with pytest.raises(ValidationError, match=r"faiss-cpu package \(pip install 'convscope\[ann\]'\)"):
+        NeighboursParams(layer="x", index="faiss")
+
+
+def test_faiss_recall_on_clustered_data():
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(12, 16)) * 10
+    x = (centres[rng.integers(0, 12, 600)] + rng.normal(size=(600, 16))).astype(np.float32)
+    ids = [f"v{i:04d}" for i in range(600)]
+    tables = {"": pa.table({"image_id": ids, "label": np.full(600, -1, np.int64),
+                            "feature": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 16)})}
+    ctx = LocalContext(model=torch.nn.Identity(), pixels={}, input_size=(1, 1))
+    for metric in ["cosine", "l2"]:
+        p = NeighboursParams(spaces=["feature"], layer="x", metric=metric, k=5, index="faiss", recall_sample=200,
+                             render=False)
+        out = Neighbours(p).reduce(TableInputs(tables), ctx)
+        assert out.stats["recall_at_k"]["feature"] >= 0.9
+        t = out.tables[""].to_pydict()
+        assert len(t["image_id"]) == 600 * 5
+        assert all(a != b for a, b in zip(t["image_id"], t["neighbour_id"]))
+        exact = Neighbours(p.model_copy(update={"index": "exact"})).reduce(TableInputs(tables), ctx)
+        assert "recall_at_k" not in exact.stats

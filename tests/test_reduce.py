@@ -1,0 +1,152 @@
+"""The reduce stage on a local Ray: partials committed apart, reductions resumed, shards."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from jobs.activation_stats import ActivationStats
+from pipeline.execute import run_manifest
+from pipeline.manifest import load_manifest
+from pipeline.writers import INPUTS, ShardWriter, add_shard_columns
+
+from .conftest import write_manifest
+
+
+def run(path: Path, *overrides: str, log=None):
+    return run_manifest(load_manifest(path, list(overrides)), log=log or (lambda m: None))
+
+
+def stats_entry(layers=("layer1", "layer3")):
+    return {"type": "activation_stats", "layers": list(layers)}
+
+
+def test_reduce_is_invariant_to_batching_and_workers(ray_session, resnet20_weights, tmp_path, image_folder):
+    tables = []
+    for i, (batch, workers) in enumerate([(1, 1), (5, 2)]):
+        manifest = write_manifest(tmp_path / f"m{i}.yaml", weights=resnet20_weights, output=str(tmp_path / f"out{i}"),
+                                  dataset={"kind": "image_folder", "root": str(image_folder)},
+                                  analyses=[stats_entry(), {"type": "predictions"}],
+                                  execution={"batch_size": batch, "decode_batch_size": batch, "workers": workers})
+        result = run(manifest)
+        assert result.ok, result.analyses
+        info = result.analyses["activation_stats"]
+        assert info["stage"] == "reduce" and info["rows"] == 16 + 64
+        assert info["fused_with"] == ["predictions"]  # one pass over the dataset for both
+        assert not (tmp_path / f"out{i}" / INPUTS).exists()  # partials go once the entry commits
+        tables.append(pd.read_parquet(tmp_path / f"out{i}" / "activation_stats").sort_values(["layer", "channel"]))
+    a, b = tables
+    assert a[["layer", "channel", "count", "dead"]].equals(b[["layer", "channel", "count", "dead"]])
+    for column in ("mean", "std", "min", "max", "zero_fraction"):
+        np.testing.assert_allclose(a[column], b[column], rtol=1e-5, atol=1e-6)
+
+
+def test_failed_reduction_keeps_partials_and_resumes_without_a_pass(
+        ray_session, resnet20_weights, tmp_path, image_folder, monkeypatch):
+    manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights,
+                              dataset={"kind": "image_folder", "root": str(image_folder)},
+                              analyses=[stats_entry(["layer2"]), {"type": "predictions"}])
+    out = tmp_path / "out"
+    original = ActivationStats.reduce
+
+    def broken(self, inputs, ctx):
+        raise RuntimeError("reduction interrupted")
+
+    monkeypatch.setattr(ActivationStats, "reduce", broken)
+    result = run(manifest)
+    assert result.status == "failed"
+    assert result.analyses["activation_stats"]["status"] == "failed"
+    assert "reduction interrupted" in result.analyses["activation_stats"]["error"]
+    assert result.analyses["predictions"]["status"] == "complete"  # the other entry is kept
+    assert not (out / "activation_stats" / "_SUCCESS").exists()
+    assert (out / INPUTS / "activation_stats" / "_SUCCESS").exists()
+
+    monkeypatch.setattr(ActivationStats, "reduce", original)
+    logs: list[str] = []
+    result = run(manifest, log=logs.append)
+    assert result.ok
+    assert any("no dataset pass needed): activation_stats" in m for m in logs)
+    assert not any(m.startswith("map stage") for m in logs)  # nothing left to compute per image
+    assert result.analyses["predictions"]["status"] == "skipped"
+    assert (out / "activation_stats" / "_SUCCESS").exists()
+    assert len(pd.read_parquet(out / "activation_stats")) == 32
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["analyses"]["activation_stats"]["status"] == "complete"
+
+    # Changed parameters invalidate committed partials as well as the entry.
+    result = run(manifest, "analyses[0].layers=[layer3]", log=logs.append)
+    assert result.ok and len(pd.read_parquet(out / "activation_stats")) == 64
+
+
+def test_shard_writer_layout_and_shard_columns(tmp_path):
+    writer = ShardWriter(tmp_path / "_shards", max_count=2)
+    colours = {}
+    for i in range(5):
+        colour = (i * 40, 0, 0)
+        colours[f"k-{i}"] = colour
+        writer.add(f"k-{i}", Image.new("RGB", (3, 2), colour))
+    writer.close()
+    assert sorted(p.name for p in (tmp_path / "_shards").iterdir()) == [f"shard-0000{i}.tar" for i in range(3)]
+    for key, shard in writer.shards.items():
+        with tarfile.open(tmp_path / shard) as tar:
+            img = Image.open(io.BytesIO(tar.extractfile(f"{key}.png").read()))
+            assert img.getpixel((0, 0)) == colours[key]
+    with pytest.raises(ValueError, match="no dots"):
+        writer.add("layer3.2-c0001", Image.new("RGB", (1, 1)))
+    with pytest.raises(ValueError, match="twice"):
+        writer.add("k-0", Image.new("RGB", (1, 1)))
+
+    table = pa.table({"key": ["k-0", "k-4", None], "grid_key": ["k-1", "missing", "k-2"]})
+    table = add_shard_columns(table, writer.shards)
+    assert table.column_names == ["key", "shard", "grid_key", "grid_shard"]
+    assert table.column("shard").to_pylist() == ["_shards/shard-00000.tar", "_shards/shard-00002.tar", None]
+    assert table.column("grid_shard").to_pylist() == ["_shards/shard-00000.tar", None, "_shards/shard-00001.tar"]
+
+
+def test_rendered_images_are_found_from_the_tables(ray_session, resnet20_weights, tmp_path, image_folder):
+    manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights,
+                              dataset={"kind": "image_folder", "root": str(image_folder)},
+                              analyses=[{"type": "top_patches", "layers": ["layer1", "layer3"], "k": 3,
+                                         "channels": "0:4"},
+                                        {"type": "neighbours", "layer": "layer3", "k": 2,
+                                         "queries": ["class0/000.png", "class2/005.png"]}])
+    result = run(manifest)
+    assert result.ok, result.analyses
+    out = tmp_path / "out"
+    top = pd.read_parquet(out / "top_patches")
+    assert len(top) == 2 * 4 * 3 and result.analyses["top_patches"]["images"] == 2 * 4 * 3 + 2 * 4
+    layer1 = top[top.layer == "layer1"].iloc[0]
+    with tarfile.open(out / "top_patches" / layer1.shard) as tar:
+        crop = Image.open(io.BytesIO(tar.extractfile(f"{layer1.key}.png").read()))
+    x0, y0, x1, y1 = layer1.box
+    assert crop.size == (x1 - x0, y1 - y0)
+    # The crop is the model's input image at the box (this dataset needs no resize or crop).
+    source = np.asarray(Image.open(image_folder / layer1.image_id).convert("RGB"))
+    assert np.array_equal(np.asarray(crop), source[y0:y1, x0:x1])
+    with tarfile.open(out / "top_patches" / layer1.grid_shard) as tar:
+        assert f"{layer1.grid_key}.png" in tar.getnames()
+
+    nb = pd.read_parquet(out / "neighbours")
+    assert sorted(set(nb.image_id)) == ["class0/000.png", "class2/005.png"]
+    assert set(nb.space) == {"feature", "pixel"} and nb["rank"].max() == 2
+    assert (nb.image_id != nb.neighbour_id).all()
+    with tarfile.open(out / "neighbours" / nb.shard.iloc[0]) as tar:
+        strip = Image.open(io.BytesIO(tar.extractfile(f"{nb.key.iloc[0]}.png").read()))
+    assert strip.width > 3 * strip.height - 20  # the query and its two neighbours side by side
+
+
+def test_unknown_query_ids_fail_before_ray(resnet20_weights, tmp_path, image_folder):
+    from pipeline.cli import main as cli
+
+    manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights,
+                              dataset={"kind": "image_folder", "root": str(image_folder)},
+                              analyses=[{"type": "neighbours", "layer": "layer3", "queries": ["nope.png"]}])
+    assert cli(["validate", str(manifest)]) == 2

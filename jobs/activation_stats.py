@@ -52,18 +52,21 @@ def batch_moments(activation: torch.Tensor) -> dict[str, np.ndarray]:
     ([4], [1.5], [11.0], [2])
     """
     a = activation.detach()
-    a = a.reshape(a.shape[0], a.shape[1], -1).transpose(0, 1).reshape(a.shape[1], -1).double()  # (C, N*P)
-    count = a.shape[1]
-    mean = a.mean(dim=1)
-    m2 = ((a - mean[:, None]) ** 2).sum(dim=1)
+    a = a.reshape(a.shape[0], a.shape[1], -1).float()  # (N, C, positions)
+    dims = (0, 2)
+    count = a.shape[0] * a.shape[2]
+    # Sums accumulate in float64 without a float64 copy of the batch; deviations from the
+    # batch mean are small, so squaring them in float32 loses nothing that matters.
+    mean = a.sum(dim=dims, dtype=torch.float64) / count
+    m2 = (a - mean.float()[None, :, None]).square_().sum(dim=dims, dtype=torch.float64)
     return {
-        "channel": np.arange(a.shape[0], dtype=np.int32),
-        "count": np.full(a.shape[0], count, dtype=np.int64),
+        "channel": np.arange(a.shape[1], dtype=np.int32),
+        "count": np.full(a.shape[1], count, dtype=np.int64),
         "mean": mean.cpu().numpy(),
         "m2": m2.cpu().numpy(),
-        "min": a.amin(dim=1).cpu().numpy(),
-        "max": a.amax(dim=1).cpu().numpy(),
-        "zeros": (a == 0).sum(dim=1).cpu().numpy().astype(np.int64),
+        "min": a.amin(dim=dims).double().cpu().numpy(),
+        "max": a.amax(dim=dims).double().cpu().numpy(),
+        "zeros": (a == 0).sum(dim=dims).cpu().numpy().astype(np.int64),
     }
 
 

@@ -17,6 +17,7 @@ from jobs.render import EMPTY
 from jobs.top_patches import TopPatches, TopPatchesParams, receptive_field
 from pipeline.models import capture
 from pipeline.zoo import CifarResNet, DemoCNN
+from tests.conftest import CIFAR, RESNET20, needs_shared
 from tests.harness import as_table, normalise, run_local
 
 SIZE = 16
@@ -422,3 +423,24 @@ def test_render_off():
     assert "key" not in as_table(out).column_names and "grid_key" not in as_table(out).column_names
     assert list(out.images) == []
     assert as_table(out).schema.field("box").type == pa.list_(pa.int32())
+
+
+@needs_shared
+@pytest.mark.parametrize("score", ["max", "all"])
+def test_equals_brute_force_on_the_trained_cifar_model(score):
+    """The real trained ResNet-20 on real CIFAR-10 images, whatever the batch size."""
+    from PIL import Image
+
+    from pipeline.models import load_weights
+
+    model = CifarResNet(20)
+    load_weights(model, RESNET20)
+    model.eval()
+    paths = sorted(CIFAR.rglob("*.*"))[::170][:60]  # a spread over the ten classes
+    ids = [p.relative_to(CIFAR).as_posix() for p in paths]
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    layers = ["layer1", "layer3"]
+    want = brute_force(model, layers, ids, pixels, 5, score)
+    params = TopPatchesParams(layers=layers, k=5, score=score, render=False)
+    for batch_size in (1, 16):
+        assert_same(rows_of(run_local(TopPatches(params), model, ids, pixels, batch_size=batch_size)), want)

@@ -380,7 +380,8 @@ def run_manifest(manifest: Manifest, log: Log = _stderr) -> RunResult:
                 for name, info in stats.items():
                     before = analyses.get(name, {})
                     info["seconds"] = round(before.get("map_seconds", 0.0) + info.get("reduce_seconds", 0.0), 3)
-                    info.update({k: before[k] for k in ("map_seconds", "partial_rows", "fused_with", "errors") if k in before})
+                    carried = ("map_seconds", "partial_rows", "fused_with", "errors")
+                    info.update({k: before[k] for k in carried if k in before})
                     info["stage"] = "reduce"
             else:  # pragma: no cover -- no model-stage analysis is registered yet
                 raise NotImplementedError(f"{stage.kind} stages")

@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 start=$(date +%s)
 .venv/bin/convscope run manifests/demo.yaml "$@"
-echo "demo finished in $(( $(date +%s) - start ))s; results in $(pwd)/runs/demo (run.json, features/, predictions/)"
+echo "demo finished in $(( $(date +%s) - start ))s; results in $(pwd)/runs/demo (run.json, one folder per analysis; images in <analysis>/_shards/)"

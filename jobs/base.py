@@ -30,19 +30,30 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Annotated, Any, ClassVar, Literal, Protocol
 
 import numpy as np
 import pyarrow as pa
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 Stage = Literal["map", "reduce", "model"]
 
 # Rows an analysis returns: {partition: {column: array with one entry per image}}.
 # The partition is "" or a Hive-style "key=value" folder such as "layer=layer3".
 Rows = dict[str, dict[str, np.ndarray]]
+
+
+def _distinct_layers(layers: list[str]) -> list[str]:
+    twice = sorted({name for name in layers if layers.count(name) > 1})
+    if twice:
+        raise ValueError(f"layers must be unique; listed more than once: {', '.join(twice)}")
+    return layers
+
+
+# ``layers`` of an analysis that keys its results by layer: at least one, none twice.
+DistinctLayers = Annotated[list[str], Field(min_length=1), AfterValidator(_distinct_layers)]
 
 
 class AnalysisParams(BaseModel):

@@ -57,6 +57,7 @@ from pydantic import Field, field_validator
 
 from jobs.base import (
     AnalysisParams,
+    DistinctLayers,
     MapBatch,
     ReduceAnalysis,
     ReduceContext,
@@ -66,8 +67,7 @@ from jobs.base import (
     register,
     safe_key,
 )
-from jobs.features import pool
-from jobs.kernels import read_features, worth_logging
+from jobs.kernels import pooled_features, read_features, worth_logging
 from jobs.render import atlas, atlas_cells, scatter
 
 Method = Literal["pca", "tsne", "umap"]
@@ -83,7 +83,7 @@ MIN_POINTS: dict[str, int] = {"pca": 3, "tsne": 3, "umap": 4}
 
 class EmbeddingParams(AnalysisParams):
     type: Literal["embedding"] = "embedding"
-    layers: list[str] = Field(min_length=1)
+    layers: DistinctLayers
     methods: list[Method] = Field(default_factory=lambda: ["pca", "tsne"], min_length=1)
     pool: Literal["avg", "max", "grid", "none"] = "avg"
     grid: int = Field(default=2, ge=1, description="cells per side when pool is 'grid'")
@@ -98,10 +98,7 @@ class EmbeddingParams(AnalysisParams):
 
     @field_validator("layers")
     @classmethod
-    def _distinct_layers(cls, layers: list[str]) -> list[str]:
-        twice = sorted({name for name in layers if layers.count(name) > 1})
-        if twice:
-            raise ValueError(f"layers must be unique; listed more than once: {', '.join(twice)}")
+    def _distinct_keys(cls, layers: list[str]) -> list[str]:
         # Image keys are built from safe_key(layer); two layers must not share one.
         keys: dict[str, str] = {}
         for name in layers:
@@ -229,17 +226,7 @@ class Embedding(ReduceAnalysis):
     Params = EmbeddingParams
 
     def map_batch(self, batch: MapBatch) -> Rows:
-        p = self.params
-        ids = np.array(batch.image_ids, dtype=object)
-        labels = batch.labels.cpu().numpy().astype(np.int64)
-        return {
-            f"layer={layer}": {
-                "image_id": ids,
-                "label": labels,
-                "feature": pool(batch.activations[layer], p.pool, p.grid).float().cpu().numpy(),
-            }
-            for layer in p.layers
-        }
+        return pooled_features(batch, self.params.layers, self.params.pool, self.params.grid)
 
     def reduce(self, inputs: ReduceInputs, ctx: ReduceContext) -> ReduceOutput:
         p = self.params

@@ -8,7 +8,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from jobs.base import ReduceInputs
+from jobs.base import MapBatch, ReduceInputs, Rows
+from jobs.features import pool
 
 
 def topk_first(values: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
@@ -61,6 +62,23 @@ def matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     if not parts:
         return np.zeros((0, 0), np.float32)
     return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def pooled_features(batch: MapBatch, layers: list[str], how: str, grid: int = 2) -> Rows:
+    """Partials of one batch: per layer, ``image_id``, ``label`` and the pooled ``feature`` vectors.
+
+    What :func:`read_features` reads back, one partition ``layer=<layer>`` per layer.
+    """
+    ids = np.array(batch.image_ids, dtype=object)
+    labels = batch.labels.cpu().numpy().astype(np.int64)
+    return {
+        f"layer={layer}": {
+            "image_id": ids,
+            "label": labels,
+            "feature": pool(batch.activations[layer], how, grid).float().cpu().numpy(),
+        }
+        for layer in layers
+    }
 
 
 def read_features(inputs: ReduceInputs, layer: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -36,10 +36,11 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from jobs.base import (
     AnalysisParams,
+    DistinctLayers,
     MapBatch,
     ReduceAnalysis,
     ReduceContext,
@@ -48,13 +49,12 @@ from jobs.base import (
     Rows,
     register,
 )
-from jobs.features import pool
-from jobs.kernels import read_features, worth_logging
+from jobs.kernels import pooled_features, read_features, worth_logging
 
 
 class ProbesParams(AnalysisParams):
     type: Literal["probes"] = "probes"
-    layers: list[str] = Field(min_length=1)
+    layers: DistinctLayers
     classifier: Literal["logistic", "linear_svm"] = "logistic"
     pool: Literal["avg", "max", "grid", "none"] = "avg"
     grid: int = Field(default=2, ge=1, description="cells per side when pool is 'grid'")
@@ -63,14 +63,6 @@ class ProbesParams(AnalysisParams):
     C: float = Field(default=1.0, gt=0, description="inverse regularisation strength")
     max_iter: int = Field(default=1000, ge=1)
     standardize: bool = True
-
-    @field_validator("layers")
-    @classmethod
-    def _distinct_layers(cls, layers: list[str]) -> list[str]:
-        twice = sorted({name for name in layers if layers.count(name) > 1})
-        if twice:
-            raise ValueError(f"layers must be unique; listed more than once: {', '.join(twice)}")
-        return layers
 
 
 def _class_name(c: int, names: Sequence[str] | None) -> str:
@@ -132,17 +124,7 @@ class Probes(ReduceAnalysis):
     Params = ProbesParams
 
     def map_batch(self, batch: MapBatch) -> Rows:
-        p = self.params
-        ids = np.array(batch.image_ids, dtype=object)
-        labels = batch.labels.cpu().numpy().astype(np.int64)
-        return {
-            f"layer={layer}": {
-                "image_id": ids,
-                "label": labels,
-                "feature": pool(batch.activations[layer], p.pool, p.grid).float().cpu().numpy(),
-            }
-            for layer in p.layers
-        }
+        return pooled_features(batch, self.params.layers, self.params.pool, self.params.grid)
 
     def reduce(self, inputs: ReduceInputs, ctx: ReduceContext) -> ReduceOutput:
         p = self.params

@@ -43,6 +43,7 @@ from pydantic import Field, field_validator
 
 from jobs.base import (
     AnalysisParams,
+    DistinctLayers,
     MapBatch,
     ReduceAnalysis,
     ReduceContext,
@@ -65,21 +66,13 @@ FETCH_CHUNK = 256
 
 class TopPatchesParams(AnalysisParams):
     type: Literal["top_patches"] = "top_patches"
-    layers: list[str] = Field(min_length=1)
+    layers: DistinctLayers
     k: int = Field(default=9, ge=1, description="entries per channel")
     score: Literal["max", "all"] = "max"
     channels: list[int] | str | None = Field(
         default=None, description="channel indices, a 'start:stop' range, or None for all")
     render: bool = True
     cell: int = Field(default=64, ge=1, description="min side in px of each grid cell")
-
-    @field_validator("layers")
-    @classmethod
-    def _unique_layers(cls, layers: list[str]) -> list[str]:
-        twice = sorted({name for name in layers if layers.count(name) > 1})
-        if twice:
-            raise ValueError(f"layers must be unique; listed more than once: {', '.join(twice)}")
-        return layers
 
     @field_validator("channels")
     @classmethod

@@ -250,9 +250,9 @@ def run_map_stage(
     """Run one fused map stage; commit every entry; return per-entry stats and error rows."""
     output = manifest.output
     # A reduce entry's partials are committed apart, under .inputs/, for its reduction.
-    writers = {a.params.entry_name: EntryWriter(output / INPUTS if a.stage == "reduce" else output,
-                                                a.params.entry_name, manifest.execution.rows_per_part)
-               for a in stage.analyses}
+    partial = {a.params.entry_name for a in stage.analyses if a.stage == "reduce"}
+    writers = {name: EntryWriter(output / INPUTS if name in partial else output, name, manifest.execution.rows_per_part)
+               for name in stage.entries}
     errors: list[dict] = []
     failures: dict[str, str] = {}
     progress = _Progress(len(index), "+".join(stage.entries), log)
@@ -272,7 +272,7 @@ def run_map_stage(
             continue
         writer.commit(keys[name])
         stats[name] = {"status": "complete", "rows": writer.rows, "errors": len(errors), **common}
-        if writer.output.name == INPUTS:
+        if name in partial:
             stats[name].update(status="partials", stage="reduce", partial_rows=stats[name].pop("rows"),
                                map_seconds=stats[name].pop("seconds"))
     return stats, errors

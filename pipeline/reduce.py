@@ -39,27 +39,24 @@ class ParquetInputs:
     def __init__(self, folder: Path, batch_rows: int = 65536):
         self.folder, self.batch_rows = Path(folder), batch_rows
 
-    def _files(self, partition: str) -> list[Path]:
+    def _files(self, partition: str, required: bool = True) -> list[Path]:
         folder = self.folder / partition if partition else self.folder
-        return sorted(folder.glob("part-*.parquet"))
+        files = sorted(folder.glob("part-*.parquet"))
+        if required and not files:
+            raise ValueError(f"no partials for partition {partition or '(root)'!r}: no image of the dataset "
+                             "could be used")
+        return files
 
     def partitions(self) -> list[str]:
         found = [p.name for p in self.folder.iterdir() if p.is_dir() and "=" in p.name] if self.folder.is_dir() else []
-        return ([""] if self._files("") else []) + sorted(found)
+        return ([""] if self._files("", required=False) else []) + sorted(found)
 
     def read(self, partition: str = "", columns: Sequence[str] | None = None) -> pa.Table:
         files = self._files(partition)
-        if not files:
-            raise ValueError(f"no partials for partition {partition or '(root)'!r}: no image of the dataset "
-                             "could be used")
         return pa.concat_tables(pq.read_table(f, columns=list(columns) if columns else None) for f in files)
 
     def batches(self, partition: str = "", columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
-        files = self._files(partition)
-        if not files:
-            raise ValueError(f"no partials for partition {partition or '(root)'!r}: no image of the dataset "
-                             "could be used")
-        for f in files:
+        for f in self._files(partition):
             yield from pq.ParquetFile(f).iter_batches(batch_size=self.batch_rows,
                                                       columns=list(columns) if columns else None)
 
@@ -119,7 +116,8 @@ class RunContext:
         self._log(f"  {message}")
 
 
-def _as_table(table: pa.Table | dict[str, Any]) -> pa.Table:
+def as_table(table: pa.Table | dict[str, Any]) -> pa.Table:
+    """A reduction's table as Arrow: a ``pa.Table`` as is, or {column: Arrow or numpy array}."""
     if isinstance(table, pa.Table):
         return table
     columns = {}
@@ -145,7 +143,7 @@ def reduce_entry(manifest: Manifest, analysis: ReduceAnalysis, ctx: RunContext, 
             shards.add(image_key, image)
         shards.close()
         for partition, table in result.tables.items():
-            writer.add(partition, add_shard_columns(_as_table(table), shards.shards))
+            writer.add(partition, add_shard_columns(as_table(table), shards.shards))
     except BaseException:
         shards.abort()
         writer.abort()

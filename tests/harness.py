@@ -69,13 +69,7 @@ def run_local(analysis: Analysis, model: torch.nn.Module, ids: Sequence[str], pi
 
 
 def as_table(output: ReduceOutput, partition: str = "") -> pa.Table:
-    t = output.tables[partition]
-    return t if isinstance(t, pa.Table) else pa.table({k: to_arrow_any(v) for k, v in t.items()})
+    """A partition of the output as the runner would write it (before shard columns)."""
+    from pipeline import reduce
 
-
-def to_arrow_any(values):
-    from pipeline.writers import to_arrow
-
-    if isinstance(values, (pa.Array, pa.ChunkedArray)):
-        return values
-    return to_arrow(np.asarray(values))
+    return reduce.as_table(output.tables[partition])

@@ -2,11 +2,19 @@
 
 from jobs import (  # noqa: F401  (importing registers them)
     activation_stats,
+    attribution_summary,
+    cam,
+    deconvnet,
     embedding,
     features,
+    grad_cam,
+    guided_backprop,
+    guided_grad_cam,
     neighbours,
+    occlusion,
     predictions,
     probes,
+    saliency,
     top_patches,
 )
 from jobs.base import (
@@ -16,6 +24,7 @@ from jobs.base import (
     LocalContext,
     MapAnalysis,
     MapBatch,
+    MapOutput,
     ReduceAnalysis,
     ReduceContext,
     ReduceInputs,
@@ -24,5 +33,6 @@ from jobs.base import (
     register,
 )
 
-__all__ = ["REGISTRY", "Analysis", "AnalysisParams", "LocalContext", "MapAnalysis", "MapBatch", "ReduceAnalysis",
+__all__ = ["REGISTRY", "Analysis", "AnalysisParams", "LocalContext", "MapAnalysis", "MapBatch", "MapOutput",
+           "ReduceAnalysis",
            "ReduceContext", "ReduceInputs", "ReduceOutput", "TableInputs", "register"]

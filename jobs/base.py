@@ -76,7 +76,10 @@ class MapBatch:
 
     ``images`` are normalised model inputs (N, C, H, W) on the model's device;
     ``activations`` holds the output of every hooked layer (detached, float32);
-    ``labels`` is -1 where the dataset has no label.
+    ``labels`` is -1 where the dataset has no label. ``pixels`` are the same images before
+    normalisation (uint8 (N, H, W, 3), on the CPU: the frame of every box and overlay), and
+    ``boxes`` the object box of each image in that frame ((N, 4) ``[x0, y0, x1, y1]``,
+    half-open; a row of -1 where the image has none), when the dataset has boxes.
     """
 
     image_ids: list[str]
@@ -85,6 +88,44 @@ class MapBatch:
     logits: torch.Tensor
     activations: dict[str, torch.Tensor]
     model: torch.nn.Module
+    pixels: np.ndarray | None = None
+    boxes: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def subset(self, keep: np.ndarray) -> MapBatch:
+        """The images where the boolean mask ``keep`` is true, every field alike."""
+        idx = torch.from_numpy(np.flatnonzero(keep))
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t[idx.to(t.device)]
+
+        return MapBatch(
+            image_ids=[i for i, k in zip(self.image_ids, keep) if k],
+            labels=take(self.labels),
+            images=take(self.images),
+            logits=take(self.logits),
+            activations={k: take(v) for k, v in self.activations.items()},
+            model=self.model,
+            pixels=None if self.pixels is None else self.pixels[keep],
+            boxes=None if self.boxes is None else self.boxes[keep],
+        )
+
+
+@dataclass
+class MapOutput:
+    """A per-image analysis' result when its rows are not one per image, or it renders.
+
+    ``rows``: {partition: {column: array}} of any row count; each row names its image
+    (``image_id``, ``label`` columns), e.g. one row per (image, target class).
+    ``images``: (key, image) pairs to store in the entry's image shards; a ``key`` column
+    (or ``<prefix>_key``) in the rows finds them, and the runner adds the ``shard`` column.
+    Rendering happens where the batch is computed, so it scales with the workers.
+    """
+
+    rows: Rows
+    images: list[tuple[str, Image.Image]] = field(default_factory=list)
 
 
 class Analysis:
@@ -118,13 +159,33 @@ class Analysis:
         """
         return []
 
+    def select(self, image_ids: Sequence[str]) -> list[str] | None:
+        """The images of the dataset this entry works on (a sample), or None for all.
+
+        Resolved once on the driver from the listed dataset; the runner then hands
+        ``map_batch`` only those images of each batch (an analysis that selects must return
+        a :class:`MapOutput` or partials, whose rows name their images).
+        """
+        return None
+
+    def sources(self, entries: Sequence[AnalysisParams]) -> list[str]:
+        """Names of the other manifest ``entries`` whose committed tables this entry reduces.
+
+        Such a reduce entry needs no pass over the dataset: it runs once they are committed,
+        and its inputs are their tables (one partition per entry). Raise ValueError for
+        entries that cannot be used; the manifest reports it against this entry.
+        """
+        return []
+
 
 class MapAnalysis(Analysis):
     """An analysis computed per image from one shared forward pass."""
 
     stage: ClassVar[Stage] = "map"
 
-    def map_batch(self, batch: MapBatch) -> Rows:
+    def map_batch(self, batch: MapBatch) -> Rows | MapOutput:
+        """Rows aligned with the batch (one per image, ``image_id``/``label`` added by the
+        runner), or a :class:`MapOutput` of rows that name their images, plus rendered images."""
         raise NotImplementedError
 
 

@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pyarrow as pa
 import torch
+import torch.nn.functional as F
 
 from jobs.base import MapBatch, ReduceInputs, Rows
 from jobs.features import pool
@@ -105,3 +106,34 @@ def read_features(inputs: ReduceInputs, layer: str) -> tuple[np.ndarray, np.ndar
 def worth_logging(w: warnings.WarningMessage) -> bool:
     """A library warning about the data or the fit, not about imports or deprecations."""
     return not issubclass(w.category, (ImportWarning, DeprecationWarning, PendingDeprecationWarning, FutureWarning))
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of a batch (N, C, H, W) with standard deviation ``sigma`` pixels.
+
+    The kernel spans about +-3 sigma (odd, at most the image size); borders reflect.
+    ``sigma`` <= 0 returns ``x`` unchanged.
+
+    >>> gaussian_blur(torch.ones(1, 3, 8, 8), 2.0).allclose(torch.ones(1, 3, 8, 8))
+    True
+    """
+    from torchvision.transforms.v2.functional import gaussian_blur as tv_blur
+
+    if sigma <= 0:
+        return x
+    h, w = x.shape[-2:]
+
+    def size(limit: int) -> int:
+        k = 2 * int(np.ceil(3 * sigma)) + 1
+        return max(1, min(k, limit if limit % 2 else limit - 1))
+
+    return tv_blur(x, kernel_size=[size(w), size(h)], sigma=[float(sigma), float(sigma)])
+
+
+def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize maps (N, h, w) -> (N, H, W) bilinearly (align_corners=False)."""
+    if maps.dim() != 3:
+        raise ValueError(f"upsample expects (N, h, w) maps, got shape {tuple(maps.shape)}")
+    if tuple(maps.shape[1:]) == tuple(size):
+        return maps
+    return F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]

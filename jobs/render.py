@@ -125,3 +125,46 @@ def atlas(thumbs: dict[tuple[int, int], np.ndarray], cells: int, cell: int = 32)
         thumb = Image.fromarray(np.asarray(pixels, np.uint8)).resize((cell, cell), Image.Resampling.BILINEAR)
         canvas.paste(thumb, (c * cell, r * cell))
     return canvas
+
+
+# Colour maps as a few anchors, interpolated linearly: inferno-like for magnitudes, blue-white-red
+# for signed maps (white at zero).
+_SEQUENTIAL = np.array([(0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99), (212, 72, 66),
+                        (245, 125, 21), (250, 193, 39), (252, 255, 164)], np.float64)
+_DIVERGING = np.array([(33, 102, 172), (146, 197, 222), (247, 247, 247), (244, 165, 130), (178, 24, 43)],
+                      np.float64)
+
+
+def colormap(values: np.ndarray, signed: bool = False) -> np.ndarray:
+    """Values in [0, 1] -> uint8 RGB (..., 3): sequential, or diverging when ``signed`` (0.5 = white)."""
+    anchors = _DIVERGING if signed else _SEQUENTIAL
+    v = np.clip(np.nan_to_num(np.asarray(values, np.float64), nan=0.0), 0.0, 1.0) * (len(anchors) - 1)
+    lo = np.minimum(v.astype(int), len(anchors) - 2)
+    t = (v - lo)[..., None]
+    return (anchors[lo] * (1 - t) + anchors[lo + 1] * t + 0.5).astype(np.uint8)
+
+
+def overlay(pixels: np.ndarray, heat: np.ndarray, vmin: float, vmax: float, signed: bool = False,
+            min_side: int = 128, alpha: float = 0.55) -> Image.Image:
+    """An image, the heat map blended over it, and a colour bar from ``vmin`` (bottom) to ``vmax``.
+
+    ``heat`` (H, W) is in the image's frame; values are scaled by [vmin, vmax] (recorded next
+    to the picture's key, so the colours can be read back as numbers).
+    """
+    pixels = np.asarray(pixels, np.uint8)
+    span = vmax - vmin if vmax > vmin else 1.0
+    colours = colormap((np.asarray(heat, np.float64) - vmin) / span, signed).astype(np.float64)
+    blended = (pixels * (1 - alpha) + colours * alpha + 0.5).astype(np.uint8)
+    left, right = enlarge(pixels, min_side), enlarge(blended, min_side)
+    h = left.shape[0]
+    bar = colormap(np.linspace(1.0, 0.0, h)[:, None].repeat(10, axis=1), signed)
+    pad, text_w = 4, 56
+    canvas = Image.new("RGB", (left.shape[1] + right.shape[1] + 10 + text_w + 4 * pad, h + 2 * pad), BACKGROUND)
+    canvas.paste(Image.fromarray(left), (pad, pad))
+    canvas.paste(Image.fromarray(right), (2 * pad + left.shape[1], pad))
+    x = 3 * pad + left.shape[1] + right.shape[1]
+    canvas.paste(Image.fromarray(bar), (x, pad))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((x + 10 + pad, pad), f"{vmax:.3g}", fill=(0, 0, 0))
+    draw.text((x + 10 + pad, pad + h - 11), f"{vmin:.3g}", fill=(0, 0, 0))
+    return canvas

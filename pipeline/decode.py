@@ -128,12 +128,64 @@ def _center_crop(img: Image.Image, size: int | list[int] | tuple[int, int]) -> I
     return img.crop((left, top, left + cw, top + ch))
 
 
+def _resized_size(w: int, h: int, size: int | list[int] | tuple[int, int]) -> tuple[int, int]:
+    """(width, height) after ``_resize``."""
+    if isinstance(size, int):
+        short, long = (w, h) if w <= h else (h, w)
+        if short == size:
+            return w, h
+        new_short, new_long = size, int(size * long / short)
+        return (new_short, new_long) if w <= h else (new_long, new_short)
+    return int(size[1]), int(size[0])
+
+
+def _crop_offset(w: int, h: int, size: int | list[int] | tuple[int, int]) -> tuple[int, int, int, int]:
+    """(left, top, crop width, crop height) of ``_center_crop`` in the (padded) frame; padding
+    shows as a negative offset."""
+    ch, cw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    pad_left, pad_top = ((cw - w) // 2 if cw > w else 0), ((ch - h) // 2 if ch > h else 0)
+    w, h = max(w, cw), max(h, ch)
+    return int(round((w - cw) / 2.0)) - pad_left, int(round((h - ch) / 2.0)) - pad_top, cw, ch
+
+
+def transform_box(box, size: tuple[int, int], resize: Size, crop: Size) -> list[int]:
+    """A box ``[x0, y0, x1, y1]`` (half-open pixels of the original ``size`` = (w, h)) in the
+    preprocessed frame: scaled as the image is resized, shifted by the crop, clipped.
+
+    Edges round outwards, so the box still covers the object. ``[-1] * 4`` when no box is
+    given or nothing of it is left after the crop.
+
+    >>> transform_box([10, 20, 30, 40], (100, 100), resize=50, crop=None)
+    [5, 10, 15, 20]
+    """
+    if box is None or len(box) != 4 or min(box) < 0:
+        return [-1] * 4
+    w, h = size
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if resize is not None:
+        nw, nh = _resized_size(w, h, resize)
+        sx, sy = nw / w, nh / h
+        x0, x1, y0, y1 = x0 * sx, x1 * sx, y0 * sy, y1 * sy
+        w, h = nw, nh
+    if crop is not None:
+        left, top, w, h = _crop_offset(w, h, crop)
+        x0, x1, y0, y1 = x0 - left, x1 - left, y0 - top, y1 - top
+    out = [max(0, int(np.floor(x0 + 1e-9))), max(0, int(np.floor(y0 + 1e-9))),
+           min(w, int(np.ceil(x1 - 1e-9))), min(h, int(np.ceil(y1 - 1e-9)))]
+    return out if out[2] > out[0] and out[3] > out[1] else [-1] * 4
+
+
 def decode_image(data: bytes, resize: Size = None, crop: Size = None) -> np.ndarray:
     """Encoded bytes -> preprocessed uint8 (H, W, 3): RGB, resize, center crop.
 
     >>> decode_image(png_bytes, resize=256, crop=224).shape
     (224, 224, 3)
     """
+    return _decode(data, resize, crop)[0]
+
+
+def _decode(data: bytes, resize: Size, crop: Size) -> tuple[np.ndarray, tuple[int, int]]:
+    """Preprocessed pixels and the original (width, height)."""
     if not data:
         raise ValueError("empty file (0 bytes)")
     with warnings.catch_warnings():
@@ -142,6 +194,7 @@ def decode_image(data: bytes, resize: Size = None, crop: Size = None) -> np.ndar
         if img.width * img.height > MAX_PIXELS:
             raise ValueError(f"image is {img.width}x{img.height}, over the {MAX_PIXELS:,}-pixel safety limit")
         img.load()
+    original = img.size
     img = _to_rgb(img)
     if resize is not None:
         img = _resize(img, resize)
@@ -152,13 +205,19 @@ def decode_image(data: bytes, resize: Size = None, crop: Size = None) -> np.ndar
     if expected is not None and arr.shape[:2] != expected:
         raise ValueError(f"image is {arr.shape[1]}x{arr.shape[0]} after preprocessing, expected "
                          f"{expected[1]}x{expected[0]}")
-    return arr
+    return arr, original
 
 
 def decode_batch(batch: dict[str, np.ndarray], resize: Size, crop: Size,
                  parquet_column: str = "image") -> dict[str, np.ndarray]:
-    """Read and decode a batch of index rows into uint8 pixels; failures become error rows."""
+    """Read and decode a batch of index rows into uint8 pixels; failures become error rows.
+
+    A ``box`` column (object boxes in original pixels) comes back in the preprocessed frame,
+    as (N, 4) int64 with -1 rows where there is none.
+    """
     h, w = output_size(resize, crop) or (0, 0)
+    has_boxes = "box" in batch
+    boxes = np.full((len(batch["image_id"]), 4), -1, dtype=np.int64)
     n = len(batch["image_id"])
     data = read_bytes(list(batch["ref"]), list(batch["source"]), [int(o) for o in batch["offset"]],
                       [int(s) for s in batch["size"]], parquet_column)
@@ -170,13 +229,18 @@ def decode_batch(batch: dict[str, np.ndarray], resize: Size, crop: Size,
             errors[i], stages[i] = f"{type(item).__name__}: {item}", "read"
             continue
         try:
-            pixels[i] = decode_image(item, resize, crop)
+            pixels[i], original = _decode(item, resize, crop)
+            if has_boxes:
+                boxes[i] = transform_box(batch["box"][i], original, resize, crop)
         except Exception as e:  # noqa: BLE001 -- any undecodable image is recorded and skipped
             errors[i], stages[i] = f"{type(e).__name__}: {e}", "decode"
-    return {
+    out = {
         "image_id": np.asarray(batch["image_id"], dtype=object),
         "label": np.asarray(batch["label"], dtype=np.int64),
         "pixels": pixels,
         "error": errors,
         "error_stage": stages,
     }
+    if has_boxes:
+        out["box"] = boxes
+    return out

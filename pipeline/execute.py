@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
+from jobs import REGISTRY
 from pipeline.datasets import DatasetIndex, list_dataset
 from pipeline.errors import UserError
 from pipeline.manifest import Manifest, ParquetDataset
@@ -31,7 +32,7 @@ from pipeline.models import check_layers, load_model, model_hash
 from pipeline.plan import Stage, entry_key, plan
 from pipeline.reduce import run_reduce_stage
 from pipeline.decode import decode_batch
-from pipeline.worker import PARTIAL, SEP, ModelWorker, default_threads, entries_json, error_key, unpack_partial
+from pipeline.worker import IMAGES, PARTIAL, SEP, ModelWorker, default_threads, entries_json, error_key, unpack_partial
 from pipeline.writers import (
     INPUTS,
     STAGING,
@@ -148,7 +149,7 @@ def _map_dataset(manifest: Manifest, index: DatasetIndex, stage: Stage):
     execution = ex.model_dump(mode="json")
     execution["device"] = "cuda" if use_gpu else "cpu"
     block = ex.decode_batch_size
-    table = index.table
+    table = _with_boxes(index)
     blocks = [table.slice(i, block) for i in range(0, table.num_rows, block)] or [table]
     column = manifest.dataset.image_column if isinstance(manifest.dataset, ParquetDataset) else "image"
     ds = ray.data.from_arrow(blocks)
@@ -165,6 +166,7 @@ def _map_dataset(manifest: Manifest, index: DatasetIndex, stage: Stage):
             "entries": entries_json([a.params for a in stage.analyses]),
             "execution": execution,
             "threads": threads,
+            "selections": selections(stage, index),
         },
         # Ray Data restarts dead actors and retries their batches by default.
         compute=ray.data.ActorPoolStrategy(size=ex.workers),
@@ -172,6 +174,27 @@ def _map_dataset(manifest: Manifest, index: DatasetIndex, stage: Stage):
         num_gpus=1 if use_gpu else 0,
     )
     return ds
+
+
+def _with_boxes(index: DatasetIndex) -> pa.Table:
+    """The index table, plus the dataset's object boxes (``box``) where it has them."""
+    table = index.table
+    if index.extra is None or "box" not in index.extra.column_names:
+        return table
+    boxes = dict(zip(index.extra.column("image_id").to_pylist(), index.extra.column("box").to_pylist()))
+    column = [boxes.get(i) for i in table.column("image_id").to_pylist()]
+    return table.append_column("box", pa.array(column, pa.list_(pa.int64())))
+
+
+def selections(stage: Stage, index: DatasetIndex) -> dict[str, list[str]]:
+    """The images each entry of the stage that works on a sample is given."""
+    ids = index.table.column("image_id").to_pylist()
+    out = {}
+    for analysis in stage.analyses:
+        chosen = analysis.select(ids)
+        if chosen is not None:
+            out[analysis.params.entry_name] = list(chosen)
+    return out
 
 
 # ----------------------------------------------------------------------------- stages
@@ -210,16 +233,27 @@ def _consume(batch: dict[str, np.ndarray], writers: dict[str, EntryWriter], erro
     ids = pa.array(batch["image_id"][ok].tolist(), pa.string())
     labels = labels_to_arrow(batch["label"][ok])
     grouped: dict[tuple[str, str], dict] = {}
-    for key, values in batch.items():
+    # Images first: the rows that name them get their shard when they are added.
+    for key in sorted(batch, key=lambda k: not k.endswith(SEP + IMAGES)):
         if SEP not in key or key.endswith(SEP + "__error__"):
             continue
+        values = batch[key]
         entry, partition, column = key.split(SEP)
         if entry in failures:
+            continue
+        if column == IMAGES:
+            for cell in values:
+                if cell is not None and len(cell):
+                    images = unpack_partial(cell)
+                    for image_key, png in zip(images.column("key").to_pylist(), images.column("png").to_pylist()):
+                        writers[entry].add_image(image_key, png)
             continue
         if column == PARTIAL:
             for cell in values:
                 if cell is not None and len(cell):
-                    writers[entry].add(partition, unpack_partial(cell))
+                    table = unpack_partial(cell)
+                    if table.num_rows:  # a batch with no rows for the entry also has no schema
+                        writers[entry].add(partition, table)
             continue
         grouped.setdefault((entry, partition), {"image_id": ids, "label": labels})[column] = to_arrow(values[ok])
     for (entry, partition), columns in grouped.items():
@@ -272,6 +306,8 @@ def run_map_stage(
             continue
         writer.commit(keys[name])
         stats[name] = {"status": "complete", "rows": writer.rows, "errors": len(errors), **common}
+        if writer.images:
+            stats[name].update(images=writer.images, shards=writer.shard_count)
         if name in partial:
             stats[name].update(status="partials", stage="reduce", partial_rows=stats[name].pop("rows"),
                                map_seconds=stats[name].pop("seconds"))
@@ -310,7 +346,6 @@ def _images_table(index: DatasetIndex) -> pa.Table:
 
 def check_dataset(manifest: Manifest, index: DatasetIndex) -> None:
     """Entries that refer to images (query lists) must name images of the dataset."""
-    from jobs import REGISTRY
     from pipeline.errors import ManifestError
     from pipeline.manifest import format_loc
 
@@ -339,6 +374,10 @@ def run_manifest(manifest: Manifest, log: Log = _stderr) -> RunResult:
     check_dataset(manifest, index)
 
     keys = {p.entry_name: entry_key(p, manifest, index.fingerprint, mhash) for p in manifest.analyses}
+    for p in manifest.analyses:
+        sources = REGISTRY[p.type](p).sources(manifest.analyses)
+        if sources:
+            keys[p.entry_name] = entry_key(p, manifest, index.fingerprint, mhash, {s: keys[s] for s in sources})
     done, partials_done = set(), set()
     for name, key in keys.items():
         committed = read_success(output / name)
@@ -374,9 +413,7 @@ def run_manifest(manifest: Manifest, log: Log = _stderr) -> RunResult:
                 stats, errors = run_map_stage(manifest, index, stage, keys, log)
                 all_errors.extend(errors)
             elif stage.kind == "reduce":
-                ready = [a for a in stage.analyses
-                         if read_success(output / INPUTS / a.params.entry_name) is not None]
-                stats = run_reduce_stage(manifest, index, ready, keys, log)
+                stats = run_reduce_stage(manifest, index, stage.analyses, keys, log)
                 for name, info in stats.items():
                     before = analyses.get(name, {})
                     info["seconds"] = round(before.get("map_seconds", 0.0) + info.get("reduce_seconds", 0.0), 3)

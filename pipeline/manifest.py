@@ -580,6 +580,13 @@ def validate_raw(raw: Any, source: str, base: Path, lines: dict[Loc, int] | None
         names[params.entry_name] = i
         analyses.append(params)
 
+    # Entries that reduce other entries' tables must name entries of this manifest.
+    for params in analyses:
+        try:
+            REGISTRY[params.type](params).sources(analyses)
+        except ValueError as e:
+            problems.append(f"{format_loc(('analyses', names[params.entry_name]))}: {e}")
+
     rest = {k: raw[k] for k in ("name", "output") if k in raw}
     head = _validate_part(_Head, rest, (), lines, ctx, problems) if len(rest) == 2 else None
     if problems:

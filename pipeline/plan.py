@@ -33,8 +33,12 @@ class Stage:
         return list(dict.fromkeys(layer for a in self.analyses for _, layer in a.layers()))
 
 
-def entry_key(params: AnalysisParams, manifest: Manifest, dataset_fingerprint: str, model_hash: str) -> dict:
-    """What an entry's output depends on; a committed entry with an equal key is reused."""
+def entry_key(params: AnalysisParams, manifest: Manifest, dataset_fingerprint: str, model_hash: str,
+              sources: dict[str, dict] | None = None) -> dict:
+    """What an entry's output depends on; a committed entry with an equal key is reused.
+
+    An entry that reduces other entries' tables also depends on their keys (``sources``).
+    """
     inputs = {
         "params": params.model_dump(mode="json"),
         "dataset": dataset_fingerprint,
@@ -42,6 +46,8 @@ def entry_key(params: AnalysisParams, manifest: Manifest, dataset_fingerprint: s
         "preprocess": manifest.model.preprocess.model_dump(mode="json") if manifest.model.preprocess else None,
         "precision": manifest.execution.precision,
     }
+    if sources:
+        inputs["sources"] = {name: key["key"] for name, key in sorted(sources.items())}
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
     return {"key": "sha256:" + digest, "type": params.type, "dataset": dataset_fingerprint, "model": model_hash}
 
@@ -54,7 +60,11 @@ def plan(manifest: Manifest, skip: set[str] = frozenset(), partials_done: set[st
         if params.entry_name in skip:
             continue
         analysis = REGISTRY[params.type](params)
-        if analysis.stage == "reduce" and params.entry_name not in partials_done:
+        needs_pass = not analysis.sources(manifest.analyses)
+        if analysis.stage == "reduce" and needs_pass and params.entry_name not in partials_done:
             stages.setdefault("map", Stage("map")).analyses.append(analysis)
         stages.setdefault(analysis.stage, Stage(analysis.stage)).analyses.append(analysis)
+    for stage in stages.values():
+        # Within a stage, an entry runs after the entries whose tables it reads.
+        stage.analyses.sort(key=lambda a: bool(a.sources(manifest.analyses)))
     return sorted(stages.values(), key=lambda s: ORDER[s.kind])

@@ -28,7 +28,7 @@ from jobs import ReduceAnalysis
 from pipeline.datasets import DatasetIndex
 from pipeline.decode import decode_batch
 from pipeline.manifest import Manifest, ParquetDataset
-from pipeline.writers import INPUTS, SHARDS, EntryWriter, ShardWriter, add_shard_columns, to_arrow
+from pipeline.writers import INPUTS, EntryWriter, read_success, to_arrow
 
 Log = Callable[[str], None]
 
@@ -59,6 +59,26 @@ class ParquetInputs:
         for f in self._files(partition):
             yield from pq.ParquetFile(f).iter_batches(batch_size=self.batch_rows,
                                                       columns=list(columns) if columns else None)
+
+
+class EntryInputs(ParquetInputs):
+    """:class:`jobs.ReduceInputs` over other entries' committed tables: one partition per entry."""
+
+    def __init__(self, output: Path, entries: Sequence[str], batch_rows: int = 65536):
+        super().__init__(Path(output), batch_rows)
+        self.entries = list(entries)
+
+    def partitions(self) -> list[str]:
+        return list(self.entries)
+
+    def _files(self, partition: str, required: bool = True) -> list[Path]:
+        if partition not in self.entries:
+            raise KeyError(f"{partition!r} is not one of the entries read: {', '.join(self.entries)}")
+        # Hive-partitioned entries keep their parts in key=value folders.
+        files = sorted(p for p in (self.folder / partition).rglob("part-*.parquet"))
+        if required and not files:
+            raise ValueError(f"entry {partition!r} has no rows")
+        return files
 
 
 def _apply(fn: Callable[[Any, Any], Any], shared: Any, item: Any) -> Any:
@@ -135,23 +155,22 @@ def reduce_entry(manifest: Manifest, analysis: ReduceAnalysis, ctx: RunContext, 
     name = analysis.params.entry_name
     inputs_folder = output / INPUTS / name
     start = time.time()
-    result = analysis.reduce(ParquetInputs(inputs_folder), ctx)
+    sources = analysis.sources(manifest.analyses)
+    inputs = EntryInputs(output, sources) if sources else ParquetInputs(inputs_folder)
+    result = analysis.reduce(inputs, ctx)
     writer = EntryWriter(output, name, manifest.execution.rows_per_part)
-    shards = ShardWriter(writer.staging / SHARDS)
     try:
         for image_key, image in result.images:
-            shards.add(image_key, image)
-        shards.close()
+            writer.add_image(image_key, image)
         for partition, table in result.tables.items():
-            writer.add(partition, add_shard_columns(as_table(table), shards.shards))
+            writer.add(partition, as_table(table))
     except BaseException:
-        shards.abort()
         writer.abort()
         raise
     writer.commit(key)
     shutil.rmtree(inputs_folder, ignore_errors=True)
     stats = {"status": "complete", "rows": writer.rows, "reduce_seconds": round(time.time() - start, 3),
-             "images": shards.written, "shards": shards.index + (1 if shards.count else 0)}
+             "images": writer.images, "shards": writer.shard_count}
     stats.update(result.stats)
     return stats
 
@@ -163,6 +182,15 @@ def run_reduce_stage(manifest: Manifest, index: DatasetIndex, analyses: list[Red
     stats: dict[str, dict] = {}
     for analysis in analyses:
         name = analysis.params.entry_name
+        sources = analysis.sources(manifest.analyses)
+        if not sources and read_success(manifest.output / INPUTS / name) is None:
+            continue  # its dataset pass failed, and said so
+        missing = [s for s in sources if (read_success(manifest.output / s) or {}).get("key") != keys[s]["key"]]
+        if missing:
+            stats[name] = {"status": "failed", "error": f"needs the tables of {', '.join(missing)}, "
+                                                        "which did not complete in this run"}
+            log(f"{name} failed: {stats[name]['error']}")
+            continue
         log(f"reducing {name}")
         start = time.time()
         try:

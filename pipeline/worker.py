@@ -12,12 +12,17 @@ import os
 import numpy as np
 import torch
 
-from jobs import REGISTRY, AnalysisParams, MapBatch
+from jobs import REGISTRY, AnalysisParams, MapBatch, MapOutput
 from pipeline.manifest import MODEL_SOURCES
 from pipeline.plan import Stage
 
 SEP = "|"  # output columns are "<entry>|<partition>|<column>"
-PARTIAL = "__partial__"  # a reduce entry's partials for one batch: Arrow IPC bytes in the batch's first row
+# Rows not aligned with the batch (a reduce entry's partials, a MapOutput's rows): one Arrow
+# IPC table per partition, in the batch's first row.
+PARTIAL = "__partial__"
+# A MapOutput's rendered images: an IPC table of (key, png) in the batch's first row.
+IMAGES = "__images__"
+PACKED = (SEP + PARTIAL, SEP + IMAGES)
 
 
 def pack_partial(columns: dict[str, np.ndarray]) -> bytes:
@@ -39,6 +44,19 @@ def unpack_partial(data: bytes):
     return pa.ipc.open_stream(data).read_all()
 
 
+def pack_images(images) -> bytes:
+    """Rendered (key, PIL image) pairs as one IPC table of (key, png bytes), encoded here."""
+    import io
+
+    keys, pngs = [], []
+    for key, image in images:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        keys.append(key)
+        pngs.append(buf.getvalue())
+    return pack_partial({"key": np.asarray(keys, dtype=object), "png": np.asarray(pngs, dtype=object)})
+
+
 def normalize(pixels: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 ``(x / 255 - mean) / std``, on the pixels' device."""
     x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
@@ -56,7 +74,8 @@ def resolve_device(device: str) -> torch.device:
 class ModelWorker:
     """Loads the model once, then runs every fused per-image analysis on each batch."""
 
-    def __init__(self, model_spec: dict, entries: list[dict], execution: dict, threads: int | None = None):
+    def __init__(self, model_spec: dict, entries: list[dict], execution: dict, threads: int | None = None,
+                 selections: dict[str, list[str]] | None = None):
         from pipeline.models import load_model
 
         if threads:
@@ -72,10 +91,12 @@ class ModelWorker:
         params = [REGISTRY[e["type"]].Params.model_validate(e) for e in entries]
         self.analyses = [REGISTRY[p.type](p) for p in params]
         self.layers = Stage("map", self.analyses).layers()
+        # Entries that work on a sample of the dataset see only its images of each batch.
+        self.selections = {e: frozenset(ids) for e, ids in (selections or {}).items()}
         h, w = self.preprocess.output_size()
         # One dry pass fixes every output column's shape and dtype, so a batch in which every
         # image failed to decode still yields the same columns (zero-filled, dropped later).
-        self.template = self._compute(np.zeros((1, h, w, 3), np.uint8), ["_"], np.array([-1]))
+        self.template = self._compute(np.zeros((1, h, w, 3), np.uint8), ["_"], np.array([-1]), dry=True)
         # An analysis that fails on the dry pass is broken for every batch; say so on each.
         self.broken: dict[str, str] = {}
         for a in self.analyses:
@@ -90,7 +111,8 @@ class ModelWorker:
         dtype = torch.bfloat16 if self.precision == "bfloat16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _compute(self, pixels: np.ndarray, image_ids: list[str], labels: np.ndarray) -> dict[str, np.ndarray]:
+    def _compute(self, pixels: np.ndarray, image_ids: list[str], labels: np.ndarray,
+                 boxes: np.ndarray | None = None, dry: bool = False) -> dict[str, np.ndarray]:
         """Every analysis' columns for the batch; an analysis that raises reports its error instead.
 
         A failure is returned, not raised, as an ``<entry>||__error__`` column: the stage
@@ -102,7 +124,8 @@ class ModelWorker:
         n = len(image_ids)
         try:
             # Ray hands batches over read-only and zero-copy: copy before use on the device.
-            x = torch.from_numpy(np.array(pixels, copy=True)).to(self.device, non_blocking=True)
+            pixels = np.array(pixels, copy=True)
+            x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
             x = normalize(x, self.preprocess.mean, self.preprocess.std)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -115,6 +138,8 @@ class ModelWorker:
                 logits=logits.float() if isinstance(logits, torch.Tensor) else logits,
                 activations={k: v.float() for k, v in acts.items()},
                 model=self.model,
+                pixels=pixels,
+                boxes=None if boxes is None else np.asarray(boxes, dtype=np.int64),
             )
         except Exception as e:  # noqa: BLE001 -- the model failed: every analysis of the batch did
             message = _describe(e, "model forward")
@@ -122,18 +147,31 @@ class ModelWorker:
         for analysis in self.analyses:
             entry = analysis.params.entry_name
             try:
-                if analysis.stage == "reduce":
-                    # Partials are not aligned with the images: one Arrow table per partition
-                    # rides in the batch's first row.
+                chosen = batch
+                selection = None if dry else self.selections.get(entry)
+                if selection is not None:
+                    keep = np.array([i in selection for i in batch.image_ids], dtype=bool)
+                    if not keep.any():
+                        continue  # no image of this batch is in the entry's sample
+                    chosen = batch.subset(keep) if not keep.all() else batch
+                result = analysis.map_batch(chosen)
+                if analysis.stage == "reduce" or isinstance(result, MapOutput) or selection is not None:
+                    if not isinstance(result, MapOutput):
+                        if analysis.stage == "map" and selection is not None:
+                            raise TypeError(f"{analysis.name} works on a sample, so map_batch must return a "
+                                            "MapOutput whose rows name their images")
+                        result = MapOutput(rows=result)
+                    # Not aligned with the images: one Arrow table per partition (and the
+                    # rendered images) ride in the batch's first row.
                     rows = {}
-                    for partition, columns in analysis.map_batch(batch).items():
-                        cell = np.full(n, b"", dtype=object)
-                        cell[0] = pack_partial(columns)
-                        rows[SEP.join((entry, partition, PARTIAL))] = cell
+                    for partition, columns in result.rows.items():
+                        rows[SEP.join((entry, partition, PARTIAL))] = _first_row(n, pack_partial(columns))
+                    if result.images or (dry and analysis.stage == "map"):
+                        rows[SEP.join((entry, "", IMAGES))] = _first_row(n, pack_images(result.images))
                 else:
                     rows = {
                         SEP.join((entry, partition, column)): np.asarray(values)
-                        for partition, columns in analysis.map_batch(batch).items()
+                        for partition, columns in result.items()
                         for column, values in columns.items()
                     }
             except Exception as e:  # noqa: BLE001 -- recorded against this entry only
@@ -146,7 +184,8 @@ class ModelWorker:
         ok = batch["error"] == ""
         n = len(ok)
         out = {k: batch[k] for k in ("image_id", "label", "error", "error_stage")}
-        computed = self._compute(batch["pixels"][ok], batch["image_id"][ok], batch["label"][ok]) if ok.any() else {}
+        boxes = batch["box"][ok] if "box" in batch else None
+        computed = self._compute(batch["pixels"][ok], batch["image_id"][ok], batch["label"][ok], boxes) if ok.any() else {}
         for key, message in self.broken.items():
             computed[key] = np.full(int(ok.sum()), message, dtype=object)
         # Every batch carries the template's columns, so all blocks share one schema.
@@ -154,16 +193,25 @@ class ModelWorker:
             if ok.all() and key in computed:
                 out[key] = computed[key]
                 continue
-            if key.endswith(SEP + PARTIAL):
+            if key.endswith(PACKED):
                 full = np.full(n, b"", dtype=object)
             elif template.dtype == object:
                 full = np.full((n,) + template.shape[1:], "", dtype=object)
             else:
                 full = np.zeros((n,) + template.shape[1:], dtype=template.dtype)
             if key in computed:
-                full[ok] = computed[key]
+                if key.endswith(PACKED):
+                    full[np.flatnonzero(ok)[0]] = computed[key][0]
+                else:
+                    full[ok] = computed[key]
             out[key] = full
         return out
+
+
+def _first_row(n: int, data: bytes) -> np.ndarray:
+    cell = np.full(n, b"", dtype=object)
+    cell[0] = data
+    return cell
 
 
 def error_key(entry: str) -> str:

@@ -100,9 +100,25 @@ class EntryWriter:
         self.buffered: dict[str, int] = defaultdict(int)
         self.parts: dict[str, int] = defaultdict(int)
         self.rows = 0
+        self._shards: ShardWriter | None = None
+
+    @property
+    def shards(self) -> ShardWriter:
+        """The entry's image shards (``_shards/``), opened on the first image."""
+        if self._shards is None:
+            self._shards = ShardWriter(self.staging / SHARDS)
+        return self._shards
+
+    def add_image(self, key: str, image: Image.Image | bytes) -> None:
+        """Store a rendered image; rows added later find it through their ``key`` columns."""
+        self.shards.add(key, image)
 
     def add(self, partition: str, columns: dict[str, Any] | pa.Table) -> None:
+        """Buffer rows; ``key`` / ``<prefix>_key`` columns get their ``shard`` column when the
+        entry has images (add the images first)."""
         table = columns if isinstance(columns, pa.Table) else pa.table(columns)
+        if self._shards is not None:
+            table = add_shard_columns(table, self._shards.shards)
         self.buffers[partition].append(table)
         self.buffered[partition] += table.num_rows
         self.rows += table.num_rows
@@ -123,12 +139,24 @@ class EntryWriter:
 
     def abort(self) -> None:
         """Drop what was staged: nothing of a failed entry may look like output."""
+        if self._shards is not None:
+            self._shards.abort()
         shutil.rmtree(self.staging, ignore_errors=True)
 
+    @property
+    def images(self) -> int:
+        return self._shards.written if self._shards is not None else 0
+
+    @property
+    def shard_count(self) -> int:
+        return 0 if self._shards is None else self._shards.index + (1 if self._shards.count else 0)
+
     def commit(self, key: dict) -> Path:
-        """Flush, move the staging folder into place, then write ``_SUCCESS`` last."""
+        """Flush, close the image shards, move the staging folder into place, then ``_SUCCESS``."""
         for partition in list(self.buffers):
             self._flush(partition)
+        if self._shards is not None:
+            self._shards.close()
         final = self.output / self.entry
         if final.exists():
             shutil.rmtree(final)
@@ -164,15 +192,19 @@ class ShardWriter:
     def name(self) -> str:
         return f"{SHARDS}/shard-{self.index:05d}.tar"
 
-    def add(self, key: str, image: Image.Image) -> str:
-        """Append ``<key>.png``; return the shard (relative to the entry folder) that holds it."""
+    def add(self, key: str, image: Image.Image | bytes) -> str:
+        """Append ``<key>.png`` (a PIL image, or PNG bytes encoded elsewhere); return the shard
+        (relative to the entry folder) that holds it."""
         if not KEY_PATTERN.match(key):
             raise ValueError(f"image key {key!r} must be letters, digits, '_' or '-' (WebDataset keys have no dots)")
         if key in self.shards:
             raise ValueError(f"image key {key!r} was rendered twice")
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        data = buf.getvalue()
+        if isinstance(image, (bytes, bytearray)):
+            data = bytes(image)
+        else:
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            data = buf.getvalue()
         if self.tar is not None and (self.count >= self.max_count or self.bytes + len(data) > self.max_bytes):
             self._close_shard()
         if self.tar is None:

@@ -26,7 +26,7 @@ def normalise(pixels: np.ndarray) -> torch.Tensor:
 
 
 def map_batches(analysis: Analysis, model: torch.nn.Module, ids: Sequence[str], pixels: np.ndarray,
-                labels: Sequence[int], batch_size: int) -> list[Rows]:
+                labels: Sequence[int], batch_size: int, boxes: np.ndarray | None = None) -> list:
     """``analysis.map_batch`` on consecutive batches, as the map stage calls it."""
     from pipeline.models import capture
 
@@ -40,9 +40,35 @@ def map_batches(analysis: Analysis, model: torch.nn.Module, ids: Sequence[str], 
             logits = model(x)
         batch = MapBatch(image_ids=list(ids[sl]), labels=torch.tensor(list(labels[sl]), dtype=torch.int64),
                          images=x, logits=logits.float(), activations={k: v.float() for k, v in acts.items()},
-                         model=model)
+                         model=model, pixels=np.ascontiguousarray(pixels[sl]),
+                         boxes=None if boxes is None else np.asarray(boxes[sl], dtype=np.int64))
         out.append(analysis.map_batch(batch))
     return out
+
+
+def map_table(analysis: Analysis, model: torch.nn.Module, ids: Sequence[str], pixels: np.ndarray,
+              labels: Sequence[int] | None = None, batch_size: int = 4, boxes: np.ndarray | None = None,
+              partition: str = "") -> tuple[pa.Table, dict]:
+    """A per-image analysis over ``pixels`` in one process: its rows (a MapOutput's, as the runner
+    writes them) and its rendered images by key."""
+    from jobs import MapOutput
+
+    labels = list(labels) if labels is not None else [-1] * len(ids)
+    tables, images = [], {}
+    for result in map_batches(analysis, model, ids, pixels, labels, batch_size, boxes):
+        assert isinstance(result, MapOutput)
+        for key, image in result.images:
+            assert key not in images, f"image key {key} rendered twice"
+            images[key] = image
+        if result.rows.get(partition):
+            tables.append(as_table_columns(result.rows[partition]))
+    return pa.concat_tables(tables), images
+
+
+def as_table_columns(columns: dict) -> pa.Table:
+    from pipeline.writers import to_arrow
+
+    return pa.table({k: to_arrow(np.asarray(v)) for k, v in columns.items()})
 
 
 def gather(parts: list[Rows]) -> TableInputs:

@@ -269,7 +269,13 @@ def test_every_registered_analysis_runs_end_to_end(ray_session, resnet20_weights
     minimal = {"features": {"layers": ["layer2"]}, "predictions": {},
                "activation_stats": {"layers": ["layer1"]}, "top_patches": {"layers": ["layer2"], "k": 2},
                "neighbours": {"layer": "layer3", "k": 2}, "embedding": {"layers": ["layer3"], "methods": ["pca"]},
-               "probes": {"layers": ["layer3"]}}
+               "probes": {"layers": ["layer3"]},
+               "saliency": {"smoothgrad": {"samples": 2}, "sample": {"n": 5}, "steps": 2},
+               "guided_backprop": {"sample": {"n": 5}, "steps": 2}, "deconvnet": {"sample": {"n": 5}, "steps": 2},
+               "cam": {"layer": "layer3", "steps": 2}, "grad_cam": {"layer": "layer2", "target": "label"},
+               "guided_grad_cam": {"layer": "layer3", "target": {"top": 2}, "sample": {"n": 5}, "steps": 2},
+               "occlusion": {"window": 16, "stride": 16, "feature": {"layer": "layer3", "channel": 1}, "steps": 2},
+               "attribution_summary": {}}
     assert set(minimal) == set(REGISTRY), "add the new analysis to this table"
     entries = [{"type": name, **params} for name, params in minimal.items()]
     manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights, dataset={"kind": "image_folder", "root": str(image_folder)},

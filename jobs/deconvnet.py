@@ -1,0 +1,41 @@
+"""``deconvnet``: the input "gradient" with every ReLU applied to the backward signal instead.
+
+Zeiler & Fergus, "Visualizing and Understanding Convolutional Networks" (ECCV 2014): at each
+ReLU, ``R_in = max(R_out, 0)``, whatever the forward input was. Functional ReLUs are caught
+as well as modules (see :func:`jobs.backprop.relu_rule`).
+
+Example manifest entry::
+
+    - type: deconvnet
+      signed: false
+
+Table columns: see :mod:`jobs.attribution`; ``map`` is (1, H, W), ``max_c |R_c|``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from jobs.attribution import Attribution, AttributionAnalysis, AttributionParams
+from jobs.base import MapBatch, register
+from jobs.guided_backprop import rule_gradients
+
+
+class DeconvnetParams(AttributionParams):
+    type: Literal["deconvnet"] = "deconvnet"
+    signed: bool = False
+
+
+@register
+class Deconvnet(AttributionAnalysis):
+    """Deconvnet maps, one per image and target."""
+
+    name = "deconvnet"
+    Params = DeconvnetParams
+
+    def attribute(self, batch: MapBatch, x: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor) -> Attribution:
+        p = self.params
+        maps = rule_gradients(batch.model, x, targets, "deconvnet", p.signed, p.chunk)
+        return Attribution(columns={"map": maps}, heat=maps.sum(dim=1) if p.signed else maps, signed=p.signed)

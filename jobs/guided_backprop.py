@@ -1,0 +1,51 @@
+"""``guided_backprop``: the input gradient with every ReLU passing back only positive signals
+where its input was positive.
+
+Springenberg, Dosovitskiy, Brox & Riedmiller, "Striving for Simplicity: The All
+Convolutional Net" (ICLR-W 2015): at each ReLU, ``R_in = (x > 0) * max(R_out, 0)``. ReLUs
+called as ``F.relu``/``torch.relu`` inside ``forward`` are caught as well as ``nn.ReLU``
+modules, and the model object is never changed (see :func:`jobs.backprop.relu_rule`).
+
+Example manifest entry::
+
+    - type: guided_backprop
+      signed: false      # true keeps the (3, H, W) signed picture
+
+Table columns: see :mod:`jobs.attribution`; ``map`` is (1, H, W), ``max_c |R_c|``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from jobs.attribution import Attribution, AttributionAnalysis, AttributionParams, in_chunks
+from jobs.base import MapBatch, register
+
+
+class GuidedBackpropParams(AttributionParams):
+    type: Literal["guided_backprop"] = "guided_backprop"
+    signed: bool = False
+
+
+def rule_gradients(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, rule: str, signed: bool,
+                   chunk: int) -> torch.Tensor:
+    """Input gradients under a ReLU backward ``rule``, ``chunk`` images per pass, channels reduced."""
+    from jobs.backprop import input_gradients, reduce_channels
+
+    return torch.cat([reduce_channels(input_gradients(model, x[sl], targets[sl], rule=rule), signed)
+                      for sl in in_chunks(len(x), chunk)])
+
+
+@register
+class GuidedBackprop(AttributionAnalysis):
+    """Guided backpropagation maps, one per image and target."""
+
+    name = "guided_backprop"
+    Params = GuidedBackpropParams
+
+    def attribute(self, batch: MapBatch, x: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor) -> Attribution:
+        p = self.params
+        maps = rule_gradients(batch.model, x, targets, "guided", p.signed, p.chunk)
+        return Attribution(columns={"map": maps}, heat=maps.sum(dim=1) if p.signed else maps, signed=p.signed)

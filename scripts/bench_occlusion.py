@@ -1,0 +1,187 @@
+"""Benchmark: the chunked ``occlusion_sweep`` against a plain one-forward-per-position loop.
+
+Both run in one process on the same images and model: the trained CIFAR ResNet-20 and the
+first ``--images`` CIFAR-10 test images (sorted paths) when ``--shared-dir`` holds them,
+else a random-weights ResNet-20 on random images (it says so). Inputs are normalised with
+the ImageNet mean/std the checkpoint was trained with; targets are the predicted classes.
+The two must agree; ``occlusion_loop`` is also the reference ``tests/test_occlusion.py``
+checks the kernel against.
+
+    python -m scripts.bench_occlusion --shared-dir ../shared --images 50 --window 8 --stride 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from jobs.kernels import gaussian_blur  # noqa: E402
+from jobs.occlusion import occlusion_sweep  # noqa: E402
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def occlusion_loop(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, window: int, stride: int,
+                   fill: str, blur_sigma: float | None = None,
+                   feature: tuple[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """Reference occlusion maps (Zeiler & Fergus, ECCV 2014, Fig. 7): one forward per image and position.
+
+    Same outputs as :func:`jobs.occlusion.occlusion_sweep`, written as plainly as possible:
+    each occluded image is a copy of the image with ``img[:, y:y+window, x:x+window]``
+    replaced and goes through the model alone (batch of 1).
+    """
+    model.eval()
+    n, _, h, w = x.shape
+    ys = list(range(0, h - window + 1, stride))
+    xs = list(range(0, w - window + 1, stride))
+    prob_map = torch.zeros(n, len(ys), len(xs))
+    label_map = torch.zeros(n, len(ys), len(xs), dtype=torch.long)
+    feature_map = torch.zeros(n, len(ys), len(xs))
+    clean_prob = torch.zeros(n)
+    clean_feature = torch.zeros(n)
+    captured: list[torch.Tensor] = []
+    handle = None
+    if feature is not None:
+        layer, channel = feature
+
+        def hook(module, inputs, output):
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            captured.append(out[0, channel].clone().sum())
+
+        handle = dict(model.named_modules())[layer].register_forward_hook(hook)
+    try:
+        with torch.inference_mode():
+            for i in range(n):
+                img = x[i]
+                if fill == "zero":
+                    source = torch.zeros_like(img)
+                elif fill == "mean":
+                    source = img.mean(dim=(1, 2), keepdim=True).expand_as(img)
+                else:
+                    sigma = window / 2 if blur_sigma is None else blur_sigma
+                    source = gaussian_blur(img[None], sigma)[0]
+                probs = model(img[None]).float().softmax(dim=1)[0]
+                clean_prob[i] = probs[targets[i]]
+                if feature is not None:
+                    clean_feature[i] = captured.pop()
+                for a, y in enumerate(ys):
+                    for b, x0 in enumerate(xs):
+                        occluded = img.clone()
+                        occluded[:, y:y + window, x0:x0 + window] = source[:, y:y + window, x0:x0 + window]
+                        logits = model(occluded[None]).float()[0]
+                        prob_map[i, a, b] = logits.softmax(dim=0)[targets[i]]
+                        label_map[i, a, b] = int(logits.argmax())
+                        if feature is not None:
+                            feature_map[i, a, b] = captured.pop()
+    finally:
+        if handle is not None:
+            handle.remove()
+    out = {"prob_map": prob_map, "label_map": label_map, "clean_prob": clean_prob}
+    if feature is not None:
+        out["feature_map"] = feature_map
+        out["clean_feature"] = clean_feature
+    return out
+
+
+def _random_resnet() -> nn.Module:
+    """A random-weights ResNet-20 with BatchNorm statistics calibrated on random images."""
+    from pipeline.zoo import CifarResNet
+
+    torch.manual_seed(0)
+    model = CifarResNet(20)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # cumulative average
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    return model.eval()
+
+
+def load_inputs(shared: Path, images: int, force_random: bool) -> tuple[nn.Module, torch.Tensor, str]:
+    """The model, normalised images (N, 3, 32, 32) and a line saying which ones."""
+    weights = shared / "models" / "cifar10-resnet20.th"
+    folder = shared / "datasets" / "cifar10-test"
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    if not force_random and weights.is_file() and folder.is_dir():
+        from pipeline.decode import decode_image
+        from pipeline.models import load_weights
+        from pipeline.zoo import CifarResNet
+
+        model = CifarResNet(20)
+        load_weights(model, weights)
+        paths = sorted(p for p in folder.glob("*/*") if p.is_file())[:images]
+        arr = torch.stack([torch.from_numpy(decode_image(p.read_bytes()).copy()) for p in paths])
+        raw = arr.permute(0, 3, 1, 2).float() / 255
+        source = f"trained ResNet-20 ({weights}), first {len(paths)} images of {folder}"
+    else:
+        model = _random_resnet()
+        raw = torch.rand(images, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        why = "--random" if force_random else f"no {weights} / {folder}"
+        source = f"random-weights ResNet-20 on random images ({why})"
+    return model.eval(), (raw - mean) / std, source
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shared-dir", type=Path, default=ROOT.parent / "shared")
+    p.add_argument("--images", type=int, default=50)
+    p.add_argument("--window", type=int, default=8)
+    p.add_argument("--stride", type=int, default=2)
+    p.add_argument("--chunk", type=int, default=256)
+    p.add_argument("--fill", choices=["zero", "mean", "blur"], default="zero")
+    p.add_argument("--random", action="store_true", help="random-weights model on random images")
+    args = p.parse_args(argv)
+
+    model, x, source = load_inputs(args.shared_dir, args.images, args.random)
+    with torch.inference_mode():
+        targets = model(x).argmax(dim=1)  # also the warm-up forward
+    n, _, h, w = x.shape
+
+    start = time.perf_counter()
+    ref = occlusion_loop(model, x, targets, args.window, args.stride, args.fill)
+    loop_s = time.perf_counter() - start
+    start = time.perf_counter()
+    got = occlusion_sweep(model, x, targets, args.window, args.stride, args.fill, chunk=args.chunk)
+    sweep_s = time.perf_counter() - start
+
+    ny, nx = got["prob_map"].shape[1:]
+    result = {
+        "source": source,
+        "images": n,
+        "positions_per_image": ny * nx,
+        "grid": [ny, nx],
+        "window": args.window, "stride": args.stride, "fill": args.fill, "chunk": args.chunk,
+        "torch_threads": torch.get_num_threads(),
+        "loop_seconds": loop_s,
+        "sweep_seconds": sweep_s,
+        "loop_images_per_s": n / loop_s,
+        "sweep_images_per_s": n / sweep_s,
+        "ratio": loop_s / sweep_s,
+        "max_abs_prob_diff": float((got["prob_map"] - ref["prob_map"]).abs().max()),
+        "label_agreement": float((got["label_map"] == ref["label_map"]).float().mean()),
+    }
+    print(source)
+    print(f"{n} images {h}x{w}, window {args.window}, stride {args.stride}, fill {args.fill}: "
+          f"{ny}x{nx} = {ny * nx} positions per image, {n * ny * nx} occluded forwards in all; "
+          f"{result['torch_threads']} torch threads")
+    print(f"  plain loop (batch 1)    {loop_s:8.2f} s  {result['loop_images_per_s']:8.2f} images/s")
+    print(f"  occlusion_sweep ({args.chunk:>4})  {sweep_s:8.2f} s  {result['sweep_images_per_s']:8.2f} images/s  "
+          f"({result['ratio']:.1f}x the loop)")
+    print(f"  agree: max |prob diff| = {result['max_abs_prob_diff']:.2e}, "
+          f"labels equal at {100 * result['label_agreement']:.2f}% of positions")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -152,6 +152,7 @@ def _map_dataset(manifest: Manifest, index: DatasetIndex, stage: Stage):
     table = _with_boxes(index)
     blocks = [table.slice(i, block) for i in range(0, table.num_rows, block)] or [table]
     column = manifest.dataset.image_column if isinstance(manifest.dataset, ParquetDataset) else "image"
+    chosen, samples = selections(stage, index)
     ds = ray.data.from_arrow(blocks)
     with warnings.catch_warnings():
         # ray_remote_args_fn is deprecated for removal in Ray 2.64; pyproject pins below it.
@@ -166,7 +167,8 @@ def _map_dataset(manifest: Manifest, index: DatasetIndex, stage: Stage):
             "entries": entries_json([a.params for a in stage.analyses]),
             "execution": execution,
             "threads": threads,
-            "selections": selections(stage, index),
+            "selections": chosen,
+            "samples": samples,
         },
         # Ray Data restarts dead actors and retries their batches by default.
         compute=ray.data.ActorPoolStrategy(size=ex.workers),
@@ -186,15 +188,18 @@ def _with_boxes(index: DatasetIndex) -> pa.Table:
     return table.append_column("box", pa.array(column, pa.list_(pa.int64())))
 
 
-def selections(stage: Stage, index: DatasetIndex) -> dict[str, list[str]]:
-    """The images each entry of the stage that works on a sample is given."""
+def selections(stage: Stage, index: DatasetIndex) -> tuple[dict[str, int], list[list[str]]]:
+    """The images each entry of the stage that works on a sample is given: {entry: sample
+    number} and the distinct samples (entries sharing a sample share one list, which keeps
+    the actors' constructor arguments small)."""
     ids = index.table.column("image_id").to_pylist()
-    out = {}
+    chosen: dict[str, int] = {}
+    samples: dict[tuple[str, ...], int] = {}
     for analysis in stage.analyses:
-        chosen = analysis.select(ids)
-        if chosen is not None:
-            out[analysis.params.entry_name] = list(chosen)
-    return out
+        picked = analysis.select(ids)
+        if picked is not None:
+            chosen[analysis.params.entry_name] = samples.setdefault(tuple(picked), len(samples))
+    return chosen, [list(s) for s in samples]
 
 
 # ----------------------------------------------------------------------------- stages

@@ -75,7 +75,7 @@ class ModelWorker:
     """Loads the model once, then runs every fused per-image analysis on each batch."""
 
     def __init__(self, model_spec: dict, entries: list[dict], execution: dict, threads: int | None = None,
-                 selections: dict[str, list[str]] | None = None):
+                 selections: dict[str, int] | None = None, samples: list[list[str]] | None = None):
         from pipeline.models import load_model
 
         if threads:
@@ -92,7 +92,8 @@ class ModelWorker:
         self.analyses = [REGISTRY[p.type](p) for p in params]
         self.layers = Stage("map", self.analyses).layers()
         # Entries that work on a sample of the dataset see only its images of each batch.
-        self.selections = {e: frozenset(ids) for e, ids in (selections or {}).items()}
+        sets = [frozenset(ids) for ids in samples or []]
+        self.selections = {entry: sets[i] for entry, i in (selections or {}).items()}
         h, w = self.preprocess.output_size()
         # One dry pass fixes every output column's shape and dtype, so a batch in which every
         # image failed to decode still yields the same columns (zero-filled, dropped later).

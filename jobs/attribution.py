@@ -85,6 +85,12 @@ class Attribution:
     shape_of: str = "map"
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def pixels(cls, maps: torch.Tensor, signed: bool) -> Attribution:
+        """A pixel-gradient map: (M, H, W) magnitudes, or (M, C, H, W) signed (scored and
+        drawn as the sum over channels)."""
+        return cls(columns={"map": maps}, heat=maps.sum(dim=1) if signed else maps, signed=signed)
+
 
 def sample_ids(image_ids: list[str], n: int, seed: int) -> list[str]:
     """``n`` ids drawn without replacement from the sorted ids (all when there are fewer)."""

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
-
-from jobs.attribution import Attribution, AttributionAnalysis, AttributionParams
-from jobs.base import MapBatch, register
-from jobs.guided_backprop import rule_gradients
+from jobs.attribution import AttributionParams
+from jobs.base import register
+from jobs.guided_backprop import RuleAttribution
 
 
 class DeconvnetParams(AttributionParams):
@@ -29,13 +27,9 @@ class DeconvnetParams(AttributionParams):
 
 
 @register
-class Deconvnet(AttributionAnalysis):
+class Deconvnet(RuleAttribution):
     """Deconvnet maps, one per image and target."""
 
     name = "deconvnet"
     Params = DeconvnetParams
-
-    def attribute(self, batch: MapBatch, x: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor) -> Attribution:
-        p = self.params
-        maps = rule_gradients(batch.model, x, targets, "deconvnet", p.signed, p.chunk)
-        return Attribution(columns={"map": maps}, heat=maps.sum(dim=1) if p.signed else maps, signed=p.signed)
+    rule = "deconvnet"

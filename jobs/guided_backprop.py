@@ -16,7 +16,7 @@ Table columns: see :mod:`jobs.attribution`; ``map`` is (1, H, W), ``max_c |R_c|`
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -38,14 +38,20 @@ def rule_gradients(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tenso
                       for sl in in_chunks(len(x), chunk)])
 
 
+class RuleAttribution(AttributionAnalysis):
+    """Input gradients with every ReLU's backward replaced by ``rule``."""
+
+    rule: ClassVar[str]
+
+    def attribute(self, batch: MapBatch, x: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor) -> Attribution:
+        p = self.params
+        return Attribution.pixels(rule_gradients(batch.model, x, targets, self.rule, p.signed, p.chunk), p.signed)
+
+
 @register
-class GuidedBackprop(AttributionAnalysis):
+class GuidedBackprop(RuleAttribution):
     """Guided backpropagation maps, one per image and target."""
 
     name = "guided_backprop"
     Params = GuidedBackpropParams
-
-    def attribute(self, batch: MapBatch, x: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor) -> Attribution:
-        p = self.params
-        maps = rule_gradients(batch.model, x, targets, "guided", p.signed, p.chunk)
-        return Attribution(columns={"map": maps}, heat=maps.sum(dim=1) if p.signed else maps, signed=p.signed)
+    rule = "guided"

@@ -46,4 +46,4 @@ class GuidedGradCam(AttributionAnalysis):
         cams = upsample(grad_cam_maps(batch.model, x, targets, p.layer, p.chunk), tuple(x.shape[-2:]))
         guided = rule_gradients(batch.model, x, targets, "guided", signed=True, chunk=p.chunk)
         maps = reduce_channels(guided * cams.unsqueeze(1).to(guided.device), p.signed)
-        return Attribution(columns={"map": maps}, heat=maps.sum(dim=1) if p.signed else maps, signed=p.signed)
+        return Attribution.pixels(maps, p.signed)

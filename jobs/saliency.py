@@ -89,5 +89,4 @@ class Saliency(AttributionAnalysis):
             sg = p.smoothgrad
             seeds = [image_seed(sg.seed, batch.image_ids[int(r)]) for r in rows]
             maps = smoothgrad(batch.model, x, targets, seeds, sg.samples, sg.sigma, p.signed, p.chunk)
-        heat = maps.sum(dim=1) if p.signed else maps
-        return Attribution(columns={"map": maps}, heat=heat, signed=p.signed)
+        return Attribution.pixels(maps, p.signed)

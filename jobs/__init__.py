@@ -1,16 +1,23 @@
 """The analyses: pure tensor code, one module per analysis, registered by name."""
 
 from jobs import (  # noqa: F401  (importing registers them)
+    activation_maps,
     activation_stats,
     attribution_summary,
     cam,
+    class_model,
     deconvnet,
+    deepdream,
     embedding,
     features,
+    filters,
     grad_cam,
     guided_backprop,
     guided_grad_cam,
+    inversion,
+    invariance,
     neighbours,
+    neuron_ascent,
     occlusion,
     predictions,
     probes,
@@ -25,6 +32,8 @@ from jobs.base import (
     MapAnalysis,
     MapBatch,
     MapOutput,
+    ModelAnalysis,
+    ModelContext,
     ReduceAnalysis,
     ReduceContext,
     ReduceInputs,
@@ -34,5 +43,5 @@ from jobs.base import (
 )
 
 __all__ = ["REGISTRY", "Analysis", "AnalysisParams", "LocalContext", "MapAnalysis", "MapBatch", "MapOutput",
-           "ReduceAnalysis",
+           "ModelAnalysis", "ModelContext", "ReduceAnalysis",
            "ReduceContext", "ReduceInputs", "ReduceOutput", "TableInputs", "register"]

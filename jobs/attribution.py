@@ -26,7 +26,6 @@ Example manifest entry (the fields every attribution analysis takes)::
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from jobs.base import AnalysisParams, MapAnalysis, MapBatch, MapOutput, safe_key
+from jobs.base import AnalysisParams, MapAnalysis, MapBatch, MapOutput, SampleSpec, image_key, sample_ids
 
 # Registered names of the attribution analyses (``attribution_summary`` reads their tables).
 ATTRIBUTION: set[str] = set()
@@ -48,15 +47,6 @@ class TopTargets(BaseModel):
 
 
 Target = Literal["predicted", "label"] | Annotated[int, Field(ge=0)] | TopTargets
-
-
-class SampleSpec(BaseModel):
-    """A seeded random sample of ``n`` images of the dataset, the same for every entry with
-    the same ``n`` and ``seed`` (drawn from the sorted image ids, so dataset order is moot)."""
-
-    model_config = ConfigDict(extra="forbid")
-    n: int = Field(ge=1)
-    seed: int = 0
 
 
 class AttributionParams(AnalysisParams):
@@ -92,15 +82,6 @@ class Attribution:
         return cls(columns={"map": maps}, heat=maps.sum(dim=1) if signed else maps, signed=signed)
 
 
-def sample_ids(image_ids: list[str], n: int, seed: int) -> list[str]:
-    """``n`` ids drawn without replacement from the sorted ids (all when there are fewer)."""
-    ids = sorted(image_ids)
-    if n >= len(ids):
-        return ids
-    picked = np.random.default_rng(seed).choice(len(ids), size=n, replace=False)
-    return [ids[i] for i in np.sort(picked)]
-
-
 def choose_targets(logits: torch.Tensor, labels: torch.Tensor, target: Target
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(row of the batch, target class, rank of that class) for every map to compute.
@@ -130,12 +111,6 @@ def choose_targets(logits: torch.Tensor, labels: torch.Tensor, target: Target
             raise ValueError(f"target {target}: the model has {classes} classes (0..{classes - 1})")
         cls = torch.full((n,), int(target), dtype=torch.long)
     return rows, cls.long(), rank_of[rows, cls]
-
-
-def image_key(entry: str, image_id: str, target: int) -> str:
-    """A shard key unique per (entry, image, target): readable, plus a hash of the exact id."""
-    digest = hashlib.sha1(image_id.encode()).hexdigest()[:8]
-    return safe_key(f"{entry}-{image_id[-60:]}-{digest}-c{target}")
 
 
 class AttributionAnalysis(MapAnalysis):
@@ -216,7 +191,7 @@ class AttributionAnalysis(MapAnalysis):
                 vmin, vmax = torch.minimum(flat.amin(dim=1), torch.zeros(m)), flat.amax(dim=1)
             keys = []
             for j in range(m):
-                key = image_key(p.entry_name, cols["image_id"][j], int(cols["target"][j]))
+                key = image_key(cols["image_id"][j], p.entry_name, f"c{int(cols['target'][j])}")
                 pixels = batch.pixels[int(rows[j])] if batch.pixels is not None else np.zeros((*size, 3), np.uint8)
                 images.append((key, overlay(pixels, heat[j].numpy(), float(vmin[j]), float(vmax[j]),
                                             signed=result.signed, min_side=p.cell)))

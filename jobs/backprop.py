@@ -306,3 +306,42 @@ def reduce_channels(grads: torch.Tensor, signed: bool) -> torch.Tensor:
     if signed:
         return grads
     return grads.abs().amax(dim=1)
+
+
+class _Reached(Exception):
+    """Raised by :func:`forward_to`'s hook to stop the forward at the layer it wants."""
+
+
+def forward_to(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
+    """The output of ``layer`` for inputs ``x``, running the model only as far as that layer.
+
+    The forward stops (by an exception its hook raises) once ``layer`` has run, so the layers
+    after it cost nothing; the result is part of the autograd graph when ``x`` needs grad.
+
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    >>> forward_to(net, "0", torch.zeros(1, 3, 5, 5)).shape
+    torch.Size([1, 4, 5, 5])
+    """
+    modules = dict(model.named_modules())
+    if layer not in modules:  # "" is the model itself
+        names = [n for n in modules if n]
+        raise ValueError(f"no layer {layer!r} in the model; valid layers: {', '.join(names)}")
+    found: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+        first = output[0] if isinstance(output, (tuple, list)) else output
+        if not isinstance(first, torch.Tensor):
+            raise ValueError(f"layer {layer!r} returned {type(first).__name__}, not a tensor")
+        found.append(first)
+        raise _Reached
+
+    handle = modules[layer].register_forward_hook(hook)
+    try:
+        model(x)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if not found:
+        raise ValueError(f"layer {layer!r} did not run in the model's forward")
+    return found[0]

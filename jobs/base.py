@@ -11,6 +11,10 @@ for one stage of the plan:
   sums); the runner commits them as Parquet, then calls ``reduce`` once with those tables
   (:class:`ReduceInputs`) and a :class:`ReduceContext` (the model, the input pixels, a
   parallel map). ``reduce`` returns tables and rendered images (:class:`ReduceOutput`).
+* ``model``: no pass over the dataset. The entry lists independent *units* of work (a class,
+  a channel, a layer, a chosen image) from a :class:`ModelContext`; the runner spreads groups
+  of units over the workers as tasks, and ``run`` computes one group (one batch on the
+  device), returning a :class:`ReduceOutput` whose tables the runner concatenates.
 
 Kernels here never touch Ray or files; ``pipeline`` feeds them and writes what they return.
 
@@ -27,6 +31,8 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -128,6 +134,24 @@ class MapOutput:
     images: list[tuple[str, Image.Image]] = field(default_factory=list)
 
 
+class SampleSpec(BaseModel):
+    """A seeded random sample of ``n`` images of the dataset, the same for every entry with
+    the same ``n`` and ``seed`` (drawn from the sorted image ids, so dataset order is moot)."""
+
+    model_config = ConfigDict(extra="forbid")
+    n: int = Field(ge=1)
+    seed: int = 0
+
+
+def sample_ids(image_ids: list[str], n: int, seed: int) -> list[str]:
+    """``n`` ids drawn without replacement from the sorted ids (all when there are fewer)."""
+    ids = sorted(image_ids)
+    if n >= len(ids):
+        return ids
+    picked = np.random.default_rng(seed).choice(len(ids), size=n, replace=False)
+    return [ids[i] for i in np.sort(picked)]
+
+
 class Analysis:
     """Base class: validated params plus the work of one stage."""
 
@@ -167,6 +191,12 @@ class Analysis:
         a :class:`MapOutput` or partials, whose rows name their images).
         """
         return None
+
+    def check_model(self, model: torch.nn.Module, input_size: tuple[int, int]
+                    ) -> list[tuple[tuple[str | int, ...], str]]:
+        """Problems with this entry against the model (a layer of the wrong kind, a channel or
+        class it does not have), each with its field path; called when the manifest is checked."""
+        return []
 
     def sources(self, entries: Sequence[AnalysisParams]) -> list[str]:
         """Names of the other manifest ``entries`` whose committed tables this entry reduces.
@@ -300,6 +330,23 @@ def safe_key(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", text)
 
 
+def image_key(image_id: str, *parts: object) -> str:
+    """A shard key unique per image (and ``parts``): the id's readable tail plus a hash of it.
+
+    >>> image_key("cat/001.png", "layer1")
+    'cat_001_png-0ef71874-layer1'
+    """
+    digest = hashlib.sha1(image_id.encode()).hexdigest()[:8]
+    return safe_key("-".join([image_id[-60:], digest, *map(str, parts)]))
+
+
+def unit_seed(seed: int, unit: Any) -> int:
+    """A seed for one unit of work (a class, a channel, an image id), from the entry's ``seed``:
+    the same in every run and whichever group of units it is computed with."""
+    digest = hashlib.sha256(json.dumps([seed, unit]).encode()).hexdigest()
+    return int(digest[:8], 16)
+
+
 REGISTRY: dict[str, type[Analysis]] = {}
 
 
@@ -309,3 +356,146 @@ def register(cls: type[Analysis]) -> type[Analysis]:
         raise ValueError(f"analysis {cls.name!r} is registered twice")
     REGISTRY[cls.name] = cls
     return cls
+
+
+# ----------------------------------------------------------------------------- model stage
+
+
+@dataclass
+class ModelContext:
+    """What a model-level analysis sees: the model, how inputs are normalised, chosen images.
+
+    ``model`` is in eval mode on ``device``; ``mean``/``std`` are the preprocessing's
+    per-channel normalisation (model input = (pixels in [0, 1] - mean) / std);
+    ``pixels`` holds the images the entry selected (uint8 (H, W, 3), as the model sees them
+    before normalisation) and ``labels`` their labels (-1 when unlabelled).
+    """
+
+    model: torch.nn.Module
+    input_size: tuple[int, int]
+    mean: Sequence[float]
+    std: Sequence[float]
+    pixels: dict[str, np.ndarray] = field(default_factory=dict)
+    labels: dict[str, int] = field(default_factory=dict)
+    label_names: list[str] | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] (N, 3, H, W) -> model inputs."""
+        m = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        s = torch.as_tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return (x - m) / s
+
+    def label(self, image_id: str) -> int | None:
+        """The image's label, None when it has none."""
+        value = self.labels.get(image_id, -1)
+        return None if value < 0 else int(value)
+
+    def images(self, image_ids: Sequence[str]) -> torch.Tensor:
+        """The chosen images ``image_ids`` as (N, 3, H, W) float32 in [0, 1] on ``device``."""
+        stack = np.stack([self.pixels[i] for i in image_ids])
+        return torch.from_numpy(stack).to(self.device).permute(0, 3, 1, 2).float().div(255.0)
+
+    def num_classes(self) -> int:
+        """The model's number of outputs, from one forward of a blank input."""
+        with torch.no_grad():
+            out = self.model(torch.zeros(1, 3, *self.input_size, device=self.device))
+        if out.dim() != 2:
+            raise ValueError(f"the model returns shape {tuple(out.shape)}, not (N, classes) logits")
+        return int(out.shape[1])
+
+
+class ModelAnalysis(Analysis):
+    """An analysis of the model itself (per unit, class, layer or chosen image); no dataset pass.
+
+    ``units`` lists the work on the driver; the runner hands ``run`` groups of at most
+    ``units_per_task`` units (the ``units_per_task`` parameter when the entry has one), as Ray
+    tasks spread over the workers, and concatenates the tables in unit order. ``run`` must
+    give every unit the same result whichever group it lands in (seed per unit, normalise
+    per image). Images the entry works on come from :meth:`Analysis.select`.
+    """
+
+    stage: ClassVar[Stage] = "model"
+    units_per_task: ClassVar[int] = 16
+
+    def units(self, ctx: ModelContext) -> list[Any]:
+        """The independent pieces of work, in output order (small picklable values)."""
+        raise NotImplementedError
+
+    def run(self, units: list[Any], ctx: ModelContext) -> ReduceOutput:
+        """Tables and rendered images for ``units``, computed together."""
+        raise NotImplementedError
+
+    def summary(self, tables: dict[str, pa.Table]) -> dict[str, Any]:
+        """Numbers for run.json from the entry's whole table (per partition)."""
+        return {}
+
+
+class ChosenImagesParams(AnalysisParams):
+    """Entries that work on a few chosen images: listed ``images``, else a seeded ``sample``."""
+
+    images: list[str] | None = Field(default=None, min_length=1, description="image ids of the dataset")
+    sample: SampleSpec = Field(default_factory=lambda: SampleSpec(n=4))
+
+
+class ChosenImagesAnalysis(ModelAnalysis):
+    """A model-level analysis of chosen images; its units are the image ids that decoded."""
+
+    Params: ClassVar[type[ChosenImagesParams]]
+
+    def select(self, image_ids: Sequence[str]) -> list[str]:
+        p = self.params
+        return list(p.images) if p.images else sample_ids(list(image_ids), p.sample.n, p.sample.seed)
+
+    def check_dataset(self, image_ids: Collection[str]) -> list[tuple[tuple[str | int, ...], str]]:
+        known = image_ids if isinstance(image_ids, (set, frozenset, dict)) else set(image_ids)
+        missing = [i for i in self.params.images or [] if i not in known]
+        if not missing:
+            return []
+        shown = ", ".join(repr(i) for i in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        return [(("images",), f"{len(missing)} image id(s) not in the dataset: {shown}{more}")]
+
+    def units(self, ctx: ModelContext) -> list[Any]:
+        return list(ctx.pixels)
+
+
+class LayerImagesAnalysis(ChosenImagesAnalysis):
+    """An optimisation per (layer, chosen image) that yields an image: inversion, DeepDream.
+
+    Units are ``(layer, image_id)``; a task computes each layer's images in one batch
+    (:meth:`run_layer`). Rows: ``image_id``, ``label``, ``layer``, the method's columns, the
+    result raw (``image``: float32 in [0, 1], flattened 3 x ``height`` x ``width``) and
+    ``key`` (+ ``shard``): the input and the result side by side.
+    """
+
+    def units(self, ctx: ModelContext) -> list[Any]:
+        return [(layer, image_id) for layer in self.params.layers for image_id in ctx.pixels]
+
+    def run_layer(self, layer: str, originals: torch.Tensor, ids: list[str], ctx: ModelContext
+                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, pa.Array]]:
+        """For ``originals`` (n, 3, H, W) in [0, 1]: (the inputs as shown, the results, the
+        method's columns)."""
+        raise NotImplementedError
+
+    def run(self, units: list[Any], ctx: ModelContext) -> ReduceOutput:
+        from jobs.render import side_by_side
+
+        tables, images = [], []
+        for layer in dict.fromkeys(layer for layer, _ in units):
+            ids = [image_id for name, image_id in units if name == layer]
+            shown, results, columns = self.run_layer(layer, ctx.images(ids), ids, ctx)
+            keys = [image_key(i, layer) for i in ids]
+            images += [(k, side_by_side([a, b], self.params.cell)) for k, a, b in zip(keys, shown.cpu(), results)]
+            n = len(ids)
+            tables.append(pa.table({
+                "image_id": pa.array(ids, pa.string()),
+                "label": pa.array([ctx.label(i) for i in ids], pa.int64()),
+                "layer": pa.array([layer] * n, pa.string()),
+                **columns,
+                "image": pa.array(list(results.float().cpu().reshape(n, -1).numpy()), pa.list_(pa.float32())),
+                "height": pa.array([results.shape[-2]] * n, pa.int32()),
+                "width": pa.array([results.shape[-1]] * n, pa.int32()),
+                "key": pa.array(keys, pa.string()),
+            }))
+        return ReduceOutput(tables={"": pa.concat_tables(tables)}, images=images)

@@ -137,3 +137,26 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(maps.shape[1:]) == tuple(size):
         return maps
     return F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def layer_outputs(model: torch.nn.Module, x: torch.Tensor, layers: list[str]
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The model's output and every layer of ``layers``' output (float32) for inputs ``x``.
+
+    One forward, no gradients; a layer that runs more than once keeps its first output.
+    """
+    modules = dict(model.named_modules())
+    found: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in layers:
+        def hook(module, inputs, output, name=name):
+            first = output[0] if isinstance(output, (tuple, list)) else output
+            found.setdefault(name, first.detach().float())
+        handles.append(modules[name].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return out.detach().float(), found

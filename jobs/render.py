@@ -168,3 +168,44 @@ def overlay(pixels: np.ndarray, heat: np.ndarray, vmin: float, vmax: float, sign
     draw.text((x + 10 + pad, pad), f"{vmax:.3g}", fill=(0, 0, 0))
     draw.text((x + 10 + pad, pad + h - 11), f"{vmin:.3g}", fill=(0, 0, 0))
     return canvas
+
+
+def line_panels(x: Sequence[float], panels: dict[str, np.ndarray], series: Sequence[str], xlabel: str,
+                title: str = "", limits: dict[str, tuple[float, float]] | None = None,
+                panel_size: tuple[float, float] = (3.2, 2.6)) -> Image.Image:
+    """Line plots side by side: one panel per entry of ``panels`` ((series, len(x)) values),
+    one thin line per series and their mean in black; ``limits`` fixes a panel's y range
+    (matplotlib's object API, no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(panel_size[0] * len(panels), panel_size[1] + (0.4 if title else 0)), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (name, values) in zip(axes, panels.items()):
+        values = np.asarray(values, np.float64)
+        for i, row in enumerate(values):
+            ax.plot(x, row, lw=1, alpha=0.8, color=np.array(PALETTE[i % len(PALETTE)]) / 255,
+                    label=series[i] if i < len(series) else None)
+        if len(values) > 1:
+            ax.plot(x, np.nanmean(values, axis=0), lw=2.2, color="black", label="mean")
+        if limits and name in limits:
+            ax.set_ylim(*limits[name])
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    if len(series) <= 10:
+        axes[-1].legend(fontsize=6, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.canvas.draw()
+    return Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
+
+
+def side_by_side(images: Sequence, min_side: int = 0) -> Image.Image:
+    """Images (3, H, W) float in [0, 1] (tensors or arrays) in one row, e.g. original | result."""
+    tiles = [(np.clip(np.asarray(im, np.float32), 0, 1).transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8)
+             for im in images]
+    return strip(tiles, min_side=min_side)

@@ -53,6 +53,7 @@ from jobs.base import (
     register,
     safe_key,
 )
+from jobs.backprop import forward_to
 from jobs.kernels import topk_first
 from jobs.render import EMPTY, enlarge, grid
 
@@ -109,10 +110,6 @@ class TopPatchesParams(AnalysisParams):
         return sorted(self.channels)
 
 
-class _Reached(Exception):
-    """Raised from a forward hook: the probed layer has run, the rest of the model need not."""
-
-
 def receptive_field(model: torch.nn.Module, layer: str, input_size: tuple[int, int],
                     device: torch.device | str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Input pixels each feature-map row and column of ``layer`` depends on, measured exactly.
@@ -136,19 +133,13 @@ def receptive_field(model: torch.nn.Module, layer: str, input_size: tuple[int, i
     >>> rows.tolist()
     [[0, 2], [0, 3], [1, 4], [2, 4]]
     """
-    from pipeline.models import capture  # imported here: pipeline imports jobs
-
     h, w = input_size
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     modes = {m: m.training for m in model.modules()}
-    target = dict(model.named_modules())
     hit_rows: np.ndarray | None = None  # (H, Ho): probe row i reaches output row r
     hit_cols: np.ndarray | None = None  # (W, Wo)
-
-    def stop(_module, _inputs, _output):
-        raise _Reached
 
     cudnn = torch.backends.cudnn.enabled
     model.eval()
@@ -163,17 +154,8 @@ def receptive_field(model: torch.nn.Module, layer: str, input_size: tuple[int, i
                         x[n, :, i, :] = float("nan")
                     else:
                         x[n, :, :, i - h] = float("nan")
-                with capture(model, [layer]) as acts:
-                    handle = target[layer].register_forward_hook(stop)
-                    try:
-                        model(x)
-                    except _Reached:
-                        pass
-                    finally:
-                        handle.remove()
-                if layer not in acts:
-                    raise ValueError(f"layer {layer!r} did not run in the model's forward pass")
-                nan = torch.isnan(acts[layer])
+                acts = forward_to(model, layer, x)  # stops once the layer has run
+                nan = torch.isnan(acts)
                 if nan.dim() == 2:  # a linear layer: one position
                     nan = nan[:, :, None, None]
                 if nan.dim() != 4:

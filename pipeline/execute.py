@@ -30,6 +30,7 @@ from pipeline.errors import UserError
 from pipeline.manifest import Manifest, ParquetDataset
 from pipeline.models import check_layers, load_model, model_hash
 from pipeline.plan import Stage, entry_key, plan
+from pipeline.model_stage import run_model_stage
 from pipeline.reduce import run_reduce_stage
 from pipeline.decode import decode_batch
 from pipeline.worker import IMAGES, PARTIAL, SEP, ModelWorker, default_threads, entries_json, error_key, unpack_partial
@@ -425,8 +426,10 @@ def run_manifest(manifest: Manifest, log: Log = _stderr) -> RunResult:
                     carried = ("map_seconds", "partial_rows", "fused_with", "errors")
                     info.update({k: before[k] for k in carried if k in before})
                     info["stage"] = "reduce"
-            else:  # pragma: no cover -- no model-stage analysis is registered yet
-                raise NotImplementedError(f"{stage.kind} stages")
+            else:
+                stats = run_model_stage(manifest, index, stage.analyses, keys, log)
+                for info in stats.values():
+                    info["stage"] = "model"
             analyses.update(stats)
             if any(info["status"] == "failed" for info in stats.values()):
                 status = "failed"

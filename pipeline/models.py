@@ -243,15 +243,20 @@ def check_layers(manifest: Manifest, model) -> None:
     names = layer_names(model)
     scripted = isinstance(model, torch.jit.ScriptModule)
     problems = []
+    size = manifest.model.preprocess.output_size()
     for i, params in enumerate(manifest.analyses):
         analysis = REGISTRY[params.type](params)
+        found = []
         for sub, layer in analysis.layers():
             if scripted:
-                problems.append(f"{format_loc(('analyses', i) + sub)}: a TorchScript model runs as one compiled "
-                                "graph and cannot be hooked at its layers; load it with source 'python' or "
-                                f"'torchvision' to read layer {layer!r} (analyses of the output work)")
+                found.append(f"{format_loc(('analyses', i) + sub)}: a TorchScript model runs as one compiled "
+                             "graph and cannot be hooked at its layers; load it with source 'python' or "
+                             f"'torchvision' to read layer {layer!r} (analyses of the output work)")
                 break
             if layer not in names:
-                problems.append(f"{format_loc(('analyses', i) + sub)}: {suggest(layer, names, 'layer')}")
+                found.append(f"{format_loc(('analyses', i) + sub)}: {suggest(layer, names, 'layer')}")
+        if not found:  # the entry's own checks may look its layers up
+            found = [f"{format_loc(('analyses', i) + sub)}: {message}" for sub, message in analysis.check_model(model, size)]
+        problems += found
     if problems:
         raise ManifestError(str(manifest.source or manifest.name), problems)

@@ -59,6 +59,29 @@ def resnet20_weights(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def demo_cnn_weights(tmp_path_factory) -> Path:
+    """The demo CNN trained on 32x32 generated shapes (2,048 images, 6 epochs; ~96% held out,
+    a few seconds): a small *trained* model, for tests of what an optimisation achieves."""
+    from pipeline.demo import train_demo_model
+
+    path = tmp_path_factory.mktemp("demo-cnn") / "demo_cnn32.pt"
+    train_demo_model(path, n_train=2048, epochs=6, size=32, log=lambda message: None)
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_cnn(demo_cnn_weights):
+    """That trained demo CNN, loaded in eval mode (4 classes, 32x32 inputs, ImageNet normalisation)."""
+    import torch
+
+    from pipeline.zoo import DemoCNN
+
+    model = DemoCNN(4)
+    model.load_state_dict(torch.load(demo_cnn_weights, weights_only=True))
+    return model.eval()
+
+
 def make_images(root: Path, classes: int = 3, per_class: int = 6, size: int = 32, seed: int = 0,
                 ext: str = "png") -> list[Path]:
     """An image folder of random-noise images with a bright square: root/<class>/<i>.<ext>."""

@@ -14,7 +14,8 @@ from .conftest import ROOT, needs_shared
 
 
 @needs_shared
-def test_cifar10_accuracy_and_features(ray_session, tmp_path):
+def test_cifar10_manifest(ray_session, tmp_path):
+    """Accuracy and features, and the model-level views of the trained network."""
     manifest = load_manifest(ROOT / "manifests" / "cifar10.yaml", output=tmp_path / "cifar10")
     result = run_manifest(manifest, log=lambda m: None)
     assert result.ok and result.errors == 0
@@ -27,6 +28,15 @@ def test_cifar10_accuracy_and_features(ray_session, tmp_path):
                                                                       "layer3": 10_000}
     dims = feats.groupby("layer", observed=True).vector.apply(lambda v: len(v.iloc[0])).to_dict()
     assert dims == {"layer1": 16, "layer2": 32, "layer3": 64}
+    # Class models of all ten classes, each called its class by the model.
+    models = pd.read_parquet(tmp_path / "cifar10" / "class_model")
+    assert sorted(models["class"].unique()) == list(range(10))
+    assert (models.probability > 0.9).all() and (models.predicted == models["class"]).all()
+    assert (models.final_value > models.start_value + 20).all()
+    # Inversion keeps more of the image at layer1 than at layer3.
+    inversion = pd.read_parquet(tmp_path / "cifar10" / "inversion")
+    error = inversion.groupby("layer").pixel_error.mean()
+    assert error["layer1"] < error["layer2"] < error["layer3"], error.to_dict()
 
 
 @needs_shared

@@ -275,7 +275,14 @@ def test_every_registered_analysis_runs_end_to_end(ray_session, resnet20_weights
                "cam": {"layer": "layer3", "steps": 2}, "grad_cam": {"layer": "layer2", "target": "label"},
                "guided_grad_cam": {"layer": "layer3", "target": {"top": 2}, "sample": {"n": 5}, "steps": 2},
                "occlusion": {"window": 16, "stride": 16, "feature": {"layer": "layer3", "channel": 1}, "steps": 2},
-               "attribution_summary": {}}
+               "attribution_summary": {},
+               "filters": {}, "activation_maps": {"layers": ["layer1"], "sample": {"n": 2}},
+               "class_model": {"classes": [0, 3], "steps": 3},
+               "neuron_ascent": {"layer": "layer2", "channels": [0], "steps": 3, "parameterization": "fourier"},
+               "inversion": {"layers": ["layer1"], "sample": {"n": 2}, "steps": 3},
+               "deepdream": {"layers": ["layer2"], "sample": {"n": 2}, "steps": 2, "octaves": 2},
+               "invariance": {"layers": ["layer1"], "sample": {"n": 2}, "scale": [1.0], "rotate": [0, 90],
+                              "translate": [0]}}
     assert set(minimal) == set(REGISTRY), "add the new analysis to this table"
     entries = [{"type": name, **params} for name, params in minimal.items()]
     manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights, dataset={"kind": "image_folder", "root": str(image_folder)},

@@ -19,12 +19,14 @@ Example manifest entry::
       n_neighbors: 15        # UMAP; at most images - 1
       min_dist: 0.1          # UMAP
       atlas_cells: 32        # the atlas: a 32 x 32 grid of thumbnails laid over the map
-      thumb: 32              # px per atlas cell
+      thumb: 32              # px per atlas cell and per image thumbnail
+      thumbs: true           # a thumbnail of every image (for the report's hover)
 
 Table ``embedding/part-*.parquet``: ``image_id``, ``label``, ``x``, ``y``, ``method``,
 ``layer``, and with ``render`` the ``scatter_key``/``scatter_shard`` (points coloured by
 label) and ``atlas_key``/``atlas_shard`` (each grid cell shows the image nearest its centre)
-of the layer and method. Rows by layer (manifest order), method, image id.
+of the layer and method, and with ``thumbs`` the image's own thumbnail
+``thumb_key``/``thumb_shard``. Rows by layer (manifest order), method, image id.
 
 Determinism: rows are sorted by image id before anything is computed, so coordinates do not
 depend on dataset order or batching, and a seed gives the same map on every machine.
@@ -64,6 +66,7 @@ from jobs.base import (
     ReduceInputs,
     ReduceOutput,
     Rows,
+    image_key,
     register,
     safe_key,
 )
@@ -94,7 +97,8 @@ class EmbeddingParams(AnalysisParams):
     min_dist: float = Field(default=0.1, ge=0, le=1, description="UMAP; at most its spread (1)")
     render: bool = True
     atlas_cells: int = Field(default=32, ge=1, description="cells per side of the atlas grid")
-    thumb: int = Field(default=32, ge=1, description="px per atlas cell")
+    thumb: int = Field(default=32, ge=1, description="px per atlas cell and per image thumbnail")
+    thumbs: bool = Field(default=True, description="store a thumbnail of every image (needs render)")
 
     @field_validator("layers")
     @classmethod
@@ -264,6 +268,8 @@ class Embedding(ReduceAnalysis):
         if p.render:
             for name, parts in keys.items():
                 table[name] = pa.array(np.concatenate(parts).tolist(), pa.string())
+            if p.thumbs:
+                table["thumb_key"] = pa.array([thumb_key(i) for i in table["image_id"].to_pylist()], pa.string())
         images = self._render(maps, ctx) if p.render else ()
         return ReduceOutput(tables={"": pa.table(table)}, images=images, stats=stats)
 
@@ -278,3 +284,19 @@ class Embedding(ReduceAnalysis):
             # An image that no longer decodes leaves its cell empty rather than failing the atlas.
             thumbs = {cell: pixels[ids[i]] for cell, i in chosen.items() if ids[i] in pixels}
             yield f"{prefix}-atlas", atlas(thumbs, p.atlas_cells, cell=p.thumb)
+        if p.thumbs and maps:
+            yield from _thumbnails(list(maps[0][1]), p.thumb, ctx)
+
+
+def thumb_key(image_id: str) -> str:
+    return image_key(image_id, "thumb")
+
+
+def _thumbnails(ids: list[str], side: int, ctx: ReduceContext, chunk: int = 512) -> Iterator[tuple[str, Image.Image]]:
+    """Every image at ``side`` px (its longer side), decoded a chunk at a time."""
+    for start in range(0, len(ids), chunk):
+        pixels = ctx.images(ids[start:start + chunk])
+        for image_id, px in pixels.items():
+            image = Image.fromarray(px)
+            image.thumbnail((side, side))
+            yield thumb_key(image_id), image

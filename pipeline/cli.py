@@ -3,6 +3,7 @@
     convscope run MANIFEST [--output DIR] [--address RAY_ADDRESS] [--set key=value ...]
     convscope validate MANIFEST [--set key=value ...]
     convscope layers MODEL-SPEC | MANIFEST
+    convscope report RUN_DIR
 
 Exit codes: 0 done, 1 an analysis failed (the rest is committed), 2 bad input.
 """
@@ -31,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check a manifest fully (files, model, layers) without starting Ray")
     val.add_argument("manifest", type=Path)
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    rep = sub.add_parser("report", help="build RUN_DIR/report/index.html, a static site over a run's output")
+    rep.add_argument("run_dir", type=Path)
 
     lay = sub.add_parser("layers", help="list a model's layer names and output shapes")
     lay.add_argument("spec", help="a manifest, or SOURCE:NAME such as builtin:cifar_resnet20, "
@@ -108,11 +112,19 @@ def cmd_run(args) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_report(args) -> int:
+    from pipeline.report import build_report
+
+    index = build_report(args.run_dir, log=lambda message: print(message, file=sys.stderr))
+    print(f"report: {index}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None and hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `convscope layers ... | head` ends quietly
     args = _parser().parse_args(argv)
-    handler = {"run": cmd_run, "validate": cmd_validate, "layers": cmd_layers}[args.command]
+    handler = {"run": cmd_run, "validate": cmd_validate, "layers": cmd_layers, "report": cmd_report}[args.command]
     try:
         return handler(args)
     except UserError as e:

@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
-# Set everything up and run the demo manifest end to end on an embedded local Ray.
+# Set everything up, run the demo manifest end to end on an embedded local Ray, build its report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 start=$(date +%s)
 .venv/bin/convscope run manifests/demo.yaml "$@"
-echo "demo finished in $(( $(date +%s) - start ))s; results in $(pwd)/runs/demo (run.json, one folder per analysis; images in <analysis>/_shards/)"
+out=runs/demo
+args=("$@")
+for i in "${!args[@]}"; do
+    case "${args[$i]}" in
+        --output|-o) out="${args[$((i + 1))]}" ;;
+        --output=*) out="${args[$i]#--output=}" ;;
+    esac
+done
+.venv/bin/convscope report "$out"
+echo "demo finished in $(( $(date +%s) - start ))s; results in $out (run.json, one folder per analysis;" \
+     "images in <analysis>/_shards/); open $out/report/index.html"

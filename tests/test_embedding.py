@@ -180,9 +180,11 @@ def test_end_to_end_table_images_and_batching():
                                                          "block_1-pca-scatter", "block_1-tsne-scatter"}
 
     keys = set(ta.column("scatter_key").to_pylist()) | set(ta.column("atlas_key").to_pylist())
+    thumbs = set(ta.column("thumb_key").to_pylist())
+    assert len(thumbs) == n  # one per image, shared by every layer and method
     rendered = list(a.images)
     got = [k for k, _ in rendered]
-    assert len(got) == len(set(got)) == 8 and set(got) == keys
+    assert len(got) == len(set(got)) == 8 + n and set(got) == keys | thumbs
     assert all("." not in k and "/" not in k for k in got)
     sizes = dict((k, img.size) for k, img in rendered)
     assert sizes["conv-pca-atlas"] == (4 * 8, 4 * 8)
@@ -201,8 +203,9 @@ def test_images_are_drawn_lazily():
     ctx = CountingContext(model=nn.Identity(), pixels=_ctx(15).pixels, input_size=(8, 8))
     out = Embedding(EmbeddingParams(layers=["l"], methods=["pca"], atlas_cells=3)).reduce(_inputs(x, labels), ctx)
     assert inspect.isgenerator(out.images) and CountingContext.calls == 0
-    assert [k for k, _ in out.images] == ["l-pca-scatter", "l-pca-atlas"]
-    assert CountingContext.calls == 1
+    drawn = [k for k, _ in out.images]
+    assert drawn[:2] == ["l-pca-scatter", "l-pca-atlas"] and len(drawn) == 2 + 15  # then the thumbnails
+    assert CountingContext.calls == 2  # the atlas' images, then the thumbnails in one chunk
 
 
 def test_rows_do_not_depend_on_input_order():

@@ -161,19 +161,31 @@ def input_gradients(
     return grad.detach().float()
 
 
+def _module(model: nn.Module, layer: str, allow_root: bool = False) -> nn.Module:
+    """The module named ``layer`` (``""``, the model itself, only with ``allow_root``)."""
+    modules = dict(model.named_modules())
+    if layer not in modules or (not layer and not allow_root):
+        names = [n for n in modules if n]
+        raise ValueError(f"no layer {layer!r} in the model; valid layers: {', '.join(names)}")
+    return modules[layer]
+
+
+def _first_tensor(output: Any, layer: str) -> torch.Tensor:
+    """A layer's output tensor (the first element when it returns a tuple or list)."""
+    first = output[0] if isinstance(output, (tuple, list)) else output
+    if not isinstance(first, torch.Tensor):
+        raise ValueError(f"layer {layer!r} returned {type(first).__name__}, not a tensor")
+    return first
+
+
 @contextmanager
 def _capture(model: nn.Module, layer: str) -> Iterator[list[torch.Tensor]]:
     """Record ``layer``'s output on each call; the forward continues on a clone of it."""
-    modules = dict(model.named_modules())
-    if not layer or layer not in modules:
-        names = [n for n in modules if n]
-        raise ValueError(f"no layer {layer!r} in the model; valid layers: {', '.join(names)}")
+    module = _module(model, layer)
     seen: list[torch.Tensor] = []
 
     def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
-        first = output[0] if isinstance(output, (tuple, list)) else output
-        if not isinstance(first, torch.Tensor):
-            raise ValueError(f"layer {layer!r} returned {type(first).__name__}, not a tensor")
+        first = _first_tensor(output, layer)
         seen.append(first)
         # A later in-place op (e.g. ReLU(inplace=True)) then changes the clone, not the
         # recorded tensor, which autograd.grad also needs unmodified.
@@ -184,7 +196,7 @@ def _capture(model: nn.Module, layer: str) -> Iterator[list[torch.Tensor]]:
             return [clone, *output[1:]]
         return clone
 
-    handle = modules[layer].register_forward_hook(hook)
+    handle = module.register_forward_hook(hook)
     try:
         yield seen
     finally:
@@ -322,20 +334,14 @@ def forward_to(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
     >>> forward_to(net, "0", torch.zeros(1, 3, 5, 5)).shape
     torch.Size([1, 4, 5, 5])
     """
-    modules = dict(model.named_modules())
-    if layer not in modules:  # "" is the model itself
-        names = [n for n in modules if n]
-        raise ValueError(f"no layer {layer!r} in the model; valid layers: {', '.join(names)}")
+    module = _module(model, layer, allow_root=True)  # "" is the model itself
     found: list[torch.Tensor] = []
 
     def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-        first = output[0] if isinstance(output, (tuple, list)) else output
-        if not isinstance(first, torch.Tensor):
-            raise ValueError(f"layer {layer!r} returned {type(first).__name__}, not a tensor")
-        found.append(first)
+        found.append(_first_tensor(output, layer))
         raise _Reached
 
-    handle = modules[layer].register_forward_hook(hook)
+    handle = module.register_forward_hook(hook)
     try:
         model(x)
     except _Reached:

@@ -109,6 +109,8 @@ def cmd_run(args) -> int:
         print(f"  {name:<{width}}  {info['status']:<9} {extra}")
     if result.errors:
         print(f"  {result.errors} image(s) could not be used: see {result.output / 'errors.parquet'}")
+    if result.error:
+        print(f"  failed: {result.error}")
     return 0 if result.ok else 1
 
 

@@ -60,6 +60,7 @@ class RunResult:
     status: str
     analyses: dict[str, dict] = field(default_factory=dict)
     errors: int = 0
+    error: str | None = None  # why the run as a whole failed (e.g. too many bad images)
 
     @property
     def ok(self) -> bool:
@@ -310,7 +311,14 @@ def run_map_stage(
             log(f"{name} failed: {failures[name]}")
             stats[name] = {"status": "failed", "error": failures[name], **common}
             continue
-        writer.commit(keys[name])
+        try:
+            writer.commit(keys[name])
+        except Exception as e:  # noqa: BLE001 -- out of disk, say: this entry fails, the others still commit
+            writer.abort()
+            message = f"committing {name} failed: {type(e).__name__}: {e}"[:2000]
+            log(message)
+            stats[name] = {"status": "failed", "error": message, **common}
+            continue
         stats[name] = {"status": "complete", "rows": writer.rows, "errors": len(errors), **common}
         if writer.images:
             stats[name].update(images=writer.images, shards=writer.shard_count)
@@ -367,17 +375,16 @@ def run_manifest(manifest: Manifest, log: Log = _stderr) -> RunResult:
     """Run every analysis of a validated manifest; skip entries already committed."""
     started = time.time()
     output = manifest.output
-    _prepare_output(output)
-    atomic_write_text(output / "manifest.resolved.yaml", manifest.resolved_yaml())
-
+    # Everything `convscope validate` checks comes first: an invalid manifest leaves no output behind.
     model = load_model(manifest.model)  # trains the demo CNN here, once, if it is missing
     check_layers(manifest, model)
+    index = list_dataset(manifest.dataset)
+    check_dataset(manifest, index)
+    _prepare_output(output)
+    atomic_write_text(output / "manifest.resolved.yaml", manifest.resolved_yaml())
     mhash = model_hash(manifest.model, model)
     del model
-    index = list_dataset(manifest.dataset)
     log(f"dataset: {len(index):,} images ({manifest.dataset.kind}), fingerprint {index.fingerprint[:19]}")
-
-    check_dataset(manifest, index)
 
     keys = {p.entry_name: entry_key(p, manifest, index.fingerprint, mhash) for p in manifest.analyses}
     for p in manifest.analyses:
@@ -407,6 +414,13 @@ def run_manifest(manifest: Manifest, log: Log = _stderr) -> RunResult:
     if partials_done:
         log(f"partials already committed (no dataset pass needed): {', '.join(sorted(partials_done))}")
     all_errors: list[dict] = list(index.errors)
+    if not any(stage.kind == "map" for stage in stages) and (output / "errors.parquet").exists():
+        # No dataset pass this time: the images found bad by the pass that ran before still are.
+        import pyarrow.parquet as pq
+
+        previous = pq.read_table(output / "errors.parquet").to_pylist()
+        ids = set(index.table.column("image_id").to_pylist())
+        all_errors += [e for e in previous if e["stage"] != "list" and e["image_id"] in ids]
 
     status = "complete"
     if stages:
@@ -443,15 +457,25 @@ def run_manifest(manifest: Manifest, log: Log = _stderr) -> RunResult:
                 analyses[name] = {"status": "failed", "error": message[:2000],
                                   "traceback": traceback.format_exc()[-4000:]}
 
+    all_errors = list({(e["image_id"], e["stage"], e["error"]): e for e in all_errors}.values())
     if stages or not (output / "errors.parquet").exists():
         atomic_write_table(output / "errors.parquet", pa.Table.from_pylist(
             all_errors, schema=pa.schema([("image_id", pa.string()), ("stage", pa.string()), ("error", pa.string())])))
         atomic_write_table(output / "images.parquet", _images_table(index))
     # Images that could not be used (listing errors about whole shards are counted apart).
     bad = {e["image_id"] for e in all_errors} & set(index.table.column("image_id").to_pylist())
+    run_error = None
+    limit = manifest.execution.max_error_fraction
+    if len(index) and len(bad) / len(index) > limit:
+        status = "failed"
+        run_error = (f"{len(bad):,} of {len(index):,} images ({len(bad) / len(index):.1%}) could not be used, "
+                     f"over execution.max_error_fraction={limit:g}; see errors.parquet "
+                     "(the analyses' tables are committed)")
+        log(run_error)
     summary = {
         "name": manifest.name,
         "status": status,
+        **({"error": run_error} if run_error else {}),
         "seconds": round(time.time() - started, 3),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "manifest": str(manifest.source) if manifest.source else None,
@@ -472,4 +496,5 @@ def run_manifest(manifest: Manifest, log: Log = _stderr) -> RunResult:
     staging = output / STAGING
     if staging.is_dir() and not any(staging.iterdir()):
         staging.rmdir()
-    return RunResult(output=output, status=status, analyses=summary["analyses"], errors=len(all_errors))
+    return RunResult(output=output, status=status, analyses=summary["analyses"], errors=len(all_errors),
+                     error=run_error)

@@ -33,6 +33,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializeAsAny,
+    Strict as PydanticStrict,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -317,18 +318,27 @@ MODEL_SOURCES = _by_tag("source", _MODELS)
 # ----------------------------------------------------------------------------- execution
 
 
+# A whole number: `true` is not taken for 1, nor "8" for 8 (YAML gives integers as integers).
+Count = Annotated[int, PydanticStrict()]
+
+
 class Execution(Strict):
     """Where and how the work runs."""
 
     address: str | None = Field(default=None, description="Ray address; none starts an embedded local Ray")
-    workers: int = Field(default=1, ge=1, description="model actors (one per GPU on a GPU cluster)")
-    batch_size: int = Field(default=64, ge=1)
+    workers: Count = Field(default=1, ge=1, description="model actors (one per GPU on a GPU cluster)")
+    batch_size: Count = Field(default=64, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["float32", "bfloat16", "float16"] = "float32"
     channels_last: bool = False
-    threads_per_worker: int | None = Field(default=None, ge=1, description="torch threads per CPU actor")
-    decode_batch_size: int = Field(default=256, ge=1)
-    rows_per_part: int = Field(default=100_000, ge=1, description="rows per Parquet part file")
+    threads_per_worker: Count | None = Field(default=None, ge=1, description="torch threads per CPU actor")
+    decode_batch_size: Count = Field(default=256, ge=1)
+    rows_per_part: Count = Field(default=100_000, ge=1, description="rows per Parquet part file")
+    max_error_fraction: float = Field(
+        default=1.0, ge=0.0, le=1.0,
+        description="fail the run (status 'failed', exit code 1) when more than this fraction of the images "
+                    "could not be used (unreadable, undecodable); what was computed is still committed. "
+                    "1.0 (the default) never fails on bad images; 0.0 fails on the first one")
 
 
 class Manifest(Strict):
@@ -347,6 +357,9 @@ class Manifest(Strict):
         """The manifest with every default filled in, as written to ``manifest.resolved.yaml``."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
+
+# Names in a run's output folder that an analysis entry (its own folder) must not take.
+RESERVED_NAMES = frozenset({"run.json", "errors.parquet", "images.parquet", "manifest.resolved.yaml", "report"})
 
 TOP_LEVEL = list(Manifest.model_fields)
 TOP_LEVEL.remove("source")
@@ -515,7 +528,7 @@ def _tagged(section: str, tag: str, table: dict, data: Any, lines, ctx, problems
         problems.append(f"{section}.{tag}: required field is missing. Valid: {', '.join(table)}")
         return None
     value = data[tag]
-    if value not in table:
+    if not isinstance(value, str) or value not in table:
         where = f"{section}.{tag}"
         line = _line_of(lines, (section, tag))
         problems.append(f"{where}{f' (line {line})' if line else ''}: {suggest(str(value), table, section + ' ' + tag)}")
@@ -544,6 +557,8 @@ def validate_raw(raw: Any, source: str, base: Path, lines: dict[Loc, int] | None
 
     analyses: list[AnalysisParams] = []
     entries = raw.get("analyses")
+    if entries is None and "analyses" in raw:  # `analyses:` with nothing under it
+        entries = []
     if entries is not None and not isinstance(entries, list):
         problems.append("analyses: expected a list of analysis entries")
         entries = []
@@ -561,7 +576,7 @@ def validate_raw(raw: Any, source: str, base: Path, lines: dict[Loc, int] | None
         if kind is None:
             problems.append(f"{at}.type: required field is missing. Valid: {', '.join(sorted(REGISTRY))}")
             continue
-        if kind not in REGISTRY:
+        if not isinstance(kind, str) or kind not in REGISTRY:
             tline = _line_of(lines, loc + ("type",))
             problems.append(f"{format_loc(loc + ('type',))}{f' (line {tline})' if tline else ''}: "
                             f"{suggest(str(kind), sorted(REGISTRY), 'analysis')}")
@@ -576,6 +591,10 @@ def validate_raw(raw: Any, source: str, base: Path, lines: dict[Loc, int] | None
         if not re.fullmatch(r"[\w.-]+", params.entry_name) or params.entry_name.startswith("."):
             problems.append(f"{format_loc(loc + ('name',))}: {params.entry_name!r} must be a plain folder name "
                             "(letters, digits, '_', '-', '.')")
+            continue
+        if params.entry_name in RESERVED_NAMES:
+            problems.append(f"{format_loc(loc + ('name',))}: {params.entry_name!r} is the name of a file of the run's "
+                            f"output folder; reserved: {', '.join(sorted(RESERVED_NAMES))}")
             continue
         names[params.entry_name] = i
         analyses.append(params)
@@ -624,7 +643,36 @@ def read_yaml(path: Path) -> tuple[Any, dict[Loc, int]]:
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
         problem = getattr(e, "problem", None) or str(e)
         raise ManifestError(str(path), [f"{where}: YAML syntax error: {problem}"]) from None
+    duplicates = _duplicate_keys(text)
+    if duplicates:
+        raise ManifestError(str(path), duplicates)
     return raw, _line_map(text)
+
+
+def _duplicate_keys(text: str) -> list[str]:
+    """``line N: duplicate key 'name' (first at line M)`` for every key a mapping repeats
+    (YAML loaders silently keep the last one)."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return []
+    found: list[str] = []
+    stack = [root] if root is not None else []
+    while stack:
+        node = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key, value in node.value:
+                k = key.value if isinstance(key, yaml.ScalarNode) else None
+                line = key.start_mark.line + 1
+                if k is not None and k in seen:
+                    found.append(f"line {line}: duplicate key {k!r} (first at line {seen[k]})")
+                elif k is not None:
+                    seen[k] = line
+                stack.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+    return sorted(found, key=lambda m: int(m.split()[1].rstrip(":")))
 
 
 def load_manifest(

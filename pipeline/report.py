@@ -407,8 +407,10 @@ def attribution_body(run: Run, entries: list[str], summary: str | None) -> str:
     columns = ["image_id", "label", "method", "target", "score", "deletion_auc", "insertion_auc", "pointing", "key"]
     frames = []
     for entry in entries:
-        df = run.table(entry, [c for c in columns if c in pq.read_schema(
-            next((run.dir / entry).rglob("part-*.parquet"))).names])
+        files = sorted((run.dir / entry).rglob("part-*.parquet"))
+        if not files:
+            continue
+        df = run.table(entry, [c for c in columns if c in pq.read_schema(files[0]).names])
         df["entry"] = entry
         frames.append(df)
     if frames:
@@ -533,25 +535,42 @@ def _write_pages(run: Run, log: Callable[[str], None]) -> None:
         if kind in ATTRIBUTION_TYPES or kind == "attribution_summary":
             if not done_attribution:
                 summary = next((n for n, t in types.items() if t == "attribution_summary"), None)
-                write("attribution.html", "Attribution", attribution_body(run, attribution, summary))
+                write("attribution.html", "Attribution", _section(lambda: attribution_body(run, attribution, summary),
+                                                                  "attribution", log))
                 done_attribution = True
             continue
-        if kind == "predictions":
-            body = predictions_body(run, name)
-        elif kind == "features":
-            body = features_body(run, name)
-        elif kind == "neighbours":
-            body = neighbours_body(run, name)
-        elif kind == "embedding":
-            body = embedding_body(run, name, out / "data")
-        elif kind == "top_patches":
-            body = top_patches_pages(run, name, write)
-        elif kind == "probes":
-            body = probes_body(run, name)
-        elif kind == "activation_stats":
-            body = activation_stats_body(run, name)
-        elif kind in MODEL_TYPES:
-            body = model_body(run, name, kind)
+        if not any((run.dir / name).rglob("part-*.parquet")):
+            body = '<section class="card"><p>This analysis committed no rows.</p></section>'
         else:
-            body = f'<section class="card">{table_html(run.table(name), limit=500)}</section>'
+            body = _section(lambda: _body(run, name, kind, write), name, log)
         write(pages[name], f"{name} ({kind})" if name != kind else name, body)
+
+
+def _body(run: Run, name: str, kind: str, write: Callable[[str, str, str], None]) -> str:
+    if kind == "predictions":
+        return predictions_body(run, name)
+    if kind == "features":
+        return features_body(run, name)
+    if kind == "neighbours":
+        return neighbours_body(run, name)
+    if kind == "embedding":
+        return embedding_body(run, name, run.out / "data")
+    if kind == "top_patches":
+        return top_patches_pages(run, name, write)
+    if kind == "probes":
+        return probes_body(run, name)
+    if kind == "activation_stats":
+        return activation_stats_body(run, name)
+    if kind in MODEL_TYPES:
+        return model_body(run, name, kind)
+    return f'<section class="card">{table_html(run.table(name), limit=500)}</section>'
+
+
+def _section(build: Callable[[], str], name: str, log: Callable[[str], None]) -> str:
+    """A section's HTML, or a note saying why it could not be drawn (the rest of the report goes on)."""
+    try:
+        return build()
+    except Exception as e:  # noqa: BLE001 -- one odd table must not cost the whole report
+        log(f"  {name}: could not draw this section: {type(e).__name__}: {e}")
+        return (f'<section class="card"><p><span class="badge failed">not drawn</span> This section could not be '
+                f"drawn from the tables: {esc(type(e).__name__)}: {esc(e)}</p></section>")

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main as cli
+from pipeline.errors import UserError
 from pipeline.report import Run, build_report, esc, predictions_body, script_json, table_html
 
 from .browser import (broken_images, chromium_available, console_errors, headless_chromium, hover_scatter_point,
@@ -89,12 +90,20 @@ def test_report_is_replaced_atomically(tmp_path):
     root = fake_run(tmp_path / "run", {"predictions": {"type": "predictions", "status": "complete"}},
                     {"predictions": pd.DataFrame({"image_id": ["a"], "label": [0], "pred": [0], "prob": [1.0]})})
     first = build_report(root).read_text()
+    # A table that cannot be read costs its section only, which says why.
     (root / "predictions" / "part-00000.parquet").write_bytes(b"not parquet")
-    with pytest.raises(Exception):
+    page = (build_report(root).parent / "predictions.html").read_text()
+    assert "not drawn" in page and "could not be drawn" in page
+    # A run folder that cannot be read at all leaves the last report whole.
+    good = (root / "report" / "index.html").read_text()
+    run_json = (root / "run.json").read_text()
+    (root / "run.json").write_text(run_json[:40])
+    with pytest.raises(UserError, match="run.json: not valid JSON"):
         build_report(root)
-    assert (root / "report" / "index.html").read_text() == first  # the old report stays whole
+    assert (root / "report" / "index.html").read_text() == good != ""
     assert not list(root.glob(".report-*"))
     assert cli(["report", str(tmp_path / "nowhere")]) == 2
+    assert first
 
 
 # ----------------------------------------------------------------------------- a real run, a real browser
@@ -148,9 +157,12 @@ def test_report_of_a_small_run_has_a_page_per_analysis(ray_session, small_run):
                  "activation_maps", "neuron_ascent"):
         assert f"{name}.html" in pages, name
     assert any(p.startswith("top_patches--relu2--c") for p in pages)
+    attribution = (report / "attribution.html").read_text()
+    assert attribution.count('<div class="item">') == 4 and "grad_cam" in attribution and "saliency" in attribution
     for page in report.glob("*.html"):
         text = page.read_text()
         assert "<img src=x" not in text
+        assert "not drawn" not in text, page.name  # every section could be drawn
         assert "http://" not in text and "https://" not in text  # self-contained
     points = (report / "data").glob("*.js")
     blob = next(points).read_text()

@@ -51,8 +51,13 @@ Stage = Literal["map", "reduce", "model"]
 Rows = dict[str, dict[str, np.ndarray]]
 
 
+def listed_twice(items: Sequence[Any]) -> list[Any]:
+    """The items a list holds more than once, sorted (for "listed once" checks of parameters)."""
+    return sorted({item for item in items if items.count(item) > 1})
+
+
 def _distinct_layers(layers: list[str]) -> list[str]:
-    twice = sorted({name for name in layers if layers.count(name) > 1})
+    twice = listed_twice(layers)
     if twice:
         raise ValueError(f"layers must be unique; listed more than once: {', '.join(twice)}")
     return layers
@@ -460,6 +465,15 @@ class ChosenImagesAnalysis(ModelAnalysis):
         return list(ctx.pixels)
 
 
+class LayerImagesParams(ChosenImagesParams):
+    """Fields of an optimisation per (layer, chosen image): the layers, a seed, the picture size."""
+
+    layers: DistinctLayers
+    seed: int = 0
+    cell: int = Field(default=96, ge=8, description="min side in px of each rendered image")
+    units_per_task: int = Field(default=16, ge=1, description="images optimised together in one batch")
+
+
 class LayerImagesAnalysis(ChosenImagesAnalysis):
     """An optimisation per (layer, chosen image) that yields an image: inversion, DeepDream.
 
@@ -468,6 +482,8 @@ class LayerImagesAnalysis(ChosenImagesAnalysis):
     result raw (``image``: float32 in [0, 1], flattened 3 x ``height`` x ``width``) and
     ``key`` (+ ``shard``): the input and the result side by side.
     """
+
+    Params: ClassVar[type[LayerImagesParams]]
 
     def units(self, ctx: ModelContext) -> list[Any]:
         return [(layer, image_id) for layer in self.params.layers for image_id in ctx.pixels]

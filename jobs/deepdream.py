@@ -29,22 +29,19 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from jobs.backprop import forward_to
-from jobs.base import ChosenImagesParams, DistinctLayers, LayerImagesAnalysis, register
+from jobs.base import LayerImagesAnalysis, LayerImagesParams, register
 from jobs.reconstruct import dream
 
 
-class DeepDreamParams(ChosenImagesParams):
+class DeepDreamParams(LayerImagesParams):
     type: Literal["deepdream"] = "deepdream"
-    layers: DistinctLayers
     octaves: int = Field(default=3, ge=1)
     octave_scale: float = Field(default=1.4, gt=1)
     steps: int = Field(default=10, ge=1, description="steps per octave")
     lr: float = Field(default=0.01, gt=0)
     jitter: int = Field(default=2, ge=0)
-    seed: int = 0
     size: int | None = Field(default=None, ge=8, description="dream at this side (bilinear resize); default: input size")
     cell: int = Field(default=128, ge=8, description="min side in px of each rendered image")
-    units_per_task: int = Field(default=16, ge=1, description="images dreamt together in one batch")
 
 
 @register

@@ -67,6 +67,7 @@ from jobs.base import (
     ReduceOutput,
     Rows,
     image_key,
+    listed_twice,
     register,
     safe_key,
 )
@@ -114,7 +115,7 @@ class EmbeddingParams(AnalysisParams):
     @field_validator("methods")
     @classmethod
     def _distinct_methods(cls, methods: list[str]) -> list[str]:
-        twice = sorted({m for m in methods if methods.count(m) > 1})
+        twice = listed_twice(methods)
         if twice:
             raise ValueError(f"each method may be listed once; repeated: {', '.join(twice)}")
         return methods

@@ -28,21 +28,17 @@ import torch
 from pydantic import Field
 
 from jobs.backprop import forward_to
-from jobs.base import ChosenImagesParams, DistinctLayers, LayerImagesAnalysis, register, unit_seed
+from jobs.base import LayerImagesAnalysis, LayerImagesParams, register, unit_seed
 from jobs.reconstruct import invert
 
 
-class InversionParams(ChosenImagesParams):
+class InversionParams(LayerImagesParams):
     type: Literal["inversion"] = "inversion"
-    layers: DistinctLayers
     steps: int = Field(default=300, ge=1)
     lr: float = Field(default=0.05, gt=0)
     tv_weight: float = Field(default=0.5, ge=0, description="lambda of the TV_beta prior (per pixel)")
     tv_beta: float = Field(default=2.0, gt=0)
     jitter: int = Field(default=0, ge=0)
-    seed: int = 0
-    cell: int = Field(default=96, ge=8, description="min side in px of each rendered image")
-    units_per_task: int = Field(default=16, ge=1, description="reconstructions optimised together in one batch")
 
 
 @register

@@ -47,6 +47,7 @@ from jobs.base import (
     ReduceInputs,
     ReduceOutput,
     Rows,
+    listed_twice,
     register,
 )
 from jobs.features import pool
@@ -95,7 +96,7 @@ class NeighboursParams(AnalysisParams):
     @field_validator("spaces")
     @classmethod
     def _distinct_spaces(cls, spaces: list[str]) -> list[str]:
-        repeated = sorted({s for s in spaces if spaces.count(s) > 1})
+        repeated = listed_twice(spaces)
         if repeated:
             raise ValueError(f"each space may be listed once; repeated: {', '.join(repeated)}")
         return spaces

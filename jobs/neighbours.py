@@ -137,10 +137,16 @@ def knn(queries: torch.Tensor, database: torch.Tensor, k: int, metric: str,
     that is never returned (the query itself; -1: none); with it, k is capped at N - 1,
     without it at N. Neighbours are ordered by (float32 distance, database index).
 
-    Works in blocks of at most ``block`` queries x ``block`` database rows on the inputs'
-    device, keeping a running top-k per query, so memory is O(block^2 + M k), never M x N.
-    Products are taken in float64, so the float32 distances (and hence the order) do not
-    depend on the blocking.
+    Exact, in two passes. A float32 screen (one matrix product per block of at most
+    ``SCREEN_QUERIES`` queries x ``SCREEN_ELEMENTS / SCREEN_QUERIES`` database rows, a running
+    top-c per query) keeps
+    ``c = k + SCREEN_EXTRA`` candidates per query; their distances are then taken again in
+    float64, which fixes the reported float32 values and the order, so neither depends on
+    the blocking. A query is verified when every row left out screened farther than its
+    k-th neighbour by more than the screen's worst-case rounding error (the bound
+    ``SCREEN_ERROR * (D + 8) * 2^-24`` times the squared norms); a query that is not (ties
+    or near-ties at the cut) is searched again in float64 against the whole database, in
+    blocks of ``block`` x ``block``. Memory is O(SCREEN_ELEMENTS + block^2 + M c), never M x N.
 
     >>> d, i = knn(torch.tensor([[0.0], [1.0], [3.0]]), torch.tensor([[0.0], [1.0], [3.0]]), 1, "l2",
     ...            exclude=torch.tensor([0, 1, 2]))
@@ -167,37 +173,115 @@ def knn(queries: torch.Tensor, database: torch.Tensor, k: int, metric: str,
     x = database.to(dtype=torch.float64)
     if metric == "cosine":
         q, x = F.normalize(q, dim=1), F.normalize(x, dim=1)  # zero rows stay zero
-    else:
-        q_sq, x_sq = (q * q).sum(dim=1), (x * x).sum(dim=1)
+    q_sq, x_sq = (q * q).sum(dim=1), (x * x).sum(dim=1)
+    c = min(n, width + SCREEN_EXTRA)
+    # Short, wide screen blocks: one top-c over a long row is cheaper than many merges.
+    qb = min(block, SCREEN_QUERIES)
+    columns = max(qb, SCREEN_ELEMENTS // qb)
+    x32, x_sq32 = x.float(), x_sq.float()
     out_d, out_i = [], []
-    for qs in range(0, m, block):
-        qb = q[qs:qs + block]
-        best_d = best_i = None
-        for xs in range(0, n, block):
-            dot = qb @ x[xs:xs + block].T
-            if metric == "cosine":
-                dist = dot.neg_().add_(1.0)
-                dist.masked_fill_(dist.abs() <= SNAP, 0.0)
-            else:
-                scale = q_sq[qs:qs + block, None] + x_sq[None, xs:xs + block]
-                dist = dot.mul_(-2.0).add_(scale)
-                dist.masked_fill_(dist <= scale.mul_(SNAP), 0.0).sqrt_()
-            dist = dist.float()  # rank on the values that are reported
-            cols = topk_first(dist, width, largest=False)
-            cand_d, cand_i = dist.gather(1, cols), cols + xs
-            if best_d is not None:
-                # In index order, topk_first's tie-break by position is the tie-break by index.
-                cand_d, cand_i = torch.cat([best_d, cand_d], 1), torch.cat([best_i, cand_i], 1)
-                order = cand_i.argsort(dim=1)
-                cand_d, cand_i = cand_d.gather(1, order), cand_i.gather(1, order)
-                pick = topk_first(cand_d, width, largest=False)
-                cand_d, cand_i = cand_d.gather(1, pick), cand_i.gather(1, pick)
-            best_d, best_i = cand_d, cand_i
+    for qs in range(0, m, qb):
+        rows = slice(qs, qs + qb)
+        screen, cand = _screen(q[rows], x32, q_sq[rows], x_sq32, c, metric, columns)
+        dist, idx = _best(_exact(q[rows], x, q_sq[rows], x_sq, cand, metric), cand, width)
+        if c < n:
+            # Every row left out screened at >= the largest kept screen value; its true
+            # (squared, for l2) distance is at least that minus the rounding bound.
+            err = SCREEN_ERROR * (q.shape[1] + 8) * 2.0**-24 * (q_sq[rows] + x_sq.max())
+            floor = (screen.amax(dim=1).double() - err).clamp(min=0)
+            floor = floor.sqrt() if metric == "l2" else floor
+            kth = dist[:, -1].double()
+            redo = ~(floor > kth * (1 + 2.0**-20) + 2.0**-60)
+            if redo.any():
+                r = redo.nonzero()[:, 0]
+                d_all, i_all = _exhaustive(q[rows][r], x, q_sq[rows][r], x_sq, width, metric, block)
+                dist[r], idx[r] = d_all, i_all
         if exclude is not None:
-            best_d, best_i = _drop_excluded(best_d, best_i, exclude[qs:qs + block].to(device))
-        out_d.append(best_d)
-        out_i.append(best_i)
+            dist, idx = _drop_excluded(dist, idx, exclude[rows].to(device))
+        out_d.append(dist)
+        out_i.append(idx)
     return torch.cat(out_d), torch.cat(out_i)
+
+
+# Candidates beyond k that the float32 screen keeps per query: slack for near-ties at the cut.
+SCREEN_EXTRA = 16
+# Queries per screen block, and float32 distances per screen block (16 MiB).
+SCREEN_QUERIES = 256
+SCREEN_ELEMENTS = 2**22
+# Safety factor on the textbook bound (D + 8) u |q| |x| for a float32 dot product and the
+# conversions and sums around it.
+SCREEN_ERROR = 2.0
+
+
+def _screen(q: torch.Tensor, x: torch.Tensor, q_sq: torch.Tensor, x_sq: torch.Tensor, c: int, metric: str,
+            block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 distances (squared for l2) and indices of each query's ``c`` screened nearest,
+    ``block`` database rows at a time (``x`` is float32 already)."""
+    q32 = q.float()
+    best_v = best_i = None
+    for xs in range(0, len(x), block):
+        xb = x[xs:xs + block]
+        # One fused product per block, ranked without the per-query constant: -q.x for
+        # cosine, |x|^2 - 2 q.x for l2; the constant is added to the c kept values only.
+        if metric == "cosine":
+            v = torch.mm(q32, xb.T).neg_()
+        else:
+            v = torch.addmm(x_sq[None, xs:xs + block], q32, xb.T, alpha=-2.0)
+        v, i = v.topk(min(c, v.shape[1]), dim=1, largest=False, sorted=False)
+        i = i + xs
+        if best_v is not None:
+            v, i = torch.cat([best_v, v], 1), torch.cat([best_i, i], 1)
+            v, pick = v.topk(min(c, v.shape[1]), dim=1, largest=False, sorted=False)
+            i = i.gather(1, pick)
+        best_v, best_i = v, i
+    return best_v + (1.0 if metric == "cosine" else q_sq.float()[:, None]), best_i
+
+
+def _exact(q: torch.Tensor, x: torch.Tensor, q_sq: torch.Tensor, x_sq: torch.Tensor, cand: torch.Tensor,
+           metric: str) -> torch.Tensor:
+    """float32 distances of each query to its candidate rows, from float64 products."""
+    per = max(1, 2**22 // max(1, cand.shape[1] * x.shape[1]))  # bounds the gathered (rows, c, D)
+    out = []
+    for s in range(0, len(q), per):
+        ci = cand[s:s + per]
+        dot = torch.bmm(x[ci], q[s:s + per, :, None])[..., 0]
+        out.append(_distance(dot, q_sq[s:s + per, None], x_sq[ci], metric))
+    return torch.cat(out)
+
+
+def _distance(dot: torch.Tensor, q_sq: torch.Tensor, x_sq: torch.Tensor, metric: str) -> torch.Tensor:
+    """float64 products -> float32 distances, near-zero ones snapped to 0 (see ``SNAP``)."""
+    if metric == "cosine":
+        dist = dot.neg_().add_(1.0)
+        dist.masked_fill_(dist.abs() <= SNAP, 0.0)
+    else:
+        scale = q_sq + x_sq
+        dist = dot.mul_(-2.0).add_(scale)
+        dist.masked_fill_(dist <= scale.mul_(SNAP), 0.0).sqrt_()
+    return dist.float()  # rank on the values that are reported
+
+
+def _best(dist: torch.Tensor, idx: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``width`` best of each row of candidates by (distance, index)."""
+    order = idx.argsort(dim=1)
+    dist, idx = dist.gather(1, order), idx.gather(1, order)
+    # In index order, topk_first's tie-break by position is the tie-break by index.
+    pick = topk_first(dist, width, largest=False)
+    return dist.gather(1, pick), idx.gather(1, pick)
+
+
+def _exhaustive(q: torch.Tensor, x: torch.Tensor, q_sq: torch.Tensor, x_sq: torch.Tensor, width: int,
+                metric: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``width`` nearest by float64 distances to every database row (the screen's fallback)."""
+    best_d = best_i = None
+    for xs in range(0, len(x), block):
+        dist = _distance(q @ x[xs:xs + block].T, q_sq[:, None], x_sq[None, xs:xs + block], metric)
+        cols = topk_first(dist, width, largest=False)
+        cand_d, cand_i = dist.gather(1, cols), cols + xs
+        if best_d is not None:
+            cand_d, cand_i = _best(torch.cat([best_d, cand_d], 1), torch.cat([best_i, cand_i], 1), width)
+        best_d, best_i = cand_d, cand_i
+    return best_d, best_i
 
 
 def _drop_excluded(dist: torch.Tensor, idx: torch.Tensor, exclude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

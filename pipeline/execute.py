@@ -132,6 +132,25 @@ def _decode_stage(ds, manifest: Manifest, block: int, column: str):
     )
 
 
+# Decoded pixels per decode task with decode_batch_size: auto.
+DECODE_BLOCK_BYTES = 32 * 2**20
+
+
+def decode_block(setting: int | str, size: tuple[int, int] | None) -> int:
+    """Images per decode task: ``setting``, or for ``auto`` about ``DECODE_BLOCK_BYTES`` of
+    uint8 RGB pixels, 64 to 1024 images (256 when the image size is not fixed).
+
+    Every block is a Ray task and an object on its way to the model actors; on CIFAR-size
+    images 1024 per block rather than 256 takes a features pass on two CPU cores from
+    11.3 s to 9.5 s (less work for the decode workers and the driver alike).
+    """
+    if setting != "auto":
+        return int(setting)
+    if size is None:
+        return 256
+    return int(min(1024, max(64, DECODE_BLOCK_BYTES // (size[0] * size[1] * 3))))
+
+
 def _map_dataset(manifest: Manifest, index: DatasetIndex, stage: Stage):
     """The Ray Data pipeline of a map stage (lazy; nothing runs until it is iterated)."""
     import ray
@@ -150,7 +169,7 @@ def _map_dataset(manifest: Manifest, index: DatasetIndex, stage: Stage):
     _await_cpus(min(total_cpus, actor_cpus * ex.workers + 1))
     execution = ex.model_dump(mode="json")
     execution["device"] = "cuda" if use_gpu else "cpu"
-    block = ex.decode_batch_size
+    block = decode_block(ex.decode_batch_size, manifest.model.preprocess.output_size())
     table = _with_boxes(index)
     blocks = [table.slice(i, block) for i in range(0, table.num_rows, block)] or [table]
     column = manifest.dataset.image_column if isinstance(manifest.dataset, ParquetDataset) else "image"

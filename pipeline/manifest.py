@@ -32,12 +32,13 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    field_validator,
+    model_validator,
+    PlainValidator,
     SerializeAsAny,
     Strict as PydanticStrict,
     ValidationError,
     ValidationInfo,
-    field_validator,
-    model_validator,
 )
 
 from jobs import REGISTRY, AnalysisParams
@@ -322,6 +323,16 @@ MODEL_SOURCES = _by_tag("source", _MODELS)
 Count = Annotated[int, PydanticStrict()]
 
 
+def _decode_block(value: Any) -> int | str:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise ValueError(f"expected a whole number >= 1 or 'auto', got {value!r}")
+
+
+# One plain check, so a wrong value gets one message rather than one per member of a union.
+DecodeBlock = Annotated[int | str, PlainValidator(_decode_block)]
+
+
 class Execution(Strict):
     """Where and how the work runs."""
 
@@ -330,9 +341,12 @@ class Execution(Strict):
     batch_size: Count = Field(default=64, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["float32", "bfloat16", "float16"] = "float32"
-    channels_last: bool = False
+    channels_last: bool = Field(default=False, description="NHWC model and inputs (faster convolutions on "
+                                                           "GPU and CPU; equal up to float rounding)")
     threads_per_worker: Count | None = Field(default=None, ge=1, description="torch threads per CPU actor")
-    decode_batch_size: Count = Field(default=256, ge=1)
+    decode_batch_size: DecodeBlock = Field(
+        default="auto", description="images per decode task; auto: about 32 MiB of decoded pixels, "
+                                    "64 to 1024 images (fewer, larger blocks cost Ray less per image)")
     rows_per_part: Count = Field(default=100_000, ge=1, description="rows per Parquet part file")
     max_error_fraction: float = Field(
         default=1.0, ge=0.0, le=1.0,
@@ -574,7 +588,10 @@ def validate_raw(raw: Any, source: str, base: Path, lines: dict[Loc, int] | None
             continue
         kind = entry.get("type")
         if kind is None:
-            problems.append(f"{at}.type: required field is missing. Valid: {', '.join(sorted(REGISTRY))}")
+            tline = _line_of(lines, loc + ("type",)) if "type" in entry else line
+            what = "needs a value" if "type" in entry else "required field is missing"
+            problems.append(f"{format_loc(loc + ('type',))}{f' (line {tline})' if tline else ''}: {what}. "
+                            f"Valid: {', '.join(sorted(REGISTRY))}")
             continue
         if not isinstance(kind, str) or kind not in REGISTRY:
             tline = _line_of(lines, loc + ("type",))

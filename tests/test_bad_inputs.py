@@ -321,6 +321,8 @@ def test_specific_regressions(base_files, tmp_path, capsys, no_ray):
         (lambda d: d.update(analyses=None), "analyses"),                               # validated; run crashed
         (lambda d: d["analyses"].append({"type": "predictions", "name": "run.json"}), "analyses[2].name"),
         (lambda d: d["execution"].update(max_error_fraction=2), "execution.max_error_fraction"),
+        (lambda d: d["analyses"][0].update(type=None), "analyses[0].type"),            # line put mid-path
+        (lambda d: d["execution"].update(decode_batch_size="big"), "execution.decode_batch_size"),
     ]
     for mutate, want in cases:
         doc = base_manifest(root, weights)

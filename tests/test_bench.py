@@ -1,20 +1,37 @@
-"""The features benchmark runs and its two sides agree (timings are not asserted)."""
+"""The benchmarks run and agree with their baselines (timings are never asserted)."""
 
 from __future__ import annotations
 
-from scripts import bench_features
+import json
 
-from .conftest import needs_shared
+from scripts import bench
 
 
-@needs_shared
-def test_bench_features_agrees_with_plain_loop(ray_session, tmp_path):
-    result = bench_features.main(["--limit", "300", "--repeats", "1", "--loader-workers", "0",
-                                  "--json", str(tmp_path / "bench.json")])
-    assert result["images"] == 300
-    assert result["max_abs_feature_diff"] <= 1e-5
-    assert result["plain_loop_images_per_s"] > 0 and result["convscope_images_per_s"] > 0
-    assert (tmp_path / "bench.json").is_file()
+def test_bench_quick_agrees_with_every_baseline(ray_session, tmp_path):
+    """``scripts/bench.py --quick``, the smoke test: every row's result agrees with its baseline.
+
+    Without ../shared the cifar case runs a random-weights ResNet-20 on generated images;
+    the agreement checks are the same.
+    """
+    result = bench.main(["--quick", "--case", "cifar", "--loader-workers", "1", "--work", str(tmp_path / "w"),
+                         "--json", str(tmp_path / "bench.json")])
+    rows = result["rows"]
+    assert result["disagreements"] == [], result["disagreements"]
+    seen = {(r["analysis"], r["baseline"].split(" (")[0]) for r in rows}
+    expected = {
+        ("features", "plain PyTorch loop"), ("features NHWC", "plain loop, NHWC"),
+        ("features NHWC+bf16", "plain loop, NHWC+bf16"),
+        ("activation_stats", "plain PyTorch loop"), ("top_patches", "plain PyTorch loop"),
+        ("saliency", "captum Saliency"), ("smoothgrad", "captum NoiseTunnel(Saliency)"),
+        ("guided_backprop", "captum GuidedBackprop"), ("deconvnet", "captum Deconvolution"),
+        ("grad_cam", "captum LayerGradCam"), ("grad_cam", "pytorch-grad-cam GradCAM"),
+        ("guided_grad_cam", "captum GuidedGradCam"), ("occlusion", "captum Occlusion, default"),
+        ("occlusion", "captum Occlusion, best per_eval"), ("neighbours", "faiss IndexFlat"),
+        ("embedding tsne", "scikit-learn TSNE"),
+    }
+    assert expected <= seen, expected - seen
+    assert all(r["images"] > 0 and r["convscope_s"] > 0 and r["baseline_s"] > 0 for r in rows)
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"] == rows
 
 
 def test_bench_attribution_times_every_attribution_entry(tmp_path):

@@ -165,3 +165,13 @@ def test_cifar10_manifest_validates():
     assert manifest.dataset.root == CIFAR  # absolute, links kept as written
     assert manifest.model.weights == RESNET20
     check_manifest(manifest)
+
+
+def test_decode_block_auto_aims_at_32_mib_of_pixels():
+    from pipeline.execute import decode_block
+
+    assert decode_block("auto", (32, 32)) == 1024          # capped: CIFAR images are 3 KiB
+    assert decode_block("auto", (224, 224)) == 32 * 2**20 // (224 * 224 * 3) == 222
+    assert decode_block("auto", (2048, 2048)) == 64        # at least 64 per task
+    assert decode_block("auto", None) == 256               # sizes not fixed by the preprocessing
+    assert decode_block(7, (32, 32)) == 7                  # a number is used as given

@@ -313,3 +313,55 @@ def test_faiss_recall_on_clustered_data():
         assert all(a != b for a, b in zip(t["image_id"], t["neighbour_id"]))
         exact = Neighbours(p.model_copy(update={"index": "exact"})).reduce(TableInputs(tables), ctx)
         assert "recall_at_k" not in exact.stats
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_knn_float32_screen_equals_float64_search(metric):
+    """The screened search returns exactly what a float64 pass over every row returns."""
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.normal(size=(3000, 128)).astype(np.float32))
+    rows = torch.arange(0, 3000, 7)
+    dist, idx = knn(x[rows], x, 10, metric, exclude=rows, block=512)
+    x64 = x.double()
+    if metric == "cosine":
+        x64 = torch.nn.functional.normalize(x64, dim=1)
+    sq = (x64 * x64).sum(1)
+    ref_d, ref_i = neighbours._exhaustive(x64[rows], x64, sq[rows], sq, 11, metric, 512)
+    ref_d, ref_i = neighbours._drop_excluded(ref_d, ref_i, rows)
+    assert idx.tolist() == ref_i.tolist()
+    assert torch.equal(dist, ref_d)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_knn_near_ties_the_float32_screen_cannot_order_are_searched_again(metric):
+    # 60 rows whose distances to the query differ by far less than float32 rounding of the
+    # screen (which sees them as one tie) but are distinct in float64, the nearest ones at
+    # the highest indices: more near-ties than the screen keeps, so a result trusted to the
+    # screen would be wrong; the bound check must send the query to the float64 search.
+    rng = np.random.default_rng(4)
+    n = 60
+    offsets = 1e-5 * (1 + np.arange(n)[::-1] * 1e-3)  # distinct, nearest last
+    x = np.zeros((n + 20, 3))
+    x[:n, 0] = 1.0
+    x[:n, 2] = offsets
+    x[n:] = rng.normal(size=(20, 3)) + 5.0  # far rows
+    q = np.array([[1.0, 0.0, 0.0]])
+    ref_d, ref_i = brute_force(q, x, 5, metric)
+    assert ref_i[0].tolist() == [n - 1, n - 2, n - 3, n - 4, n - 5]
+    dist, idx = knn(torch.from_numpy(q), torch.from_numpy(x), 5, metric)
+    assert idx.tolist() == ref_i.tolist()
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_knn_screen_blocks_do_not_change_the_result(metric, monkeypatch):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(300, 8)).astype(np.float32)
+    x[100:110] = x[7]  # exact duplicates: ties by index across screen blocks
+    rows = np.arange(0, 300, 11)
+    ref_d, ref_i = brute_force(x[rows], x, 6, metric, exclude=rows)
+    for queries, elements in [(1, 7), (5, 64), (256, 2**22)]:
+        monkeypatch.setattr(neighbours, "SCREEN_QUERIES", queries)
+        monkeypatch.setattr(neighbours, "SCREEN_ELEMENTS", elements)
+        dist, idx = knn(torch.from_numpy(x[rows]), torch.from_numpy(x), 6, metric, exclude=torch.from_numpy(rows))
+        assert idx.tolist() == ref_i.tolist()
+        np.testing.assert_allclose(dist.numpy(), ref_d, rtol=1e-5, atol=1e-6)

@@ -90,6 +90,27 @@ def test_output_contract_and_exactness(ray_session, resnet20_weights, tmp_path, 
     assert images.label_name.tolist()[:1] == ["class0"] and len(images) == 18
 
 
+@pytest.mark.parametrize("fast,tol,rounds", [(["execution.channels_last=true"], 1e-4, False),
+                                             (["execution.channels_last=true", "execution.precision=bfloat16"], 0.1,
+                                              True)])
+def test_fast_path_agrees_with_float32(ray_session, resnet20_weights, tmp_path, image_folder, fast, tol, rounds):
+    """channels_last (any device) and bf16 autocast: the same features up to their rounding
+    (bf16 must show some: else autocast never ran)."""
+    manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights,
+                              dataset={"kind": "image_folder", "root": str(image_folder)})
+    run(manifest, f"output={tmp_path / 'exact'}")
+    run(manifest, f"output={tmp_path / 'fast'}", *fast)
+    for layer in ("layer1", "layer3"):
+        a, b = read(tmp_path / "exact", "features", layer), read(tmp_path / "fast", "features", layer)
+        assert a.image_id.tolist() == b.image_id.tolist()
+        a, b = np.stack(a.vector.to_numpy()), np.stack(b.vector.to_numpy())
+        err = np.abs(a - b).max() / np.abs(a).max()
+        assert err <= tol
+        assert err > 0 or not rounds
+    info = json.loads((tmp_path / "fast" / "run.json").read_text())
+    assert info["execution"]["channels_last"] is True
+
+
 @pytest.mark.parametrize("batch,workers", [(1, 1), (5, 2)])
 def test_results_do_not_depend_on_batch_size_or_workers(ray_session, resnet20_weights, tmp_path, image_folder, batch, workers):
     base = write_manifest(tmp_path / "a.yaml", weights=resnet20_weights, dataset={"kind": "image_folder", "root": str(image_folder)},

@@ -187,8 +187,11 @@ def knn(queries: torch.Tensor, database: torch.Tensor, k: int, metric: str,
         if c < n:
             # Every row left out screened at >= the largest kept screen value; its true
             # (squared, for l2) distance is at least that minus the rounding bound.
-            err = SCREEN_ERROR * (q.shape[1] + 8) * 2.0**-24 * (q_sq[rows] + x_sq.max())
+            scale = q_sq[rows] + x_sq.max()
+            err = SCREEN_ERROR * (q.shape[1] + 8) * 2.0**-24 * scale
             floor = (screen.amax(dim=1).double() - err).clamp(min=0)
+            # A row whose distance could still snap to 0 proves nothing (see ``SNAP``).
+            floor = floor.masked_fill(floor <= (scale * SNAP if metric == "l2" else SNAP), 0.0)
             floor = floor.sqrt() if metric == "l2" else floor
             kth = dist[:, -1].double()
             redo = ~(floor > kth * (1 + 2.0**-20) + 2.0**-60)

@@ -322,8 +322,8 @@ def bench_attribution(case: Case, name: str, spec: Attr, n: int, loader_workers:
     loop = case.loop(n, loader_workers)
     t_ours, out = run_convscope(case, [spec.entry], n, name)
     df = read_rows(out, spec.entry.get("name", spec.entry["type"]))
-    size = tuple(int(s) for s in peers.decode_image(open(case.paths[0], "rb").read(),
-                                                    *_pre(case)).shape[:2])
+    crop = case.model["preprocess"]["crop"]  # every case fixes a square crop
+    size = (crop, crop)
     ours = spec.read(df, size)
     for peer, method, opts in spec.peers:
         if not peers.installed("captum" if peer.startswith("captum") else "pytorch_grad_cam"):
@@ -364,11 +364,6 @@ def best_occlusion(loop: peers.Loop, spec: Attr, options: list[int]):
         times[per_eval] = peers.attribution_loop(probe, peers.captum_occlusion(window, stride, per_eval))[0]
     best = min(times, key=times.get)
     return peers.captum_occlusion(window, stride, best), f"per_eval={best}"
-
-
-def _pre(case: Case):
-    pre = case.model["preprocess"]
-    return pre.get("resize"), pre.get("crop")
 
 
 def bench_neighbours(case: Case, vectors: np.ndarray, k: int, metric: str, repeats: int) -> None:

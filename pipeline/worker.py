@@ -65,6 +65,14 @@ def normalize(pixels: torch.Tensor, mean: list[float], std: list[float]) -> torc
     return (x - m) / s
 
 
+def autocast(device: torch.device, precision: str):
+    """``execution.precision`` as a context: nothing for float32, else autocast to bf16/fp16."""
+    if precision == "float32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -109,10 +117,7 @@ class ModelWorker:
             self.template[key] = np.full(1, "", dtype=object)
 
     def _autocast(self):
-        if self.precision == "float32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bfloat16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.device, self.precision)
 
     def _compute(self, pixels: np.ndarray, image_ids: list[str], labels: np.ndarray,
                  boxes: np.ndarray | None = None, dry: bool = False) -> dict[str, np.ndarray]:

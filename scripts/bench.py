@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +66,8 @@ class Case:
         """The case with its files listed over and over up to ``n`` (new ids: every entry is
         an image of its own to convscope), for runs longer than the dataset."""
         reps = -(-n // len(self.paths))
-        return Case(self.name, (self.paths * reps)[:n], (self.labels * reps)[:n], self.model, self.execution,
-                    self.work / f"x{reps}", self.note, self.rows, self.startup)
+        return replace(self, paths=(self.paths * reps)[:n], labels=(self.labels * reps)[:n],
+                       work=self.work / f"x{reps}")
 
     def loop(self, n: int, loader_workers: int) -> peers.Loop:
         from pipeline.manifest import MODEL_SOURCES
@@ -195,7 +195,7 @@ def bench_fast_path(case: Case, n: int, layers: list[str], repeats: int, loader_
                     reference: dict[str, np.ndarray]) -> None:
     """features with the fast-path options, convscope and the plain loop both using them."""
     for options in ({"channels_last": True}, {"channels_last": True, "precision": "bfloat16"}):
-        fast = Case(case.name, case.paths, case.labels, case.model, {**case.execution, **options}, case.work)
+        fast = replace(case, execution={**case.execution, **options}, rows=[])
         loop = fast.loop(n, loader_workers)
         entry = [{"type": "features", "layers": layers, "pool": "avg"}]
 

@@ -11,7 +11,6 @@ The peers are benchmark extras (``pip install -e .[bench]``); a missing one is s
 
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -21,7 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from jobs.backprop import _module
 from pipeline.decode import decode_image
+from pipeline.models import capture
+from pipeline.worker import autocast, normalize
 
 
 @dataclass
@@ -51,18 +53,12 @@ class Loop:
             _Files(self.paths, pre.resize, pre.crop), batch_size=batch_size or self.batch_size,
             num_workers=self.loader_workers, pin_memory=self.device.type == "cuda",
             persistent_workers=False)
-        mean = torch.tensor(pre.mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(pre.std, device=self.device).view(1, 3, 1, 1)
         for pixels in loader:
-            x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-            x = (x - mean) / std
+            x = normalize(pixels.to(self.device, non_blocking=True), pre.mean, pre.std)
             yield x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def autocast(self):
-        if self.precision == "float32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bfloat16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.device, self.precision)
 
 
 class _Files(torch.utils.data.Dataset):
@@ -82,10 +78,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _module(model: torch.nn.Module, name: str) -> torch.nn.Module:
-    return dict(model.named_modules())[name]
-
-
 # ----------------------------------------------------------------------------- dataset passes
 
 
@@ -94,18 +86,12 @@ def features_loop(loop: Loop, layers: list[str]) -> tuple[float, dict[str, np.nd
     start = time.perf_counter()
     model = loop.load_model()
     out: dict[str, list] = {layer: [] for layer in layers}
-    acts: dict[str, torch.Tensor] = {}
-    hooks = [_module(model, layer).register_forward_hook(
-        lambda m, i, o, layer=layer: acts.__setitem__(layer, o)) for layer in layers]
-    try:
-        with torch.inference_mode(), loop.autocast():
-            for x in loop.batches():
-                model(x)
-                for layer in layers:
-                    out[layer].append(acts[layer].float().mean(dim=(2, 3)).cpu())
-    finally:
-        for h in hooks:
-            h.remove()
+    # The outputs as they are, not cloned: what a hand-written hook keeps.
+    with torch.inference_mode(), loop.autocast(), capture(model, layers, detach=False) as acts:
+        for x in loop.batches():
+            model(x)
+            for layer in layers:
+                out[layer].append(acts[layer].float().mean(dim=(2, 3)).cpu())
     _sync(loop.device)
     seconds = time.perf_counter() - start
     return seconds, {layer: torch.cat(v).numpy() for layer, v in out.items()}
@@ -116,26 +102,19 @@ def stats_loop(loop: Loop, layers: list[str], k: int) -> tuple[float, dict[str, 
     largest per-image maxima over the dataset (a running top-k)."""
     start = time.perf_counter()
     model = loop.load_model()
-    acts: dict[str, torch.Tensor] = {}
-    hooks = [_module(model, layer).register_forward_hook(
-        lambda m, i, o, layer=layer: acts.__setitem__(layer, o)) for layer in layers]
     total: dict[str, torch.Tensor] = {}
     count: dict[str, int] = {}
     top: dict[str, torch.Tensor] = {}
-    try:
-        with torch.inference_mode(), loop.autocast():
-            for x in loop.batches():
-                model(x)
-                for layer in layers:
-                    a = acts[layer].double()
-                    total[layer] = total.get(layer, 0) + a.sum(dim=(0, 2, 3))
-                    count[layer] = count.get(layer, 0) + a.shape[0] * a.shape[2] * a.shape[3]
-                    peaks = acts[layer].float().amax(dim=(2, 3)).T  # (C, N)
-                    both = peaks if layer not in top else torch.cat([top[layer], peaks], 1)
-                    top[layer] = both.topk(min(k, both.shape[1]), dim=1).values
-    finally:
-        for h in hooks:
-            h.remove()
+    with torch.inference_mode(), loop.autocast(), capture(model, layers, detach=False) as acts:
+        for x in loop.batches():
+            model(x)
+            for layer in layers:
+                a = acts[layer].double()
+                total[layer] = total.get(layer, 0) + a.sum(dim=(0, 2, 3))
+                count[layer] = count.get(layer, 0) + a.shape[0] * a.shape[2] * a.shape[3]
+                peaks = acts[layer].float().amax(dim=(2, 3)).T  # (C, N)
+                both = peaks if layer not in top else torch.cat([top[layer], peaks], 1)
+                top[layer] = both.topk(min(k, both.shape[1]), dim=1).values
     seconds = time.perf_counter() - start
     return seconds, {layer: {"mean": (total[layer] / count[layer]).numpy(), "top": top[layer].numpy()}
                      for layer in layers}

@@ -239,6 +239,13 @@ def check_refused(path: Path, want: str | None, capsys, calls: list) -> None:
     assert not (path.parent / "out").exists(), "convscope run wrote output for an invalid manifest"
 
 
+def refuse(doc: dict, tmp_path: Path, want: str | None, capsys, calls: list) -> None:
+    """Write ``doc`` as the manifest ``m.yaml`` and :func:`check_refused` it."""
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+    check_refused(path, want, capsys, calls)
+
+
 @pytest.fixture
 def no_ray(monkeypatch):
     calls: list = []
@@ -267,9 +274,7 @@ def test_schema_errors_name_the_field(base_files, tmp_path, capsys, no_ray, data
         doc["model"]["weights"] = str(weights)
     if "output" in doc and isinstance(doc["output"], str):
         doc["output"] = str(tmp_path / "out")
-    path = tmp_path / "m.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
-    check_refused(path, want, capsys, no_ray)
+    refuse(doc, tmp_path, want, capsys, no_ray)
 
 
 @settings(max_examples=25, **HYP)
@@ -280,9 +285,7 @@ def test_unknown_layers_are_named(base_files, tmp_path, capsys, no_ray, data):
     doc["output"] = str(tmp_path / "out")
     entry, want = data.draw(bad_layers())
     doc["analyses"].append(entry)
-    path = tmp_path / "m.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
-    check_refused(path, want, capsys, no_ray)
+    refuse(doc, tmp_path, want, capsys, no_ray)
 
 
 @settings(max_examples=40, **HYP)
@@ -328,9 +331,7 @@ def test_specific_regressions(base_files, tmp_path, capsys, no_ray):
         doc = base_manifest(root, weights)
         doc["output"] = str(tmp_path / "out")
         mutate(doc)
-        path = tmp_path / "m.yaml"
-        path.write_text(yaml.safe_dump(doc, sort_keys=False))
-        check_refused(path, want, capsys, no_ray)
+        refuse(doc, tmp_path, want, capsys, no_ray)
     text = yaml.safe_dump(base_manifest(root, weights), sort_keys=False) + "name: again\n"
     (tmp_path / "m.yaml").write_text(text.replace(str(root / "out"), str(tmp_path / "out")))
     check_refused(tmp_path / "m.yaml", "duplicate key 'name'", capsys, no_ray)

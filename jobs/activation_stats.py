@@ -35,6 +35,7 @@ from jobs.base import (
     ReduceInputs,
     ReduceOutput,
     Rows,
+    by_layer,
     register,
 )
 
@@ -42,6 +43,11 @@ from jobs.base import (
 class ActivationStatsParams(AnalysisParams):
     type: Literal["activation_stats"] = "activation_stats"
     layers: list[str] = Field(min_length=1)
+
+
+# The partials of one batch (per layer): per channel, the moments ``Moments.add`` merges.
+MOMENTS = pa.schema([("channel", pa.int32()), ("count", pa.int64()), ("mean", pa.float64()), ("m2", pa.float64()),
+                     ("min", pa.float64()), ("max", pa.float64()), ("zeros", pa.int64())])
 
 
 def batch_moments(activation: torch.Tensor) -> dict[str, np.ndarray]:
@@ -123,6 +129,9 @@ class ActivationStats(ReduceAnalysis):
 
     name = "activation_stats"
     Params = ActivationStatsParams
+
+    def schema(self) -> dict[str, pa.Schema]:
+        return by_layer(self.params.layers, MOMENTS)
 
     def map_batch(self, batch: MapBatch) -> Rows:
         return {f"layer={layer}": batch_moments(batch.activations[layer]) for layer in self.params.layers}

@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
+import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from jobs.base import AnalysisParams, MapAnalysis, MapBatch, MapOutput, SampleSpec, image_key, sample_ids
+from jobs.base import FLOATS, IMAGE_ID, LABEL, AnalysisParams, MapAnalysis, MapBatch, MapOutput, SampleSpec, image_key, sample_ids
 
 # Registered names of the attribution analyses (``attribution_summary`` reads their tables).
 ATTRIBUTION: set[str] = set()
@@ -126,6 +127,23 @@ class AttributionAnalysis(MapAnalysis):
     def select(self, image_ids):
         s = self.params.sample
         return None if s is None else sample_ids(list(image_ids), s.n, s.seed)
+
+    def map_columns(self) -> list[tuple[str, pa.DataType]]:
+        """The raw map columns :meth:`attribute` returns (flattened), with their types."""
+        return [("map", FLOATS)]
+
+    def schema(self) -> dict[str, pa.Schema]:
+        p = self.params
+        f32 = pa.float32()
+        fields = [IMAGE_ID, LABEL, ("method", pa.string()), ("target", pa.int64()), ("rank", pa.int64()),
+                  ("score", f32), *self.map_columns(),
+                  ("channels", pa.int32()), ("height", pa.int32()), ("width", pa.int32())]
+        if p.metrics:
+            fields += [("deletion_auc", f32), ("insertion_auc", f32)]
+        fields += [("pointing", f32), ("box_energy", f32)]
+        if p.render:
+            fields += [("key", pa.string()), ("vmin", f32), ("vmax", f32)]
+        return {"": pa.schema(fields)}
 
     def attribute(self, batch: MapBatch, x: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor) -> Attribution:
         """Maps for inputs ``x`` (M, C, H, W), classes ``targets`` (M,); ``rows`` are their

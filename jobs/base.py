@@ -63,6 +63,17 @@ def _distinct_layers(layers: list[str]) -> list[str]:
     return layers
 
 
+# Columns most tables share (see DESIGN.md's output contract).
+IMAGE_ID = pa.field("image_id", pa.string())
+LABEL = pa.field("label", pa.int64())
+FLOATS = pa.list_(pa.float32())  # a vector or a flattened map, float32
+
+
+def by_layer(layers: Sequence[str], schema: pa.Schema) -> dict[str, pa.Schema]:
+    """One partition ``layer=<layer>`` per layer, each with ``schema``."""
+    return {f"layer={layer}": schema for layer in layers}
+
+
 # ``layers`` of an analysis that keys its results by layer: at least one, none twice.
 DistinctLayers = Annotated[list[str], Field(min_length=1), AfterValidator(_distinct_layers)]
 
@@ -202,6 +213,17 @@ class Analysis:
         """Problems with this entry against the model (a layer of the wrong kind, a channel or
         class it does not have), each with its field path; called when the manifest is checked."""
         return []
+
+    def schema(self) -> dict[str, pa.Schema] | None:
+        """The tables this entry's pass over the dataset yields, by partition: for a ``map``
+        analysis its output table (``image_id`` and ``label`` first, before the runner adds the
+        ``shard`` columns of its ``key`` columns), for a ``reduce`` analysis its partials.
+
+        Every block any worker writes is cast to it, so all parts of a table share one schema
+        whatever each block held. None: no dataset pass (``model`` analyses, entries that
+        reduce other entries' tables).
+        """
+        return None
 
     def sources(self, entries: Sequence[AnalysisParams]) -> list[str]:
         """Names of the other manifest ``entries`` whose committed tables this entry reduces.

@@ -71,7 +71,7 @@ from jobs.base import (
     register,
     safe_key,
 )
-from jobs.kernels import pooled_features, read_features, worth_logging
+from jobs.kernels import pooled_features, pooled_features_schema, read_features, worth_logging
 from jobs.render import atlas, atlas_cells, scatter
 
 Method = Literal["pca", "tsne", "umap"]
@@ -229,6 +229,9 @@ class Embedding(ReduceAnalysis):
 
     name = "embedding"
     Params = EmbeddingParams
+
+    def schema(self) -> dict[str, pa.Schema]:
+        return pooled_features_schema(self.params.layers)
 
     def map_batch(self, batch: MapBatch) -> Rows:
         return pooled_features(batch, self.params.layers, self.params.pool, self.params.grid)

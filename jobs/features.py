@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from typing import Literal
 
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from jobs.base import AnalysisParams, MapAnalysis, MapBatch, Rows, register
+from jobs.base import FLOATS, IMAGE_ID, LABEL, AnalysisParams, MapAnalysis, MapBatch, Rows, by_layer, register
 
 
 class FeaturesParams(AnalysisParams):
@@ -59,6 +60,9 @@ class Features(MapAnalysis):
 
     name = "features"
     Params = FeaturesParams
+
+    def schema(self) -> dict[str, pa.Schema]:
+        return by_layer(self.params.layers, pa.schema([IMAGE_ID, LABEL, ("vector", FLOATS)]))
 
     def map_batch(self, batch: MapBatch) -> Rows:
         p = self.params

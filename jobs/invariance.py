@@ -79,23 +79,26 @@ def invariance_curves(model: torch.nn.Module, x: torch.Tensor, labels: torch.Ten
     class; NaN where the label is < 0) and ``predicted`` as (amounts, N).
     """
     n = len(x)
-    _, reference = layer_outputs(model, x, layers)
-    ref = {layer: reference[layer].flatten(1) for layer in layers}
-    ref_norm = {layer: ref[layer].norm(dim=1) for layer in layers}
     pairs = [(a, i) for a in range(len(amounts)) for i in range(n)]
     dist = torch.zeros(len(layers), len(amounts), n)
+    norms = torch.ones(len(layers), len(amounts), n)
     prob = torch.full((len(amounts), n), float("nan"))
     pred = torch.zeros(len(amounts), n, dtype=torch.long)
     labels = labels.cpu().long()
     for start in range(0, len(pairs), chunk):
         part = pairs[start:start + chunk]
-        batch = torch.cat([transform_images(x[i:i + 1], kind, amounts[a]) for a, i in part])
+        batch = torch.cat([transform_images(x[i:i + 1], kind, amounts[a]) for a, i in part]).contiguous()
         logits, acts = layer_outputs(model, batch, layers)
+        # The untransformed images in a batch of the same shape and memory layout: CPU
+        # convolutions round differently for other batch sizes (and NHWC inputs), and the
+        # identity must give a distance of exactly 0.
+        _, reference = layer_outputs(model, torch.cat([x[i:i + 1] for _, i in part]).contiguous(), layers)
         a_idx = torch.tensor([a for a, _ in part])
         i_idx = torch.tensor([i for _, i in part])
         for li, layer in enumerate(layers):
-            d = (acts[layer].flatten(1) - ref[layer][i_idx.to(ref[layer].device)]).norm(dim=1)
-            dist[li, a_idx, i_idx] = d.cpu()
+            ref = reference[layer].flatten(1)
+            dist[li, a_idx, i_idx] = (acts[layer].flatten(1) - ref).norm(dim=1).cpu()
+            norms[li, a_idx, i_idx] = ref.norm(dim=1).cpu()
         p = torch.softmax(logits, dim=1).cpu()
         lab = labels[i_idx]
         known = (lab >= 0) & (lab < p.shape[1])
@@ -103,7 +106,6 @@ def invariance_curves(model: torch.nn.Module, x: torch.Tensor, labels: torch.Ten
         values[known] = p[known.nonzero()[:, 0], lab[known]]
         prob[a_idx, i_idx] = values
         pred[a_idx, i_idx] = p.argmax(dim=1)
-    norms = torch.stack([ref_norm[layer].cpu() for layer in layers])[:, None, :]
     return {"distance": dist, "relative_distance": dist / norms.clamp_min(1e-12), "prob": prob, "predicted": pred}
 
 

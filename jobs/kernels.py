@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from jobs.base import MapBatch, ReduceInputs, Rows
+from jobs.base import FLOATS, IMAGE_ID, LABEL, MapBatch, ReduceInputs, Rows, by_layer
 from jobs.features import pool
 
 
@@ -63,6 +64,11 @@ def matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     if not parts:
         return np.zeros((0, 0), np.float32)
     return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def pooled_features_schema(layers: Sequence[str]) -> dict[str, pa.Schema]:
+    """The partials :func:`pooled_features` returns, by partition."""
+    return by_layer(layers, pa.schema([IMAGE_ID, LABEL, ("feature", FLOATS)]))
 
 
 def pooled_features(batch: MapBatch, layers: list[str], how: str, grid: int = 2) -> Rows:

@@ -40,6 +40,9 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from jobs.base import (
+    FLOATS,
+    IMAGE_ID,
+    LABEL,
     AnalysisParams,
     MapBatch,
     ReduceAnalysis,
@@ -399,6 +402,10 @@ class Neighbours(ReduceAnalysis):
             if message:
                 return [(("queries",), message)]
         return []
+
+    def schema(self) -> dict[str, pa.Schema]:
+        return {"": pa.schema([IMAGE_ID, LABEL, *((space, FLOATS) for space in ("feature", "pixel")
+                                                  if space in self.params.spaces)])}
 
     def map_batch(self, batch: MapBatch) -> Rows:
         p = self.params

@@ -26,13 +26,14 @@ import math
 from collections.abc import Sequence
 from typing import Literal
 
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from jobs.attribution import Attribution, AttributionAnalysis, AttributionParams
-from jobs.base import MapBatch, register
+from jobs.base import FLOATS, MapBatch, register
 from jobs.kernels import gaussian_blur
 
 Fill = Literal["mean", "zero", "blur"]
@@ -239,6 +240,10 @@ class Occlusion(AttributionAnalysis):
     def layers(self) -> list[tuple[tuple[str | int, ...], str]]:
         f = self.params.feature
         return [(("feature", "layer"), f.layer)] if f is not None else []
+
+    def map_columns(self) -> list[tuple[str, pa.DataType]]:
+        columns = [("prob_map", FLOATS), ("label_map", pa.list_(pa.int64()))]
+        return columns + ([("feature_map", FLOATS)] if self.params.feature is not None else [])
 
     def attribute(self, batch: MapBatch, x: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor) -> Attribution:
         p = self.params

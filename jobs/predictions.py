@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from typing import Literal
 
+import pyarrow as pa
 import torch
 from pydantic import Field
 
-from jobs.base import AnalysisParams, MapAnalysis, MapBatch, Rows, register
+from jobs.base import FLOATS, IMAGE_ID, LABEL, AnalysisParams, MapAnalysis, MapBatch, Rows, register
 
 
 class PredictionsParams(AnalysisParams):
@@ -45,6 +46,11 @@ class Predictions(MapAnalysis):
 
     name = "predictions"
     Params = PredictionsParams
+
+    def schema(self) -> dict[str, pa.Schema]:
+        fields = [IMAGE_ID, LABEL, ("pred", pa.int64()), ("prob", pa.float32()), ("top5", pa.list_(pa.int64())),
+                  ("top5_prob", FLOATS)]
+        return {"": pa.schema(fields + ([("logits", FLOATS)] if self.params.logits else []))}
 
     def map_batch(self, batch: MapBatch) -> Rows:
         logits = batch.logits.float()

@@ -49,7 +49,7 @@ from jobs.base import (
     Rows,
     register,
 )
-from jobs.kernels import pooled_features, read_features, worth_logging
+from jobs.kernels import pooled_features, pooled_features_schema, read_features, worth_logging
 
 
 class ProbesParams(AnalysisParams):
@@ -122,6 +122,9 @@ class Probes(ReduceAnalysis):
 
     name = "probes"
     Params = ProbesParams
+
+    def schema(self) -> dict[str, pa.Schema]:
+        return pooled_features_schema(self.params.layers)
 
     def map_batch(self, batch: MapBatch) -> Rows:
         return pooled_features(batch, self.params.layers, self.params.pool, self.params.grid)

@@ -41,7 +41,9 @@ import torch
 from PIL import Image
 from pydantic import Field, field_validator
 
+from jobs.backprop import forward_to
 from jobs.base import (
+    IMAGE_ID,
     AnalysisParams,
     DistinctLayers,
     MapBatch,
@@ -50,10 +52,10 @@ from jobs.base import (
     ReduceInputs,
     ReduceOutput,
     Rows,
+    by_layer,
     register,
     safe_key,
 )
-from jobs.backprop import forward_to
 from jobs.kernels import topk_first
 from jobs.render import EMPTY, enlarge, grid
 
@@ -259,6 +261,10 @@ class TopPatches(ReduceAnalysis):
         if key not in self._fields:
             self._fields[key] = receptive_field(model, layer, tuple(input_size), device)
         return self._fields[key]
+
+    def schema(self) -> dict[str, pa.Schema]:
+        return by_layer(self.params.layers, pa.schema([
+            ("channel", pa.int32()), ("activation", pa.float32()), IMAGE_ID, ("y", pa.int32()), ("x", pa.int32())]))
 
     def map_batch(self, batch: MapBatch) -> Rows:
         p = self.params

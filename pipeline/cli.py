@@ -3,7 +3,7 @@
     convscope run MANIFEST [--output DIR] [--address RAY_ADDRESS] [--set key=value ...]
     convscope validate MANIFEST [--set key=value ...]
     convscope layers MODEL-SPEC | MANIFEST
-    convscope report RUN_DIR
+    convscope report RUN_DIR [--out DIR]
 
 Exit codes: 0 done, 1 an analysis failed (the rest is committed), 2 bad input.
 """
@@ -24,7 +24,8 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a manifest's analyses and write the output tables")
     run.add_argument("manifest", type=Path)
-    run.add_argument("--output", "-o", type=Path, help="output folder (overrides the manifest's 'output')")
+    run.add_argument("--output", "-o", help="output folder or URI such as s3://bucket/prefix "
+                                            "(overrides the manifest's 'output')")
     run.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a manifest field, e.g. --set execution.batch_size=32 (repeatable)")
@@ -34,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     rep = sub.add_parser("report", help="build RUN_DIR/report/index.html, a static site over a run's output")
-    rep.add_argument("run_dir", type=Path)
+    rep.add_argument("run_dir", help="a run's output folder or URI (s3://bucket/prefix, ...)")
+    rep.add_argument("--out", help="write the report here instead of RUN_DIR/report (a local folder)")
 
     lay = sub.add_parser("layers", help="list a model's layer names and output shapes")
     lay.add_argument("spec", help="a manifest, or SOURCE:NAME such as builtin:cifar_resnet20, "
@@ -108,7 +110,7 @@ def cmd_run(args) -> int:
             extra = info["error"].splitlines()[0][:200]
         print(f"  {name:<{width}}  {info['status']:<9} {extra}")
     if result.errors:
-        print(f"  {result.errors} image(s) could not be used: see {result.output / 'errors.parquet'}")
+        print(f"  {result.errors} image(s) could not be used: see {str(result.output).rstrip('/')}/errors.parquet")
     if result.error:
         print(f"  failed: {result.error}")
     return 0 if result.ok else 1
@@ -117,7 +119,7 @@ def cmd_run(args) -> int:
 def cmd_report(args) -> int:
     from pipeline.report import build_report
 
-    index = build_report(args.run_dir, log=lambda message: print(message, file=sys.stderr))
+    index = build_report(args.run_dir, log=lambda message: print(message, file=sys.stderr), out=args.out)
     print(f"report: {index}")
     return 0
 

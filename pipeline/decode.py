@@ -243,4 +243,6 @@ def decode_batch(batch: dict[str, np.ndarray], resize: Size, crop: Size,
     }
     if has_boxes:
         out["box"] = boxes
+    if "row" in batch:  # the dataset row of each image, carried through to the model actors
+        out["row"] = np.asarray(batch["row"], dtype=np.int64)
     return out

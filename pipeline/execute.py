@@ -1,21 +1,27 @@
-"""Running a manifest on Ray: list, plan, stream batches through the workers, commit.
+"""Running a manifest on Ray: list, plan, stream blocks through the workers, commit.
 
-A map stage is one Ray Data pipeline::
+A map stage is one Ray Data pipeline over blocks of the dataset::
 
-    index rows ─► decode (CPU tasks) ─► ModelWorker actors (model once per actor) ─► driver
+    index rows ─► decode (CPU tasks) ─► ModelWorker actors ─► Parquet parts + image shards
+                                                           └► block metadata ─► driver
 
-The driver streams the results (in dataset order) into per-entry Parquet writers, records
-images that could not be used in ``errors.parquet``, and commits each entry atomically.
-Embedded local Ray by default; ``execution.address`` (or ``--address``) joins a cluster.
+The model actors write what they compute into the run's staging area themselves; the driver
+receives one small record per block, keeps each entry's ledger of finished blocks, collects
+the images that could not be used (``errors.parquet``) and commits each entry when all its
+blocks are in (:mod:`pipeline.writers`). A rerun skips committed entries and, inside an
+entry, blocks its ledger already has. Embedded local Ray by default; ``execution.address``
+(or ``--address``) joins a cluster.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 import time
 import traceback
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,27 +32,19 @@ import pyarrow as pa
 
 from jobs import REGISTRY
 from pipeline.datasets import DatasetIndex, list_dataset
+from pipeline.decode import decode_batch
 from pipeline.errors import UserError
 from pipeline.manifest import Manifest, ParquetDataset
+from pipeline.model_stage import run_model_stage
 from pipeline.models import check_layers, load_model, model_hash
 from pipeline.plan import Stage, entry_key, plan
-from pipeline.model_stage import run_model_stage
+from pipeline.progress import Progress, RunLog
 from pipeline.reduce import run_reduce_stage
-from pipeline.decode import decode_batch
-from pipeline.worker import IMAGES, PARTIAL, SEP, ModelWorker, default_threads, entries_json, error_key, unpack_partial
-from pipeline.writers import (
-    INPUTS,
-    STAGING,
-    EntryWriter,
-    atomic_write_table,
-    atomic_write_text,
-    invalidate,
-    labels_to_arrow,
-    read_success,
-    to_arrow,
-    write_json,
-)
+from pipeline.store import Store
+from pipeline.worker import ModelWorker, default_threads, entries_json
+from pipeline.writers import INPUTS, STAGING, BlockRecord, StagedEntry, invalidate, labels_to_arrow, read_success
 
+RUN_LOG = "run.log"
 Log = Callable[[str], None]
 
 
@@ -56,7 +54,7 @@ def _stderr(msg: str) -> None:
 
 @dataclass
 class RunResult:
-    output: Path
+    output: Path | str
     status: str
     analyses: dict[str, dict] = field(default_factory=dict)
     errors: int = 0
@@ -106,7 +104,9 @@ def _configure_data() -> None:
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # deterministic tables, whatever the workers
+    # Blocks finish in any order (no head-of-line blocking); tables are in dataset order
+    # anyway, from the block numbers in their part names.
+    ctx.execution_options.preserve_order = False
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     for name in ("ray.data", "ray.data._internal"):
@@ -151,10 +151,38 @@ def decode_block(setting: int | str, size: tuple[int, int] | None) -> int:
     return int(min(1024, max(64, DECODE_BLOCK_BYTES // (size[0] * size[1] * 3))))
 
 
-def _map_dataset(manifest: Manifest, index: DatasetIndex, stage: Stage):
-    """The Ray Data pipeline of a map stage (lazy; nothing runs until it is iterated)."""
+# With decode_batch_size: auto, at least this many blocks per worker (small datasets).
+BLOCKS_PER_WORKER = 8
+
+
+def block_rows(manifest: Manifest, images: int) -> int:
+    """Dataset rows per block of a map stage of ``images`` images: the decode block, rounded
+    up to whole batches.
+
+    A block is decoded by one task, computed by one model actor (in batches of
+    ``batch_size``, so batches never straddle blocks and are the same whatever the block
+    size), written by that actor and recorded in the ledger: the unit of resume and of
+    progress. With ``auto``, a small dataset still gets ``BLOCKS_PER_WORKER`` blocks per
+    worker, so every worker has work and progress shows before the end.
+    """
+    ex = manifest.execution
+    block = decode_block(ex.decode_batch_size, manifest.model.preprocess.output_size())
+    if ex.decode_batch_size == "auto":
+        block = max(1, min(block, -(-images // (BLOCKS_PER_WORKER * ex.workers))))
+    return -(-block // ex.batch_size) * ex.batch_size
+
+
+@dataclass
+class Resources:
+    """What each model actor of a map stage gets."""
+
+    use_gpu: bool
+    actor_cpus: float
+    threads: int | None
+
+
+def _resources(manifest: Manifest) -> Resources:
     import ray
-    import ray.data
 
     ex = manifest.execution
     resources = ray.cluster_resources()
@@ -162,39 +190,64 @@ def _map_dataset(manifest: Manifest, index: DatasetIndex, stage: Stage):
     use_gpu = ex.device == "cuda" or (ex.device == "auto" and resources.get("GPU", 0) >= 1)
     if ex.device == "cuda" and resources.get("GPU", 0) < 1:
         raise UserError("execution.device: 'cuda' was asked for, but the Ray cluster has no GPU")
-    # Leave one CPU for decoding, so model actors can never starve the tasks that feed them.
-    actor_cpus = max(0.1, min(1.0, (total_cpus - 1) / ex.workers)) if not use_gpu else 1.0
+    if ex.cpus_per_worker != "auto":
+        actor_cpus = float(ex.cpus_per_worker)
+    elif use_gpu:
+        # Rendering and writing run beside the GPU work; the other half of the CPUs decode.
+        actor_cpus = float(max(1, min(4, int(total_cpus // ex.workers // 2))))
+    else:
+        # Leave one CPU for decoding, so model actors can never starve the tasks that feed them.
+        actor_cpus = max(0.1, min(1.0, (total_cpus - 1) / ex.workers))
     threads = ex.threads_per_worker or (None if use_gpu else default_threads(ex.workers))
+    return Resources(use_gpu, actor_cpus, threads)
 
-    _await_cpus(min(total_cpus, actor_cpus * ex.workers + 1))
+
+def _map_dataset(manifest: Manifest, index: DatasetIndex, stage: Stage, store: Store,
+                 staged: dict[str, StagedEntry], blocks: list[int], done: dict[str, set[int]]):
+    """The Ray Data pipeline of a map stage over ``blocks`` (lazy; nothing runs until it is
+    iterated). Its output is one small metadata row per block written."""
+    import ray
+    import ray.data
+
+    ex = manifest.execution
+    res = _resources(manifest)
+    _await_cpus(min(float(ray.cluster_resources().get("CPU", 1)), res.actor_cpus * ex.workers + 1))
     execution = ex.model_dump(mode="json")
-    execution["device"] = "cuda" if use_gpu else "cpu"
-    block = decode_block(ex.decode_batch_size, manifest.model.preprocess.output_size())
+    execution["device"] = "cuda" if res.use_gpu else "cpu"
+    execution["cpus_per_worker"] = res.actor_cpus
+    rows = block_rows(manifest, len(index))
     table = _with_boxes(index)
-    blocks = [table.slice(i, block) for i in range(0, table.num_rows, block)] or [table]
+    table = table.append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    parts = [table.slice(b * rows, rows) for b in blocks]
     column = manifest.dataset.image_column if isinstance(manifest.dataset, ParquetDataset) else "image"
     chosen, samples = selections(stage, index)
-    ds = ray.data.from_arrow(blocks)
+    ds = ray.data.from_arrow(parts)
     with warnings.catch_warnings():
         # ray_remote_args_fn is deprecated for removal in Ray 2.64; pyproject pins below it.
         warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*")
-        ds = _decode_stage(ds, manifest, block, column)
+        ds = _decode_stage(ds, manifest, rows, column)
     ds = ds.map_batches(
         ModelWorker,
-        batch_size=ex.batch_size,
+        batch_size=None,  # one decoded block is one call: the actor batches it for the model
         batch_format="numpy",
         fn_constructor_kwargs={
             "model_spec": manifest.model.model_dump(mode="json"),
             "entries": entries_json([a.params for a in stage.analyses]),
             "execution": execution,
-            "threads": threads,
+            "store": store,
+            "staging": {name: s.staging for name, s in staged.items()},
+            "block_rows": rows,
+            "done": {name: sorted(d) for name, d in done.items()},
+            "threads": res.threads,
             "selections": chosen,
             "samples": samples,
         },
-        # Ray Data restarts dead actors and retries their batches by default.
-        compute=ray.data.ActorPoolStrategy(size=ex.workers),
-        num_cpus=actor_cpus,
-        num_gpus=1 if use_gpu else 0,
+        # Ray Data restarts dead actors and retries their blocks by default; a retried block
+        # writes under a new attempt id, and the ledger names the files that count.
+        compute=ray.data.ActorPoolStrategy(min_size=ex.min_workers or ex.workers, max_size=ex.workers),
+        num_cpus=res.actor_cpus,
+        num_gpus=1 if res.use_gpu else 0,
+        **store.remote_args(),
     )
     return ds
 
@@ -226,64 +279,24 @@ def selections(stage: Stage, index: DatasetIndex) -> tuple[dict[str, int], list[
 # ----------------------------------------------------------------------------- stages
 
 
-class _Progress:
-    def __init__(self, total: int, what: str, log: Log, every: float = 5.0):
-        self.total, self.what, self.log, self.every = total, what, log, every
-        self.done = 0
-        self.start = self.last = time.time()
-
-    def add(self, n: int) -> None:
-        self.done += n
-        now = time.time()
-        if now - self.last >= self.every or self.done >= self.total:
-            rate = self.done / max(now - self.start, 1e-9)
-            self.log(f"  {self.what}: {self.done:,}/{self.total:,} images ({rate:,.0f} images/s)")
-            self.last = now
-
-
-def _consume(batch: dict[str, np.ndarray], writers: dict[str, EntryWriter], errors: list[dict],
-             failures: dict[str, str]) -> None:
-    """Route one result batch: bad images to ``errors``, failed analyses to ``failures``,
-    the rest to each entry's writer."""
-    ok = batch["error"] == ""
-    for i in np.flatnonzero(~ok):
-        errors.append({"image_id": str(batch["image_id"][i]), "stage": str(batch["error_stage"][i]),
-                       "error": str(batch["error"][i])})
-    if not ok.any():
-        return
-    for entry in writers:
-        messages = batch[error_key(entry)][ok]
-        bad = messages != ""
-        if bad.any():
-            failures.setdefault(entry, str(messages[bad][0]))
-    ids = pa.array(batch["image_id"][ok].tolist(), pa.string())
-    labels = labels_to_arrow(batch["label"][ok])
-    grouped: dict[tuple[str, str], dict] = {}
-    # Images first: the rows that name them get their shard when they are added.
-    for key in sorted(batch, key=lambda k: not k.endswith(SEP + IMAGES)):
-        if SEP not in key or key.endswith(SEP + "__error__"):
-            continue
-        values = batch[key]
-        entry, partition, column = key.split(SEP)
-        if entry in failures:
-            continue
-        if column == IMAGES:
-            for cell in values:
-                if cell is not None and len(cell):
-                    images = unpack_partial(cell)
-                    for image_key, png in zip(images.column("key").to_pylist(), images.column("png").to_pylist()):
-                        writers[entry].add_image(image_key, png)
-            continue
-        if column == PARTIAL:
-            for cell in values:
-                if cell is not None and len(cell):
-                    table = unpack_partial(cell)
-                    if table.num_rows:  # a batch with no rows for the entry also has no schema
-                        writers[entry].add(partition, table)
-            continue
-        grouped.setdefault((entry, partition), {"image_id": ids, "label": labels})[column] = to_arrow(values[ok])
-    for (entry, partition), columns in grouped.items():
-        writers[entry].add(partition, columns)
+def covered_blocks(records: dict[int, BlockRecord], rows: int, total: int) -> tuple[set[int], list[int]]:
+    """Blocks (of ``rows`` dataset rows; ``total`` rows in all) the ledger ``records`` cover
+    exactly, and the recorded blocks that cover a block only in part (to compute again)."""
+    by_block: dict[int, list[BlockRecord]] = {}
+    for record in records.values():
+        by_block.setdefault(record.block // rows, []).append(record)
+    whole, partial = set(), []
+    for b, pieces in by_block.items():
+        at, stop = b * rows, min((b + 1) * rows, total)
+        for piece in sorted(pieces, key=lambda r: r.block):
+            if piece.block != at:
+                break
+            at += piece.size
+        if at == stop:
+            whole.add(b)
+        else:
+            partial += [p.block for p in pieces]
+    return whole, partial
 
 
 def _await_cpus(needed: float, timeout: float = 10.0) -> None:
@@ -304,43 +317,79 @@ def _await_cpus(needed: float, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def run_map_stage(
-    manifest: Manifest, index: DatasetIndex, stage: Stage, keys: dict[str, dict], log: Log
-) -> tuple[dict[str, dict], list[dict]]:
-    """Run one fused map stage; commit every entry; return per-entry stats and error rows."""
-    output = manifest.output
+def run_map_stage(manifest: Manifest, store: Store, index: DatasetIndex, stage: Stage, keys: dict[str, dict],
+                  log: RunLog) -> tuple[dict[str, dict], list[dict]]:
+    """Run one fused map stage, resuming inside it from the entries' ledgers; commit every
+    entry; return per-entry stats and the rows of images that could not be used."""
+    rows, total = block_rows(manifest, len(index)), len(index)
+    nblocks = -(-total // rows)
     # A reduce entry's partials are committed apart, under .inputs/, for its reduction.
     partial = {a.params.entry_name for a in stage.analyses if a.stage == "reduce"}
-    writers = {name: EntryWriter(output / INPUTS if name in partial else output, name, manifest.execution.rows_per_part)
-               for name in stage.entries}
-    errors: list[dict] = []
+    layout = {"block_rows": rows, "images": total}
+    staged = {name: StagedEntry(store, name, keys[name], layout, base=INPUTS if name in partial else "")
+              for name in stage.entries}
+    recorded = {name: s.open() for name, s in staged.items()}
+    done: dict[str, set[int]] = {}
+    for name, records in recorded.items():
+        done[name], again = covered_blocks(records, rows, total)
+        staged[name].forget(again)
+        for block in again:
+            del records[block]
+    todo = sorted(set(range(nblocks)) - set.intersection(*done.values()))
+    resumed = nblocks - len(todo)
+    if resumed:
+        log(f"  resuming: {resumed:,} of {nblocks:,} blocks already written by an earlier run")
     failures: dict[str, str] = {}
-    progress = _Progress(len(index), "+".join(stage.entries), log)
     start = time.time()
-    ds = _map_dataset(manifest, index, stage)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-        _consume(batch, writers, errors, failures)
-        progress.add(len(batch["error"]))
+    skipped_rows = total - sum(min(rows, total - b * rows) for b in todo)
+    what = stage.entries[0] if len(stage.entries) == 1 else f"map stage ({len(stage.entries)} analyses)"
+    progress = Progress(total, what, log.file if log.bar else log, done=skipped_rows, bar=log.bar)
+    try:
+        if todo:
+            ds = _map_dataset(manifest, index, stage, store, staged, todo, done)
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+                for text in batch["record"]:
+                    block = json.loads(text)
+                    for name, data in block["entries"].items():
+                        record = BlockRecord.from_json(data)
+                        if record.error is not None:
+                            if name not in failures:
+                                failures[name] = record.error
+                                log(f"{name} failed: {record.error}")
+                        elif name not in failures:
+                            staged[name].record(record)
+                            recorded[name][record.block] = record
+                    progress.add(int(block["size"]))
+    finally:
+        progress.close()
     seconds = time.time() - start
+    errors = list({(e["image_id"], e["stage"], e["error"]): e
+                   for records in recorded.values() for r in records.values() for e in r.errors}.values())
     stats = {}
-    for name, writer in writers.items():
-        common = {"seconds": round(seconds, 3), "stage": "map", "fused_with": [e for e in stage.entries if e != name]}
+    for name, entry in staged.items():
+        common = {"seconds": round(seconds, 3), "stage": "map", "fused_with": [e for e in stage.entries if e != name],
+                  "blocks": nblocks, "blocks_resumed": len(done[name])}
+        records = recorded[name]
+        if name not in failures and len(covered_blocks(records, rows, total)[0]) != nblocks:
+            failures[name] = "blocks are missing from the ledger although the pass finished"
         if name in failures:
-            writer.abort()
-            log(f"{name} failed: {failures[name]}")
+            entry.abort()
             stats[name] = {"status": "failed", "error": failures[name], **common}
             continue
         try:
-            writer.commit(keys[name])
+            entry.commit(records.values())
         except Exception as e:  # noqa: BLE001 -- out of disk, say: this entry fails, the others still commit
-            writer.abort()
+            entry.abort()
             message = f"committing {name} failed: {type(e).__name__}: {e}"[:2000]
             log(message)
             stats[name] = {"status": "failed", "error": message, **common}
             continue
-        stats[name] = {"status": "complete", "rows": writer.rows, "errors": len(errors), **common}
-        if writer.images:
-            stats[name].update(images=writer.images, shards=writer.shard_count)
+        stats[name] = {"status": "complete", "rows": sum(r.rows for r in records.values()), "errors": len(errors),
+                       **common}
+        images = sum(r.images for r in records.values())
+        if images:
+            shards = sum(f.final.endswith(".tar") for r in records.values() for f in r.files)
+            stats[name].update(images=images, shards=shards)
         if name in partial:
             stats[name].update(status="partials", stage="reduce", partial_rows=stats[name].pop("rows"),
                                map_seconds=stats[name].pop("seconds"))
@@ -350,15 +399,15 @@ def run_map_stage(
 # ----------------------------------------------------------------------------- the run
 
 
-def _prepare_output(output: Path) -> None:
+def _prepare_output(store: Store) -> None:
     """Create the output folder and prove it is writable before any work starts."""
+    probe = f".write-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     try:
-        output.mkdir(parents=True, exist_ok=True)
-        probe = output / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        store.mkdir()
+        store.write_bytes(probe, b"ok")
+        store.delete(probe)
     except OSError as e:
-        raise UserError(f"output: cannot write to {output}: {e.strerror or e}") from None
+        raise UserError(f"output: cannot write to {store.display()}: {e.strerror or e}") from None
 
 
 def _images_table(index: DatasetIndex) -> pa.Table:
@@ -390,17 +439,49 @@ def check_dataset(manifest: Manifest, index: DatasetIndex) -> None:
         raise ManifestError(str(manifest.source or manifest.name), problems)
 
 
+def _run_log(store: Store, log: Log) -> tuple[RunLog, Path | None]:
+    """The run's log: ``<output>/run.log`` (appended to by every run into the output), and
+    the messages on ``log``; for an output that is not a local folder, the file is written
+    locally during the run and uploaded when it ends (the returned path)."""
+    bar = log is _stderr and sys.stderr.isatty()
+    if store.local:
+        return RunLog(log, Path(store.path(RUN_LOG)), bar=bar), None
+    import tempfile
+
+    local = Path(tempfile.mkdtemp(prefix="convscope-log-")) / RUN_LOG
+    try:
+        local.write_bytes(store.read_bytes(RUN_LOG))
+    except (FileNotFoundError, OSError):
+        pass
+    return RunLog(log, local, bar=bar), local
+
+
 def run_manifest(manifest: Manifest, log: Log = _stderr) -> RunResult:
-    """Run every analysis of a validated manifest; skip entries already committed."""
+    """Run every analysis of a validated manifest; skip entries already committed, and
+    blocks of an entry its ledger already has."""
     started = time.time()
-    output = manifest.output
+    store = Store.open(manifest.output)
     # Everything `convscope validate` checks comes first: an invalid manifest leaves no output behind.
     model = load_model(manifest.model)  # trains the demo CNN here, once, if it is missing
     check_layers(manifest, model)
     index = list_dataset(manifest.dataset)
     check_dataset(manifest, index)
-    _prepare_output(output)
-    atomic_write_text(output / "manifest.resolved.yaml", manifest.resolved_yaml())
+    _prepare_output(store)
+    run_log, upload = _run_log(store, log)
+    try:
+        return _run(manifest, store, index, model, run_log, started)
+    finally:
+        run_log.close()
+        if upload is not None:
+            try:
+                store.write_bytes(RUN_LOG, upload.read_bytes())
+            except OSError as e:
+                log(f"could not upload {RUN_LOG}: {e}")
+
+
+def _run(manifest: Manifest, store: Store, index: DatasetIndex, model, log: RunLog, started: float) -> RunResult:
+    log(f"convscope run {manifest.name} -> {store.display()}")
+    store.write_text("manifest.resolved.yaml", manifest.resolved_yaml())
     mhash = model_hash(manifest.model, model)
     del model
     log(f"dataset: {len(index):,} images ({manifest.dataset.kind}), fingerprint {index.fingerprint[:19]}")
@@ -412,20 +493,20 @@ def run_manifest(manifest: Manifest, log: Log = _stderr) -> RunResult:
             keys[p.entry_name] = entry_key(p, manifest, index.fingerprint, mhash, {s: keys[s] for s in sources})
     done, partials_done = set(), set()
     for name, key in keys.items():
-        committed = read_success(output / name)
+        committed = read_success(store, name)
         if committed and committed.get("key") == key["key"]:
             done.add(name)
         elif committed:
             log(f"{name}: inputs changed since it was committed; recomputing")
-            invalidate(output, name)
-        partials = read_success(output / INPUTS / name)
+            invalidate(store, name)
+        partials = read_success(store, f"{INPUTS}/{name}")
         if name not in done and partials and partials.get("key") == key["key"]:
             partials_done.add(name)
         elif partials:
-            invalidate(output / INPUTS, name)
+            invalidate(store.child(INPUTS), name)
     analyses: dict[str, dict] = {
         name: {"status": "skipped", "reason": "already committed with the same inputs",
-               "rows": (read_success(output / name) or {}).get("rows")} for name in done
+               "rows": (read_success(store, name) or {}).get("rows")} for name in done
     }
     if done:
         log(f"already complete, skipped: {', '.join(sorted(done))}")
@@ -433,11 +514,9 @@ def run_manifest(manifest: Manifest, log: Log = _stderr) -> RunResult:
     if partials_done:
         log(f"partials already committed (no dataset pass needed): {', '.join(sorted(partials_done))}")
     all_errors: list[dict] = list(index.errors)
-    if not any(stage.kind == "map" for stage in stages) and (output / "errors.parquet").exists():
+    if not any(stage.kind == "map" for stage in stages) and store.is_file("errors.parquet"):
         # No dataset pass this time: the images found bad by the pass that ran before still are.
-        import pyarrow.parquet as pq
-
-        previous = pq.read_table(output / "errors.parquet").to_pylist()
+        previous = store.read_table("errors.parquet").to_pylist()
         ids = set(index.table.column("image_id").to_pylist())
         all_errors += [e for e in previous if e["stage"] != "list" and e["image_id"] in ids]
 
@@ -449,18 +528,18 @@ def run_manifest(manifest: Manifest, log: Log = _stderr) -> RunResult:
         log(f"{stage.kind} stage: {', '.join(stage.entries)}")
         try:
             if stage.kind == "map":
-                stats, errors = run_map_stage(manifest, index, stage, keys, log)
+                stats, errors = run_map_stage(manifest, store, index, stage, keys, log)
                 all_errors.extend(errors)
             elif stage.kind == "reduce":
-                stats = run_reduce_stage(manifest, index, stage.analyses, keys, log)
+                stats = run_reduce_stage(manifest, store, index, stage.analyses, keys, log)
                 for name, info in stats.items():
                     before = analyses.get(name, {})
                     info["seconds"] = round(before.get("map_seconds", 0.0) + info.get("reduce_seconds", 0.0), 3)
-                    carried = ("map_seconds", "partial_rows", "fused_with", "errors")
+                    carried = ("map_seconds", "partial_rows", "fused_with", "errors", "blocks", "blocks_resumed")
                     info.update({k: before[k] for k in carried if k in before})
                     info["stage"] = "reduce"
             else:
-                stats = run_model_stage(manifest, index, stage.analyses, keys, log)
+                stats = run_model_stage(manifest, store, index, stage.analyses, keys, log)
                 for info in stats.values():
                     info["stage"] = "model"
             analyses.update(stats)
@@ -477,10 +556,10 @@ def run_manifest(manifest: Manifest, log: Log = _stderr) -> RunResult:
                                   "traceback": traceback.format_exc()[-4000:]}
 
     all_errors = list({(e["image_id"], e["stage"], e["error"]): e for e in all_errors}.values())
-    if stages or not (output / "errors.parquet").exists():
-        atomic_write_table(output / "errors.parquet", pa.Table.from_pylist(
+    if stages or not store.is_file("errors.parquet"):
+        store.write_table("errors.parquet", pa.Table.from_pylist(
             all_errors, schema=pa.schema([("image_id", pa.string()), ("stage", pa.string()), ("error", pa.string())])))
-        atomic_write_table(output / "images.parquet", _images_table(index))
+        store.write_table("images.parquet", _images_table(index))
     # Images that could not be used (listing errors about whole shards are counted apart).
     bad = {e["image_id"] for e in all_errors} & set(index.table.column("image_id").to_pylist())
     run_error = None
@@ -498,6 +577,7 @@ def run_manifest(manifest: Manifest, log: Log = _stderr) -> RunResult:
         "seconds": round(time.time() - started, 3),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "manifest": str(manifest.source) if manifest.source else None,
+        "output": store.display(),
         "dataset": {
             "kind": manifest.dataset.kind, "fingerprint": index.fingerprint, "images": len(index),
             "ok": len(index) - len(bad), "errors": len(bad), "error_rows": len(all_errors),
@@ -511,9 +591,10 @@ def run_manifest(manifest: Manifest, log: Log = _stderr) -> RunResult:
         "analyses": {p.entry_name: {"type": p.type, **analyses.get(p.entry_name, {"status": "not run"})}
                      for p in manifest.analyses},
     }
-    write_json(output / "run.json", summary)
-    staging = output / STAGING
-    if staging.is_dir() and not any(staging.iterdir()):
-        staging.rmdir()
-    return RunResult(output=output, status=status, analyses=summary["analyses"], errors=len(all_errors),
+    store.write_json("run.json", summary)
+    for staging in (STAGING, f"{INPUTS}/{STAGING}", INPUTS):
+        if store.is_dir(staging) and not store.list(staging):
+            store.delete(staging)
+    log(f"{manifest.name}: {status} in {time.time() - started:.1f} s")
+    return RunResult(output=manifest.output, status=status, analyses=summary["analyses"], errors=len(all_errors),
                      error=run_error)

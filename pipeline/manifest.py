@@ -77,7 +77,29 @@ def _must_be_file(value: Path) -> Path:
     return value
 
 
+def _output(value: Any, info: ValidationInfo) -> Path | str:
+    """A local folder (relative to the manifest) or a URI (``s3://bucket/prefix``), kept as written."""
+    from pipeline.store import SCHEME, known_scheme
+
+    if isinstance(value, Path):
+        return _resolve(value, info)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a folder or a URI such as s3://bucket/prefix, got {value!r}")
+    match = SCHEME.match(value)
+    if match is None:
+        return _resolve(Path(value), info)
+    scheme = match.group(1).lower()
+    if scheme == "file":
+        return Path(os.path.abspath(value[len("file://"):]))
+    if not known_scheme(scheme):
+        raise ValueError(f"no filesystem serves {scheme}:// URIs (pyarrow: s3, gs, hdfs, abfs; fsspec: the "
+                         "protocols of its installed implementations); give a local folder or such a URI")
+    return value.rstrip("/")
+
+
 AnyPath = Annotated[Path, AfterValidator(_resolve)]
+# ``output``: a local folder or a URI of a filesystem the cluster shares.
+OutputLocation = Annotated[Path | str, PlainValidator(_output)]
 ExistingPath = Annotated[Path, AfterValidator(_resolve), AfterValidator(_must_exist)]
 ExistingDir = Annotated[Path, AfterValidator(_resolve), AfterValidator(_must_be_dir)]
 ExistingFile = Annotated[Path, AfterValidator(_resolve), AfterValidator(_must_be_file)]
@@ -323,6 +345,15 @@ MODEL_SOURCES = _by_tag("source", _MODELS)
 Count = Annotated[int, PydanticStrict()]
 
 
+def _cpus(value: Any) -> float | str:
+    if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+        return value
+    raise ValueError(f"expected a number of CPUs > 0 or 'auto', got {value!r}")
+
+
+CpuCount = Annotated[float | str, PlainValidator(_cpus)]
+
+
 def _decode_block(value: Any) -> int | str:
     if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
         return value
@@ -338,6 +369,13 @@ class Execution(Strict):
 
     address: str | None = Field(default=None, description="Ray address; none starts an embedded local Ray")
     workers: Count = Field(default=1, ge=1, description="model actors (one per GPU on a GPU cluster)")
+    min_workers: Count | None = Field(
+        default=None, ge=1, description="smallest model actor pool: Ray Data grows it up to `workers` while "
+                                        "blocks are queued and shrinks it when idle (default: workers, a fixed pool)")
+    cpus_per_worker: CpuCount = Field(
+        default="auto", description="CPUs of each model actor: its batches' rendering (PNG), Parquet writing, "
+                                    "and torch threads on CPU; auto: up to 4 beside each GPU (half the node's CPUs "
+                                    "per GPU), or what decoding leaves on a CPU-only run")
     batch_size: Count = Field(default=64, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -354,10 +392,16 @@ class Execution(Strict):
                     "could not be used (unreadable, undecodable); what was computed is still committed. "
                     "1.0 (the default) never fails on bad images; 0.0 fails on the first one")
 
+    @model_validator(mode="after")
+    def _pool(self) -> Execution:
+        if self.min_workers is not None and self.min_workers > self.workers:
+            raise ValueError(f"min_workers ({self.min_workers}) must not exceed workers ({self.workers})")
+        return self
+
 
 class Manifest(Strict):
     name: str = Field(pattern=r"^[\w.-]+$")
-    output: AnyPath
+    output: OutputLocation
     dataset: DatasetSpec
     model: ModelSpec
     analyses: list[SerializeAsAny[AnalysisParams]] = Field(min_length=1)
@@ -373,7 +417,8 @@ class Manifest(Strict):
 
 
 # Names in a run's output folder that an analysis entry (its own folder) must not take.
-RESERVED_NAMES = frozenset({"run.json", "errors.parquet", "images.parquet", "manifest.resolved.yaml", "report"})
+RESERVED_NAMES = frozenset({"run.json", "run.log", "errors.parquet", "images.parquet", "manifest.resolved.yaml",
+                            "report"})
 
 TOP_LEVEL = list(Manifest.model_fields)
 TOP_LEVEL.remove("source")
@@ -645,7 +690,7 @@ def validate_model(raw: Any, source: str, base: Path) -> ModelSpec:
 
 class _Head(Strict):
     name: str = Field(pattern=r"^[\w.-]+$")
-    output: AnyPath
+    output: OutputLocation
 
 
 def read_yaml(path: Path) -> tuple[Any, dict[Loc, int]]:
@@ -704,7 +749,9 @@ def load_manifest(
     if overrides:
         raw = apply_overrides(raw if isinstance(raw, dict) else {}, overrides)
     if output is not None and isinstance(raw, dict):
-        raw["output"] = str(Path(output).absolute())
+        from pipeline.store import is_uri
+
+        raw["output"] = str(output) if is_uri(str(output)) else str(Path(output).absolute())
     if address is not None and isinstance(raw, dict):
         raw.setdefault("execution", {})
         if isinstance(raw["execution"], dict):

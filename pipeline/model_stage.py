@@ -4,18 +4,20 @@ No pass over the dataset. Per entry, on the driver::
 
     select images ─► decode them ─► analysis.units(context) ─► groups of units
 
-then every group of every entry is one Ray task (the model loaded once per worker process,
-tables and PNG-encoded images computed there), at most ``execution.workers`` at a time::
+then every group of every entry is one Ray task (the model loaded once per worker process),
+at most ``execution.workers`` at a time, which writes what it computes itself::
 
-    task(group) ─► analysis.run(group, context) ─► tables + PNGs ─► driver
-                ─► <output>/.staging/<entry> ─► rename ─► _SUCCESS
+    task(group) ─► analysis.run(group, context) ─► Result ─► <output>/.staging/<entry>
+                └► block record ─► driver: ledger ─► commit (rename, _SUCCESS)
 
-An entry is committed as soon as all its groups are back, so a later failure loses nothing
-already committed; a failed group fails its entry only.
+An entry is committed as soon as all its groups are recorded, so a later failure loses
+nothing already committed, and a rerun computes only the groups its ledger does not have;
+a failed group fails its entry only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -24,14 +26,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from jobs import REGISTRY, ModelAnalysis, ModelContext
 from pipeline.datasets import DatasetIndex
 from pipeline.manifest import MODEL_SOURCES, Manifest
-from pipeline.reduce import RunContext, as_table
-from pipeline.worker import default_threads, pack_images, resolve_device, unpack_partial
-from pipeline.writers import EntryWriter
+from pipeline.progress import Progress
+from pipeline.reduce import EntryInputs, RunContext
+from pipeline.store import Store
+from pipeline.worker import default_threads, resolve_device
+from pipeline.writers import BlockRecord, Result, StagedEntry, as_table, encode_png, write_result
 
 Log = Callable[[str], None]
 
@@ -53,17 +58,18 @@ def _load(model_spec: dict, device: torch.device) -> torch.nn.Module:
     return _MODELS[key]
 
 
-def run_units(analysis: ModelAnalysis, units: list, ctx: ModelContext) -> tuple[dict[str, pa.Table], bytes]:
-    """One group: the analysis' tables (as Arrow) and its images packed as PNGs."""
-    result = analysis.run(units, ctx)
-    tables = {partition: as_table(table) for partition, table in result.tables.items()}
-    return tables, pack_images(result.images)
+def run_units(analysis: ModelAnalysis, units: list, ctx: ModelContext) -> Result:
+    """One group: the analysis' tables (as Arrow) and its rendered images (PNG), as a :class:`Result`."""
+    output = analysis.run(units, ctx)
+    return Result(tables={partition: as_table(table) for partition, table in output.tables.items()},
+                  images=[(key, encode_png(image)) for key, image in output.images], stats=dict(output.stats))
 
 
 def model_task(model_spec: dict, entry: dict, device: str, threads: int | None, units: list,
-               shared: dict[str, Any]) -> tuple[dict[str, pa.Table], bytes, float]:
-    """A Ray task: ``run`` one group of units of one entry (``shared``: the context's data);
-    returns its tables, packed images and compute seconds."""
+               shared: dict[str, Any], store: Store, group: int, rows_per_part: int) -> dict:
+    """A Ray task: ``run`` one group of units of one entry (``shared``: the context's data),
+    write its tables and images into the entry's staging folder ``store``; return the
+    block record (as JSON)."""
     start = time.time()
     if threads:
         torch.set_num_threads(threads)
@@ -71,7 +77,10 @@ def model_task(model_spec: dict, entry: dict, device: str, threads: int | None, 
     params = REGISTRY[entry["type"]].Params.model_validate(entry)
     analysis = REGISTRY[params.type](params)
     ctx = ModelContext(model=_load(model_spec, dev), device=dev, **shared)
-    return (*run_units(analysis, units, ctx), time.time() - start)
+    record = write_result(store, group, run_units(analysis, units, ctx), rows_per_part=rows_per_part,
+                          where=params.entry_name)
+    record.seconds = round(time.time() - start, 3)
+    return record.to_json()
 
 
 def groups(units: Sequence[Any], size: int, workers: int) -> list[list[Any]]:
@@ -83,19 +92,24 @@ def groups(units: Sequence[Any], size: int, workers: int) -> list[list[Any]]:
     return [list(units[i:i + size]) for i in range(0, len(units), size)]
 
 
-def _group_size(analysis: ModelAnalysis) -> int:
+def group_size(analysis: ModelAnalysis) -> int:
+    """Units per task: the entry's ``units_per_task`` when it has one, else the analysis' own."""
     return int(getattr(analysis.params, "units_per_task", None) or analysis.units_per_task)
 
 
 class _Entry:
-    """One entry's work: its context data, its groups, the results that came back."""
+    """One entry's work: its context data, its groups, and their records (this run's and an
+    earlier run's, from the ledger)."""
 
-    def __init__(self, analysis: ModelAnalysis, shared: dict[str, Any], parts: list[list[Any]]):
-        self.analysis, self.shared, self.parts = analysis, shared, parts
-        self.results: dict[int, tuple[dict[str, pa.Table], bytes, float]] = {}
+    def __init__(self, analysis: ModelAnalysis, shared: dict[str, Any], parts: list[list[Any]],
+                 staged: StagedEntry):
+        self.analysis, self.shared, self.parts, self.staged = analysis, shared, parts, staged
+        self.records = staged.open()
+        self.resumed = len(self.records)
         self.error: str | None = None
         self.trace: str | None = None
         self.shared_ref: Any = None
+        self.running = 0
 
     @property
     def name(self) -> str:
@@ -103,37 +117,32 @@ class _Entry:
 
     @property
     def finished(self) -> bool:
-        return self.error is not None or len(self.results) == len(self.parts)
+        return self.error is not None or len(self.records) == len(self.parts)
 
 
-def _commit(manifest: Manifest, entry: _Entry, key: dict) -> dict:
-    """Write an entry's groups in unit order and commit it; return its run.json stats."""
+def _commit(manifest: Manifest, store: Store, entry: _Entry) -> dict:
+    """Commit an entry whose groups are all recorded; return its run.json stats."""
     start = time.time()
-    writer = EntryWriter(manifest.output, entry.name, manifest.execution.rows_per_part)
-    tables: dict[str, list[pa.Table]] = {}
-    try:
-        for i in range(len(entry.parts)):
-            part_tables, images, _ = entry.results[i]
-            packed = unpack_partial(images)
-            for image_key, png in zip(packed.column("key").to_pylist(), packed.column("png").to_pylist()):
-                writer.add_image(image_key, png)
-            for partition, table in part_tables.items():
-                if table.num_rows:
-                    writer.add(partition, table)
-                    tables.setdefault(partition, []).append(table)
-        summary = entry.analysis.summary({p: pa.concat_tables(ts) for p, ts in tables.items()})
-    except BaseException:
-        writer.abort()
-        raise
-    writer.commit(key)
+    records = list(entry.records.values())
+    final = entry.staged.commit(records)
+    # The summary reads the committed table back, its scalar columns only (no image arrays).
+    tables = {}
+    parts = [f.final for r in records for f in r.files if f.final.endswith(".parquet")]
+    if parts:
+        with store.open_input(f"{final}/{parts[0]}") as handle:
+            schema = pq.read_schema(handle)
+        scalars = [f.name for f in schema if not pa.types.is_list(f.type)]
+        tables[""] = EntryInputs(store, [final]).read(final, columns=scalars)
+    summary = entry.analysis.summary(tables)
     # Compute time of the entry's own tasks (the stage's entries share the workers).
-    seconds = sum(r[2] for r in entry.results.values()) + time.time() - start
-    return {"status": "complete", "rows": writer.rows, "images": writer.images, "shards": writer.shard_count,
-            "tasks": len(entry.parts), "seconds": round(seconds, 3), **summary}
+    seconds = sum(r.seconds for r in records) + time.time() - start
+    return {"status": "complete", "rows": sum(r.rows for r in records), "images": sum(r.images for r in records),
+            "shards": sum(f.final.endswith(".tar") for r in records for f in r.files),
+            "tasks": len(entry.parts), "tasks_resumed": entry.resumed, "seconds": round(seconds, 3), **summary}
 
 
-def _prepare(manifest: Manifest, index: DatasetIndex, analysis: ModelAnalysis, run_ctx: RunContext,
-             labels: dict[str, int | None], log: Log) -> _Entry:
+def _prepare(manifest: Manifest, store: Store, index: DatasetIndex, analysis: ModelAnalysis, run_ctx: RunContext,
+             labels: dict[str, int | None], key: dict, log: Log) -> _Entry:
     """On the driver: the entry's images, its units and their groups."""
     pre = manifest.model.preprocess
     chosen = analysis.select(list(labels)) or []
@@ -149,12 +158,16 @@ def _prepare(manifest: Manifest, index: DatasetIndex, analysis: ModelAnalysis, r
     }
     ctx = ModelContext(model=run_ctx.model, device=run_ctx.device, **shared)
     units = analysis.units(ctx)
-    return _Entry(analysis, shared, groups(units, _group_size(analysis), manifest.execution.workers))
+    parts = groups(units, group_size(analysis), manifest.execution.workers)
+    # The ledger is only valid for the same groups of the same units.
+    layout = {"groups": hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()}
+    return _Entry(analysis, shared, parts, StagedEntry(store, analysis.params.entry_name, key, layout))
 
 
-def run_model_stage(manifest: Manifest, index: DatasetIndex, analyses: list[ModelAnalysis],
+def run_model_stage(manifest: Manifest, store: Store, index: DatasetIndex, analyses: list[ModelAnalysis],
                     keys: dict[str, dict], log: Log) -> dict[str, dict]:
-    """Run every model-level entry; one failure does not stop the others."""
+    """Run every model-level entry, resuming from each entry's ledger; one failure does not
+    stop the others."""
     import ray
 
     ex = manifest.execution
@@ -165,7 +178,7 @@ def run_model_stage(manifest: Manifest, index: DatasetIndex, analyses: list[Mode
     for analysis in analyses:
         name = analysis.params.entry_name
         try:
-            entries.append(_prepare(manifest, index, analysis, run_ctx, labels, log))
+            entries.append(_prepare(manifest, store, index, analysis, run_ctx, labels, keys[name], log))
         except Exception as e:  # noqa: BLE001 -- recorded against the entry
             stats[name] = {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000],
                            "traceback": traceback.format_exc()[-4000:]}
@@ -173,47 +186,58 @@ def run_model_stage(manifest: Manifest, index: DatasetIndex, analyses: list[Mode
 
     use_gpu = run_ctx.device.type == "cuda"
     threads = ex.threads_per_worker or (None if use_gpu else default_threads(ex.workers))
-    task = ray.remote(model_task).options(num_cpus=1, num_gpus=1 if use_gpu else 0)
+    task = ray.remote(model_task).options(num_cpus=1, num_gpus=1 if use_gpu else 0, **store.remote_args())
     spec = manifest.model.model_dump(mode="json")
     device = "cuda" if use_gpu else "cpu"
     for entry in entries:
         entry.shared_ref = ray.put(entry.shared)
-        log(f"{entry.name}: {sum(map(len, entry.parts))} units in {len(entry.parts)} task(s)")
+        resumed = f", {entry.resumed} already written by an earlier run" if entry.resumed else ""
+        log(f"{entry.name}: {sum(map(len, entry.parts))} units in {len(entry.parts)} task(s){resumed}")
     # At most ``workers`` tasks in flight: each task uses ``threads`` threads (or one GPU).
-    pending = [(entry, i) for entry in entries for i in range(len(entry.parts))]
+    pending = [(entry, i) for entry in entries for i in range(len(entry.parts)) if i not in entry.records]
+    total = sum(len(e.parts) for e in entries)
+    progress = Progress(total, "model stage", log, unit="tasks", done=total - len(pending))
     running: dict[Any, tuple[_Entry, int]] = {}
-    while pending or running:
-        while pending and len(running) < ex.workers:
-            entry, i = pending.pop(0)
-            if entry.error is None:
-                ref = task.remote(spec, entry.analysis.params.model_dump(mode="json"), device, threads,
-                                  entry.parts[i], entry.shared_ref)
-                running[ref] = (entry, i)
-        if not running:
-            continue
-        done, _ = ray.wait(list(running), num_returns=1)
-        entry, i = running.pop(done[0])
-        try:
-            entry.results[i] = ray.get(done[0])
-        except Exception as e:  # noqa: BLE001 -- the entry fails; the others go on
-            cause = getattr(e, "cause", None) or e
-            if entry.error is None:
-                entry.error, entry.trace = f"{type(cause).__name__}: {cause}"[:2000], str(e)[-4000:]
-        if entry.finished and not any(r[0] is entry for r in running.values()):
-            stats[entry.name] = _finish(manifest, entry, keys[entry.name], log)
-    for entry in entries:  # entries with no units
+    try:
+        while pending or running:
+            while pending and len(running) < ex.workers:
+                entry, i = pending.pop(0)
+                if entry.error is None:
+                    ref = task.remote(spec, entry.analysis.params.model_dump(mode="json"), device, threads,
+                                      entry.parts[i], entry.shared_ref, entry.staged.folder, i, ex.rows_per_part)
+                    running[ref] = (entry, i)
+            if not running:
+                continue
+            done, _ = ray.wait(list(running), num_returns=1)
+            entry, i = running.pop(done[0])
+            progress.add(1)
+            try:
+                record = BlockRecord.from_json(ray.get(done[0]))
+                entry.staged.record(record)
+                entry.records[i] = record
+            except Exception as e:  # noqa: BLE001 -- the entry fails; the others go on
+                cause = getattr(e, "cause", None) or e
+                if entry.error is None:
+                    entry.error, entry.trace = f"{type(cause).__name__}: {cause}"[:2000], str(e)[-4000:]
+            if entry.finished and not any(r[0] is entry for r in running.values()):
+                stats[entry.name] = _finish(manifest, store, entry, log)
+    finally:
+        progress.close()
+    for entry in entries:  # entries with no units, or all of them written by an earlier run
         if entry.name not in stats:
-            stats[entry.name] = _finish(manifest, entry, keys[entry.name], log)
+            stats[entry.name] = _finish(manifest, store, entry, log)
     return stats
 
 
-def _finish(manifest: Manifest, entry: _Entry, key: dict, log: Log) -> dict:
+def _finish(manifest: Manifest, store: Store, entry: _Entry, log: Log) -> dict:
     if entry.error is not None:
+        entry.staged.abort()
         log(f"{entry.name} failed: {entry.error}")
         return {"status": "failed", "error": entry.error, "traceback": entry.trace}
     try:
-        info = _commit(manifest, entry, key)
+        info = _commit(manifest, store, entry)
     except Exception as e:  # noqa: BLE001
+        entry.staged.abort()
         log(f"{entry.name} failed: {type(e).__name__}: {e}")
         return {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000],
                 "traceback": traceback.format_exc()[-4000:]}

@@ -3,8 +3,8 @@
 The map pass commits each reduce entry's partials under ``<output>/.inputs/<entry>`` (Parquet,
 with its own ``_SUCCESS`` and key). Here, per entry, on the driver::
 
-    partials (Parquet) ─► analysis.reduce(inputs, context) ─► tables + rendered images
-                       ─► <output>/.staging/<entry> (parts, _shards/*.tar) ─► rename ─► _SUCCESS
+    partials (Parquet) ─► analysis.reduce(inputs, context) ─► Result (tables + rendered images)
+                       ─► <output>/.staging/<entry> (parts, _shards/*.tar) ─► ledger ─► commit
 
 A reduction that fails leaves its partials in place: the next run reduces again without
 another pass over the dataset. Partials are removed once the entry is committed.
@@ -12,15 +12,14 @@ another pass over the dataset. Partials are removed once the entry is committed.
 
 from __future__ import annotations
 
-import shutil
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
@@ -28,7 +27,8 @@ from jobs import ReduceAnalysis
 from pipeline.datasets import DatasetIndex
 from pipeline.decode import decode_batch
 from pipeline.manifest import Manifest, ParquetDataset
-from pipeline.writers import INPUTS, EntryWriter, read_success, to_arrow
+from pipeline.store import Store
+from pipeline.writers import INPUTS, Result, StagedEntry, as_table, read_success, write_result
 
 Log = Callable[[str], None]
 
@@ -36,46 +36,50 @@ Log = Callable[[str], None]
 class ParquetInputs:
     """:class:`jobs.ReduceInputs` over a committed partials folder (Hive-style partitions)."""
 
-    def __init__(self, folder: Path, batch_rows: int = 65536):
-        self.folder, self.batch_rows = Path(folder), batch_rows
+    def __init__(self, store: Store, folder: str, batch_rows: int = 65536):
+        self.store, self.folder, self.batch_rows = store, folder, batch_rows
 
-    def _files(self, partition: str, required: bool = True) -> list[Path]:
-        folder = self.folder / partition if partition else self.folder
-        files = sorted(folder.glob("part-*.parquet"))
+    def _files(self, partition: str, required: bool = True) -> list[str]:
+        folder = f"{self.folder}/{partition}" if partition else self.folder
+        files = [f for f in self.store.files(folder) if f.rsplit("/", 1)[-1].startswith("part-")
+                 and f.endswith(".parquet")]
         if required and not files:
             raise ValueError(f"no partials for partition {partition or '(root)'!r}: no image of the dataset "
                              "could be used")
         return files
 
     def partitions(self) -> list[str]:
-        found = [p.name for p in self.folder.iterdir() if p.is_dir() and "=" in p.name] if self.folder.is_dir() else []
+        found = [i.base_name for i in self.store.list(self.folder) if i.type == pafs.FileType.Directory
+                 and "=" in i.base_name]
         return ([""] if self._files("", required=False) else []) + sorted(found)
 
     def read(self, partition: str = "", columns: Sequence[str] | None = None) -> pa.Table:
         files = self._files(partition)
-        return pa.concat_tables(pq.read_table(f, columns=list(columns) if columns else None) for f in files)
+        return pa.concat_tables(self.store.read_table(f, columns=list(columns) if columns else None) for f in files)
 
     def batches(self, partition: str = "", columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
         for f in self._files(partition):
-            yield from pq.ParquetFile(f).iter_batches(batch_size=self.batch_rows,
-                                                      columns=list(columns) if columns else None)
+            with self.store.open_input(f) as handle:
+                yield from pq.ParquetFile(handle).iter_batches(batch_size=self.batch_rows,
+                                                               columns=list(columns) if columns else None)
 
 
 class EntryInputs(ParquetInputs):
     """:class:`jobs.ReduceInputs` over other entries' committed tables: one partition per entry."""
 
-    def __init__(self, output: Path, entries: Sequence[str], batch_rows: int = 65536):
-        super().__init__(Path(output), batch_rows)
+    def __init__(self, store: Store, entries: Sequence[str], batch_rows: int = 65536):
+        super().__init__(store, "", batch_rows)
         self.entries = list(entries)
 
     def partitions(self) -> list[str]:
         return list(self.entries)
 
-    def _files(self, partition: str, required: bool = True) -> list[Path]:
+    def _files(self, partition: str, required: bool = True) -> list[str]:
         if partition not in self.entries:
             raise KeyError(f"{partition!r} is not one of the entries read: {', '.join(self.entries)}")
         # Hive-partitioned entries keep their parts in key=value folders.
-        files = sorted(p for p in (self.folder / partition).rglob("part-*.parquet"))
+        files = [f for f in self.store.files(partition, recursive=True)
+                 if f.rsplit("/", 1)[-1].startswith("part-") and f.endswith(".parquet")]
         if required and not files:
             raise ValueError(f"entry {partition!r} has no rows")
         return files
@@ -136,46 +140,33 @@ class RunContext:
         self._log(f"  {message}")
 
 
-def as_table(table: pa.Table | dict[str, Any]) -> pa.Table:
-    """A reduction's table as Arrow: a ``pa.Table`` as is, or {column: Arrow or numpy array}."""
-    if isinstance(table, pa.Table):
-        return table
-    columns = {}
-    for name, values in table.items():
-        if isinstance(values, (pa.Array, pa.ChunkedArray)):
-            columns[name] = values
-        else:
-            columns[name] = to_arrow(np.asarray(values))
-    return pa.table(columns)
+def reduce_entry(manifest: Manifest, store: Store, analysis: ReduceAnalysis, ctx: RunContext, key: dict) -> dict:
+    """Reduce one entry from its committed partials and commit it; return its run.json stats.
 
-
-def reduce_entry(manifest: Manifest, analysis: ReduceAnalysis, ctx: RunContext, key: dict) -> dict:
-    """Reduce one entry from its committed partials and commit it; return its run.json stats."""
-    output = manifest.output
+    The reduction is one block of the entry: once it is recorded, a rerun (after a crash
+    before the commit) commits it without reducing again.
+    """
     name = analysis.params.entry_name
-    inputs_folder = output / INPUTS / name
     start = time.time()
-    sources = analysis.sources(manifest.analyses)
-    inputs = EntryInputs(output, sources) if sources else ParquetInputs(inputs_folder)
-    result = analysis.reduce(inputs, ctx)
-    writer = EntryWriter(output, name, manifest.execution.rows_per_part)
-    try:
-        for image_key, image in result.images:
-            writer.add_image(image_key, image)
-        for partition, table in result.tables.items():
-            writer.add(partition, as_table(table))
-    except BaseException:
-        writer.abort()
-        raise
-    writer.commit(key)
-    shutil.rmtree(inputs_folder, ignore_errors=True)
-    stats = {"status": "complete", "rows": writer.rows, "reduce_seconds": round(time.time() - start, 3),
-             "images": writer.images, "shards": writer.shard_count}
-    stats.update(result.stats)
+    staged = StagedEntry(store, name, key)
+    record = staged.open().get(0)
+    if record is None:
+        sources = analysis.sources(manifest.analyses)
+        inputs = EntryInputs(store, sources) if sources else ParquetInputs(store, f"{INPUTS}/{name}")
+        output = analysis.reduce(inputs, ctx)
+        result = Result(tables={p: as_table(t) for p, t in output.tables.items()}, images=output.images,
+                        stats=output.stats)
+        record = write_result(staged.folder, 0, result, rows_per_part=manifest.execution.rows_per_part, where=name)
+        staged.record(record)
+    staged.commit([record])
+    store.delete(f"{INPUTS}/{name}")
+    stats = {"status": "complete", "rows": record.rows, "reduce_seconds": round(time.time() - start, 3),
+             "images": record.images, "shards": sum(f.final.endswith(".tar") for f in record.files)}
+    stats.update(record.stats)
     return stats
 
 
-def run_reduce_stage(manifest: Manifest, index: DatasetIndex, analyses: list[ReduceAnalysis],
+def run_reduce_stage(manifest: Manifest, store: Store, index: DatasetIndex, analyses: list[ReduceAnalysis],
                      keys: dict[str, dict], log: Log) -> dict[str, dict]:
     """Reduce every entry in turn; one failure does not stop the others."""
     ctx = RunContext(manifest, index, log)
@@ -183,9 +174,9 @@ def run_reduce_stage(manifest: Manifest, index: DatasetIndex, analyses: list[Red
     for analysis in analyses:
         name = analysis.params.entry_name
         sources = analysis.sources(manifest.analyses)
-        if not sources and read_success(manifest.output / INPUTS / name) is None:
+        if not sources and read_success(store, f"{INPUTS}/{name}") is None:
             continue  # its dataset pass failed, and said so
-        missing = [s for s in sources if (read_success(manifest.output / s) or {}).get("key") != keys[s]["key"]]
+        missing = [s for s in sources if (read_success(store, s) or {}).get("key") != keys[s]["key"]]
         if missing:
             stats[name] = {"status": "failed", "error": f"needs the tables of {', '.join(missing)}, "
                                                         "which did not complete in this run"}
@@ -194,7 +185,7 @@ def run_reduce_stage(manifest: Manifest, index: DatasetIndex, analyses: list[Red
         log(f"reducing {name}")
         start = time.time()
         try:
-            stats[name] = reduce_entry(manifest, analysis, ctx, keys[name])
+            stats[name] = reduce_entry(manifest, store, analysis, ctx, keys[name])
             log(f"  {name}: {stats[name]['rows']:,} rows, {stats[name]['images']:,} images "
                 f"in {time.time() - start:.1f} s")
         except Exception as e:  # noqa: BLE001 -- recorded; the partials stay for the next run
@@ -202,8 +193,4 @@ def run_reduce_stage(manifest: Manifest, index: DatasetIndex, analyses: list[Red
             log(f"{name} failed: {message}")
             stats[name] = {"status": "failed", "error": message[:2000], "traceback": traceback.format_exc()[-4000:],
                            "reduce_seconds": round(time.time() - start, 3)}
-    inputs_root = manifest.output / INPUTS
-    for leftover in (inputs_root / ".staging", inputs_root):
-        if leftover.is_dir() and not any(leftover.iterdir()):
-            leftover.rmdir()
     return stats

@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import tarfile
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -38,6 +39,7 @@ import pyarrow.parquet as pq
 
 from jobs.base import safe_key
 from pipeline.errors import UserError
+from pipeline.store import Store
 from pipeline.writers import SHARDS, SUCCESS
 
 ASSETS = Path(__file__).with_name("report_assets")
@@ -112,14 +114,17 @@ def badge(status: str) -> str:
 class Run:
     """A run folder as the output contract describes it, and the report being written."""
 
-    def __init__(self, run_dir: Path, out: Path):
-        self.dir, self.out = Path(run_dir), Path(out)
+    def __init__(self, run_dir: Path | str | Store, out: Path):
+        self.store = run_dir if isinstance(run_dir, Store) else Store.open(run_dir)
+        self.out = Path(out)
+        self.name = self.store.display().rstrip("/").rsplit("/", 1)[-1]
         try:
-            self.info = json.loads((self.dir / "run.json").read_text())
+            self.info = json.loads(self.store.read_text("run.json"))
         except FileNotFoundError:
-            raise UserError(f"{self.dir}: no run.json; is this the output folder of `convscope run`?") from None
+            raise UserError(f"{self.store.display()}: no run.json; is this the output folder of `convscope run`?"
+                            ) from None
         except json.JSONDecodeError as e:
-            raise UserError(f"{self.dir / 'run.json'}: not valid JSON ({e})") from None
+            raise UserError(f"{self.store.display('run.json')}: not valid JSON ({e})") from None
         self.label_names: list[str] | None = (self.info.get("dataset") or {}).get("label_names")
         self._extracted: dict[str, dict[str, str]] = {}
 
@@ -128,16 +133,24 @@ class Run:
         return self.info.get("analyses") or {}
 
     def committed(self, entry: str) -> bool:
-        return (self.dir / entry / SUCCESS).is_file()
+        return self.store.is_file(f"{entry}/{SUCCESS}")
+
+    def parts(self, entry: str) -> list[str]:
+        """The entry's Parquet parts (paths relative to the run), partitions included, sorted."""
+        return [f for f in self.store.files(entry, recursive=True)
+                if f.rsplit("/", 1)[-1].startswith("part-") and f.endswith(".parquet")]
+
+    def schema(self, part: str):
+        with self.store.open_input(part) as f:
+            return pq.read_schema(f)
 
     def table(self, entry: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
-        files = sorted((self.dir / entry).rglob("part-*.parquet"))
         frames = []
-        for f in files:
-            t = pq.read_table(f, columns=list(columns) if columns else None)
+        for f in self.parts(entry):
+            t = self.store.read_table(f, columns=list(columns) if columns else None)
             df = t.to_pandas()
             # Hive partitions (features/layer=layer3/...) as columns.
-            for part in f.relative_to(self.dir / entry).parts[:-1]:
+            for part in f[len(entry) + 1:].split("/")[:-1]:
                 if "=" in part:
                     key, value = part.split("=", 1)
                     df[key] = value
@@ -157,8 +170,8 @@ class Run:
         if entry not in self._extracted:
             found: dict[str, str] = {}
             folder = self.out / "img" / safe_key(entry)
-            for shard in sorted((self.dir / entry / SHARDS).glob("*.tar")):
-                with tarfile.open(shard) as tar:
+            for shard in [f for f in self.store.files(f"{entry}/{SHARDS}") if f.endswith(".tar")]:
+                with self.store.open_input(shard) as handle, tarfile.open(fileobj=handle) as tar:
                     for member in tar:
                         name = Path(member.name).name
                         # Only plain PNG files with safe names; anything else in a tar is ignored.
@@ -194,7 +207,7 @@ def page(run: Run, title: str, body: str, nav: Iterable[tuple[str, str]], curren
 <main><h1>{esc(title)}</h1>
 {body}
 </main>
-<footer>convscope report · built {esc(time.strftime('%Y-%m-%d %H:%M'))} from {esc(run.dir.name)}</footer>
+<footer>convscope report · built {esc(time.strftime('%Y-%m-%d %H:%M'))} from {esc(run.name)}</footer>
 </body></html>
 """
 
@@ -233,9 +246,9 @@ def summary_body(run: Run, errors: pd.DataFrame, pages: dict[str, str]) -> str:
            + (' <p><a href="errors.html">All errors</a></p>' if len(errors) > 50 else "")) if len(errors) else \
         "<p>Every image was used.</p>"
     manifest = ""
-    path = run.dir / "manifest.resolved.yaml"
-    if path.is_file():
-        manifest = f"<details><summary>manifest (resolved)</summary><pre>{esc(path.read_text())}</pre></details>"
+    if run.store.is_file("manifest.resolved.yaml"):
+        text = run.store.read_text("manifest.resolved.yaml")
+        manifest = f"<details><summary>manifest (resolved)</summary><pre>{esc(text)}</pre></details>"
     return (f'<section class="card"><h2>Run</h2><table class="facts">{facts_html}</table>{manifest}</section>'
             f'<section class="card"><h2>Analyses</h2>{analyses}</section>'
             f'<section class="card"><h2>Errors</h2>{err}</section>')
@@ -314,17 +327,20 @@ def activation_stats_body(run: Run, entry: str) -> str:
 
 
 def features_body(run: Run, entry: str) -> str:
-    folder = run.dir / entry
     rows = []
-    for part in sorted(p for p in folder.iterdir() if p.is_dir() and "=" in p.name) or [folder]:
-        files = sorted(part.glob("part-*.parquet"))
-        if not files:
-            continue
-        meta = pq.ParquetFile(files[0])
-        first = meta.read_row_group(0, columns=["vector"]).column("vector")
-        dims = len(first[0].as_py()) if len(first) else 0
-        rows.append({"partition": part.name if part != folder else "", "rows": sum(pq.ParquetFile(f).metadata.num_rows
-                                                                                   for f in files), "dims": dims})
+    by_partition: dict[str, list[str]] = {}
+    for f in run.parts(entry):
+        by_partition.setdefault("/".join(f[len(entry) + 1:].split("/")[:-1]), []).append(f)
+    for partition, files in sorted(by_partition.items()):
+        count, dims = 0, 0
+        for i, f in enumerate(files):
+            with run.store.open_input(f) as handle:
+                meta = pq.ParquetFile(handle)
+                count += meta.metadata.num_rows
+                if i == 0:
+                    first = meta.read_row_group(0, columns=["vector"]).column("vector")
+                    dims = len(first[0].as_py()) if len(first) else 0
+        rows.append({"partition": partition, "rows": count, "dims": dims})
     return (f'<section class="card"><p>Feature vectors, one per image: read them with '
             f"<code>pd.read_parquet(\"{esc(entry)}\")</code>.</p>{table_html(pd.DataFrame(rows))}</section>")
 
@@ -407,10 +423,10 @@ def attribution_body(run: Run, entries: list[str], summary: str | None) -> str:
     columns = ["image_id", "label", "method", "target", "score", "deletion_auc", "insertion_auc", "pointing", "key"]
     frames = []
     for entry in entries:
-        files = sorted((run.dir / entry).rglob("part-*.parquet"))
+        files = run.parts(entry)
         if not files:
             continue
-        df = run.table(entry, [c for c in columns if c in pq.read_schema(files[0]).names])
+        df = run.table(entry, [c for c in columns if c in run.schema(files[0]).names])
         df["entry"] = entry
         frames.append(df)
     if frames:
@@ -484,30 +500,50 @@ MODEL_TYPES = ("filters", "activation_maps", "class_model", "neuron_ascent", "in
 # ----------------------------------------------------------------------------- the whole site
 
 
-def build_report(run_dir: Path | str, log: Callable[[str], None] = lambda message: None) -> Path:
-    """Write ``run_dir/report/`` (atomically) and return the path of its index.html."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir}: no such run folder")
-    final = run_dir / "report"
-    staging = run_dir / f".report-staging-{os.getpid()}"
+def build_report(run_dir: Path | str, log: Callable[[str], None] = lambda message: None,
+                 out: Path | str | None = None) -> Path | str:
+    """Write the report (atomically) and return where its index.html is.
+
+    ``run_dir`` is a local run folder or a run's URI (``s3://bucket/run``). The report goes
+    to ``out`` (a local folder) when given, else to ``run_dir/report/``: on an object store
+    it is uploaded there file by file, ``index.html`` last.
+    """
+    store = Store.open(run_dir)
+    if not store.is_dir(""):
+        raise UserError(f"{store.display()}: no such run folder")
+    if out is not None:
+        final = Path(out).absolute()
+    elif store.local:
+        final = Path(store.path("report"))
+    else:
+        final = Path(tempfile.mkdtemp(prefix="convscope-report-")) / "report"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.with_name(f".{final.name}-staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "assets").mkdir(parents=True)
     (staging / "data").mkdir()
     for asset in ("report.css", "report.js"):
         shutil.copyfile(ASSETS / asset, staging / "assets" / asset)
     try:
-        run = Run(run_dir, staging)
+        run = Run(store, staging)
         _write_pages(run, log)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    old = run_dir / f".report-old-{os.getpid()}"
+    old = final.with_name(f".{final.name}-old-{os.getpid()}")
     if final.exists():
         os.replace(final, old)
     os.replace(staging, final)
     shutil.rmtree(old, ignore_errors=True)
-    return final / "index.html"
+    if out is not None or store.local:
+        return final / "index.html"
+    # Uploaded: the old report goes first, index.html comes last (a report without it is partial).
+    store.delete("report")
+    files = sorted(p for p in final.rglob("*") if p.is_file())
+    for path in sorted(files, key=lambda p: p.name == "index.html"):
+        store.write_bytes(f"report/{path.relative_to(final).as_posix()}", path.read_bytes(), durable=False)
+    shutil.rmtree(final.parent, ignore_errors=True)
+    return store.display("report/index.html")
 
 
 def _write_pages(run: Run, log: Callable[[str], None]) -> None:
@@ -525,7 +561,8 @@ def _write_pages(run: Run, log: Callable[[str], None]) -> None:
     def write(filename: str, title: str, body: str) -> None:
         (out / filename).write_text(page(run, title, body, nav, filename), encoding="utf-8")
 
-    errors = pd.read_parquet(run.dir / "errors.parquet") if (run.dir / "errors.parquet").is_file() else pd.DataFrame()
+    errors = run.store.read_table("errors.parquet").to_pandas() if run.store.is_file("errors.parquet") else \
+        pd.DataFrame()
     write("index.html", "Run summary", summary_body(run, errors, pages))
     if len(errors) > 50:
         write("errors.html", "Errors", f'<section class="card">{table_html(errors)}</section>')
@@ -539,7 +576,7 @@ def _write_pages(run: Run, log: Callable[[str], None]) -> None:
                                                                   "attribution", log))
                 done_attribution = True
             continue
-        if not any((run.dir / name).rglob("part-*.parquet")):
+        if not run.parts(name):
             body = '<section class="card"><p>This analysis committed no rows.</p></section>'
         else:
             body = _section(lambda: _body(run, name, kind, write), name, log)

@@ -1,60 +1,27 @@
-"""The model side of a map stage: one actor per worker runs every fused per-image analysis.
+"""The model side of a map stage: one actor per worker computes and writes every fused analysis.
 
-A plain callable on ``dict[str, np.ndarray]`` batches (those ``pipeline.decode.decode_batch``
-makes), so it runs the same under Ray Data and in a test without Ray.
+A plain callable on ``dict[str, np.ndarray]`` blocks (those ``pipeline.decode.decode_batch``
+makes), so it runs the same under Ray Data and in a test without Ray. What it returns is
+metadata only: the tables and images are already in the run's staging area.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from jobs import REGISTRY, AnalysisParams, MapBatch, MapOutput
 from pipeline.manifest import MODEL_SOURCES
 from pipeline.plan import Stage
-
-SEP = "|"  # output columns are "<entry>|<partition>|<column>"
-# Rows not aligned with the batch (a reduce entry's partials, a MapOutput's rows): one Arrow
-# IPC table per partition, in the batch's first row.
-PARTIAL = "__partial__"
-# A MapOutput's rendered images: an IPC table of (key, png) in the batch's first row.
-IMAGES = "__images__"
-PACKED = (SEP + PARTIAL, SEP + IMAGES)
-
-
-def pack_partial(columns: dict[str, np.ndarray]) -> bytes:
-    """One batch's partial table (any row count) as Arrow IPC stream bytes."""
-    import pyarrow as pa
-
-    from pipeline.writers import to_arrow
-
-    table = pa.table({k: to_arrow(np.asarray(v)) for k, v in columns.items()})
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def unpack_partial(data: bytes):
-    import pyarrow as pa
-
-    return pa.ipc.open_stream(data).read_all()
-
-
-def pack_images(images) -> bytes:
-    """Rendered (key, PIL image) pairs as one IPC table of (key, png bytes), encoded here."""
-    import io
-
-    keys, pngs = [], []
-    for key, image in images:
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        keys.append(key)
-        pngs.append(buf.getvalue())
-    return pack_partial({"key": np.asarray(keys, dtype=object), "png": np.asarray(pngs, dtype=object)})
+from pipeline.store import Store
+from pipeline.writers import BlockRecord, BlockWriter, labels_to_arrow, to_arrow
 
 
 def normalize(pixels: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
@@ -79,11 +46,27 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-class ModelWorker:
-    """Loads the model once, then runs every fused per-image analysis on each batch."""
+def contiguous_runs(rows: np.ndarray) -> list[slice]:
+    """Slices of ``rows`` over which the values count up by one (a map block is one run)."""
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    edges = [0, *breaks.tolist(), len(rows)]
+    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
-    def __init__(self, model_spec: dict, entries: list[dict], execution: dict, threads: int | None = None,
-                 selections: dict[str, int] | None = None, samples: list[list[str]] | None = None):
+
+class ModelWorker:
+    """Loads the model once, then computes and writes every fused per-image analysis of a block.
+
+    Called with one block of decoded images (a Ray Data batch; its ``row`` column holds the
+    dataset rows), it runs the model on batches of ``execution.batch_size``, writes each
+    entry's tables and images into the entry's staging folder (:class:`pipeline.writers.BlockWriter`)
+    and returns only their metadata: one JSON :class:`pipeline.writers.BlockRecord` per entry.
+    Entries already recorded for a block (``done``, by block index) are not computed again.
+    """
+
+    def __init__(self, model_spec: dict, entries: list[dict], execution: dict, store: Store,
+                 staging: dict[str, str], block_rows: int, done: dict[str, list[int]] | None = None,
+                 threads: int | None = None, selections: dict[str, int] | None = None,
+                 samples: list[list[str]] | None = None):
         from pipeline.models import load_model
 
         if threads:
@@ -92,6 +75,8 @@ class ModelWorker:
         self.preprocess = spec.preprocess
         self.device = resolve_device(execution["device"])
         self.precision = execution["precision"]
+        self.batch_size = int(execution["batch_size"])
+        self.rows_per_part = int(execution["rows_per_part"])
         self.model = load_model(spec).to(self.device)
         # NHWC suits cuDNN's tensor cores and oneDNN's CPU convolutions alike (ResNet-20 on
         # two CPU cores: 1.3x); outputs differ from NCHW only by float rounding.
@@ -101,35 +86,24 @@ class ModelWorker:
         params = [REGISTRY[e["type"]].Params.model_validate(e) for e in entries]
         self.analyses = [REGISTRY[p.type](p) for p in params]
         self.layers = Stage("map", self.analyses).layers()
+        self.schemas = {a.params.entry_name: a.schema() for a in self.analyses}
         # Entries that work on a sample of the dataset see only its images of each batch.
         sets = [frozenset(ids) for ids in samples or []]
         self.selections = {entry: sets[i] for entry, i in (selections or {}).items()}
-        h, w = self.preprocess.output_size()
-        # One dry pass fixes every output column's shape and dtype, so a batch in which every
-        # image failed to decode still yields the same columns (zero-filled, dropped later).
-        self.template = self._compute(np.zeros((1, h, w, 3), np.uint8), ["_"], np.array([-1]), dry=True)
-        # An analysis that fails on the dry pass is broken for every batch; say so on each.
-        self.broken: dict[str, str] = {}
-        for a in self.analyses:
-            key = error_key(a.params.entry_name)
-            if key in self.template:
-                self.broken[key] = str(self.template[key][0])
-            self.template[key] = np.full(1, "", dtype=object)
+        self.store, self.staging, self.block_rows = store, staging, block_rows
+        self.done = {entry: frozenset(blocks) for entry, blocks in (done or {}).items()}
+        # PNG encoding and Parquet writing release the GIL: they use the actor's other CPUs.
+        self.pool = ThreadPoolExecutor(max(1, int(execution.get("cpus_per_worker") or 1)))
 
     def _autocast(self):
         return autocast(self.device, self.precision)
 
-    def _compute(self, pixels: np.ndarray, image_ids: list[str], labels: np.ndarray,
-                 boxes: np.ndarray | None = None, dry: bool = False) -> dict[str, np.ndarray]:
-        """Every analysis' columns for the batch; an analysis that raises reports its error instead.
-
-        A failure is returned, not raised, as an ``<entry>||__error__`` column: the stage
-        goes on, the other analyses keep their rows, and the runner marks that entry failed.
-        """
+    def _compute(self, analyses: list, pixels: np.ndarray, image_ids: np.ndarray, labels: np.ndarray,
+                 boxes: np.ndarray | None = None) -> dict[str, tuple[dict[str, pa.Table], list] | str]:
+        """Every analysis' tables and images for one batch; an analysis that raises gives its
+        error message instead (the others keep their rows; the runner fails that entry)."""
         from pipeline.models import capture
 
-        out: dict[str, np.ndarray] = {}
-        n = len(image_ids)
         try:
             # Ray hands batches over read-only and zero-copy: copy before use on the device.
             pixels = np.array(pixels, copy=True)
@@ -145,7 +119,7 @@ class ModelWorker:
             with torch.inference_mode(), self._autocast(), capture(self.model, self.layers) as acts:
                 logits = self.model(x)
             batch = MapBatch(
-                image_ids=list(image_ids),
+                image_ids=[str(i) for i in image_ids],
                 labels=torch.tensor(np.asarray(labels, dtype=np.int64)),
                 images=x,
                 logits=logits.float() if isinstance(logits, torch.Tensor) else logits,
@@ -156,79 +130,92 @@ class ModelWorker:
             )
         except Exception as e:  # noqa: BLE001 -- the model failed: every analysis of the batch did
             message = _describe(e, "model forward")
-            return {error_key(a.params.entry_name): np.full(n, message, dtype=object) for a in self.analyses}
-        for analysis in self.analyses:
+            return {a.params.entry_name: message for a in analyses}
+        out: dict[str, tuple[dict[str, pa.Table], list] | str] = {}
+        ids = pa.array([str(i) for i in image_ids], pa.string())
+        label_column = labels_to_arrow(np.asarray(labels))
+        for analysis in analyses:
             entry = analysis.params.entry_name
             try:
                 chosen = batch
-                selection = None if dry else self.selections.get(entry)
+                selection = self.selections.get(entry)
                 if selection is not None:
                     keep = np.array([i in selection for i in batch.image_ids], dtype=bool)
                     if not keep.any():
                         continue  # no image of this batch is in the entry's sample
                     chosen = batch.subset(keep) if not keep.all() else batch
                 result = analysis.map_batch(chosen)
-                if analysis.stage == "reduce" or isinstance(result, MapOutput) or selection is not None:
-                    if not isinstance(result, MapOutput):
-                        if analysis.stage == "map" and selection is not None:
-                            raise TypeError(f"{analysis.name} works on a sample, so map_batch must return a "
-                                            "MapOutput whose rows name their images")
-                        result = MapOutput(rows=result)
-                    # Not aligned with the images: one Arrow table per partition (and the
-                    # rendered images) ride in the batch's first row.
-                    rows = {}
-                    for partition, columns in result.rows.items():
-                        rows[SEP.join((entry, partition, PARTIAL))] = _first_row(n, pack_partial(columns))
-                    if result.images or (dry and analysis.stage == "map"):
-                        rows[SEP.join((entry, "", IMAGES))] = _first_row(n, pack_images(result.images))
+                if isinstance(result, MapOutput):
+                    rows, images = result.rows, result.images
+                elif analysis.stage == "map" and selection is not None:
+                    raise TypeError(f"{analysis.name} works on a sample, so map_batch must return a "
+                                    "MapOutput whose rows name their images")
                 else:
-                    rows = {
-                        SEP.join((entry, partition, column)): np.asarray(values)
-                        for partition, columns in result.items()
-                        for column, values in columns.items()
-                    }
+                    rows, images = result, []
+                if analysis.stage == "map" and not isinstance(result, MapOutput):
+                    # Rows aligned with the batch: the image and its label come first.
+                    tables = {p: pa.table({"image_id": ids, "label": label_column,
+                                           **{c: to_arrow(np.asarray(v)) for c, v in columns.items()}})
+                              for p, columns in rows.items()}
+                else:
+                    tables = {p: pa.table({c: to_arrow(np.asarray(v)) for c, v in columns.items()})
+                              for p, columns in rows.items()}
+                out[entry] = (tables, list(images))
             except Exception as e:  # noqa: BLE001 -- recorded against this entry only
-                rows = {}
-                out[error_key(entry)] = np.full(n, _describe(e, analysis.name), dtype=object)
-            out.update(rows)
+                out[entry] = _describe(e, analysis.name)
         return out
+
+    def _write_block(self, batch: dict[str, np.ndarray]) -> dict:
+        """Compute one block (rows in dataset order) in batches of ``batch_size`` and write
+        each entry's part of it; entries done for this block are left out."""
+        began = time.time()
+        start, size = int(batch["row"][0]), len(batch["row"])
+        ok = np.asarray(batch["error"]) == ""
+        errors = [{"image_id": str(i), "stage": str(st), "error": str(e)}
+                  for i, st, e in zip(batch["image_id"], batch["error_stage"], batch["error"]) if e != ""]
+        todo = [a for a in self.analyses if start // self.block_rows not in self.done.get(a.params.entry_name, ())]
+        writers = {a.params.entry_name: BlockWriter(self.store.child(self.staging[a.params.entry_name]), start,
+                                                    self.schemas[a.params.entry_name], self.rows_per_part,
+                                                    self.pool, where=a.params.entry_name) for a in todo}
+        failed: dict[str, str] = {}
+        for s in range(0, size, self.batch_size):
+            # Batches of the block's rows, bad images left out afterwards: the same batches
+            # whatever the block size.
+            keep = np.flatnonzero(ok[s:s + self.batch_size]) + s
+            active = [a for a in todo if a.params.entry_name not in failed]
+            if not len(keep) or not active:
+                continue
+            boxes = batch["box"][keep] if "box" in batch else None
+            computed = self._compute(active, batch["pixels"][keep], batch["image_id"][keep], batch["label"][keep], boxes)
+            for entry, value in computed.items():
+                if not isinstance(value, str):
+                    try:
+                        writers[entry].add_tables(value[0])
+                        writers[entry].add_images(value[1])
+                        continue
+                    except Exception as e:  # noqa: BLE001 -- out of disk, say: this entry fails, the others go on
+                        value = _describe(e, f"writing {entry}")
+                failed[entry] = value
+                writers[entry].abort()
+        entries = {}
+        for entry, writer in writers.items():
+            if entry in failed:
+                record = BlockRecord(block=start, error=failed[entry])
+            else:
+                try:
+                    record = writer.close()
+                except Exception as e:  # noqa: BLE001
+                    writer.abort()
+                    record = BlockRecord(block=start, error=_describe(e, f"writing {entry}"))
+            record.size, record.errors = size, errors
+            record.seconds = round(time.time() - began, 3)
+            entries[entry] = record.to_json()
+        return {"start": start, "size": size, "errors": errors, "entries": entries}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = batch["error"] == ""
-        n = len(ok)
-        out = {k: batch[k] for k in ("image_id", "label", "error", "error_stage")}
-        boxes = batch["box"][ok] if "box" in batch else None
-        computed = self._compute(batch["pixels"][ok], batch["image_id"][ok], batch["label"][ok], boxes) if ok.any() else {}
-        for key, message in self.broken.items():
-            computed[key] = np.full(int(ok.sum()), message, dtype=object)
-        # Every batch carries the template's columns, so all blocks share one schema.
-        for key, template in self.template.items():
-            if ok.all() and key in computed:
-                out[key] = computed[key]
-                continue
-            if key.endswith(PACKED):
-                full = np.full(n, b"", dtype=object)
-            elif template.dtype == object:
-                full = np.full((n,) + template.shape[1:], "", dtype=object)
-            else:
-                full = np.zeros((n,) + template.shape[1:], dtype=template.dtype)
-            if key in computed:
-                if key.endswith(PACKED):
-                    full[np.flatnonzero(ok)[0]] = computed[key][0]
-                else:
-                    full[ok] = computed[key]
-            out[key] = full
-        return out
-
-
-def _first_row(n: int, data: bytes) -> np.ndarray:
-    cell = np.full(n, b"", dtype=object)
-    cell[0] = data
-    return cell
-
-
-def error_key(entry: str) -> str:
-    return SEP.join((entry, "", "__error__"))
+        rows = np.asarray(batch["row"], dtype=np.int64)
+        records = [self._write_block({k: v[run] for k, v in batch.items()}) for run in contiguous_runs(rows)]
+        return {"record": np.asarray([json.dumps(r) for r in records], dtype=object)}
 
 
 def _describe(e: Exception, where: str) -> str:

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     from jobs import REGISTRY, ModelContext
     from pipeline.datasets import list_dataset
     from pipeline.manifest import load_manifest
-    from pipeline.model_stage import _group_size, groups, run_units
+    from pipeline.model_stage import group_size, groups, run_units
     from pipeline.models import load_model
     from pipeline.reduce import RunContext
 
@@ -76,17 +76,17 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         run_units(analysis, units[:1], ctx)  # warm-up: lazy imports, first-touch allocations
         start = time.perf_counter()
-        batched = [run_units(analysis, g, ctx)[0] for g in groups(units, _group_size(analysis), 1)]
+        batched = [run_units(analysis, g, ctx).tables for g in groups(units, group_size(analysis), 1)]
         batched_s = time.perf_counter() - start
         start = time.perf_counter()
-        alone = [run_units(analysis, [u], ctx)[0] for u in units]
+        alone = [run_units(analysis, [u], ctx).tables for u in units]
         alone_s = time.perf_counter() - start
         a = np.concatenate([values(t) for t in batched])
         b = np.concatenate([values(t) for t in alone])
         if len(a) != len(b):
             raise SystemExit(f"{params.entry_name}: {len(a)} rows batched but {len(b)} one unit at a time")
         r = results["entries"][params.entry_name] = {
-            "units": len(units), "group": _group_size(analysis), "batched_s": round(batched_s, 2),
+            "units": len(units), "group": group_size(analysis), "batched_s": round(batched_s, 2),
             "one_at_a_time_s": round(alone_s, 2), "speedup": round(alone_s / batched_s, 2),
             # Largest difference, relative to the largest value of the column.
             "max_relative_difference": float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-12)),

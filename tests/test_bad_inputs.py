@@ -118,7 +118,8 @@ WRONG_TYPES = [
 KEY_SECTIONS = [((), ["name", "output", "dataset", "model", "analyses", "execution"]),
                 (("dataset",), ["kind", "root", "extensions", "limit", "sample"]),
                 (("model",), ["source", "name", "weights", "num_classes", "preprocess"]),
-                (("execution",), ["address", "workers", "batch_size", "device", "precision", "channels_last",
+                (("execution",), ["address", "workers", "min_workers", "cpus_per_worker", "batch_size", "device",
+                                  "precision", "channels_last",
                                   "threads_per_worker", "decode_batch_size", "rows_per_part", "max_error_fraction"]),
                 (("analyses", 0), ["type", "name", "layers", "pool", "grid"]),
                 (("analyses", 1), ["type", "name", "top_k", "logits"])]

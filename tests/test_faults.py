@@ -15,7 +15,6 @@ the test session's embedded Ray (``ray_session``). Nothing here runs ``ray stop`
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import os
@@ -247,6 +246,107 @@ def test_driver_killed_between_commits_then_resumes(ray_session, resnet20_weight
                                                ("predictions", None), ("class_model", None)])
 
 
+SLOW = """
+import os
+import pathlib
+import time
+
+import torch
+import torch.nn as nn
+
+HERE = pathlib.Path(__file__).parent
+
+
+class Slow(nn.Module):
+    \"\"\"A small deterministic CNN that takes its time and counts its batches (in forwards.log).\"\"\"
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        if x.shape[0] > 1:  # the model actors' batches, not the manifest check's dry pass
+            with open(HERE / "forwards.log", "a") as f:
+                f.write(f"{os.getpid()}\\n")
+            time.sleep(0.25)
+        return self.fc(self.conv(x).relu().mean((2, 3)))
+
+
+def build():
+    return Slow()
+"""
+
+
+def _ledger(out: Path, entry: str, base: str = "", rows: int = 8) -> set[int]:
+    """The blocks (of ``rows`` images) in an entry's ledger; records are named by first row."""
+    folder = out / base / STAGING / entry / "_ledger"
+    return {int(p.stem.split("-")[1]) // rows for p in folder.glob("block-*.json")} if folder.is_dir() else set()
+
+
+def _forwards(path: Path) -> int:
+    return len(path.read_text().split()) if path.exists() else 0
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_pass_resumes_inside_it(ray_session, tmp_path):
+    """SIGKILL at ~50% and again at ~90% of a pass: each rerun computes only the blocks that
+    were not in the ledger, and the tables equal an uninterrupted run's, bit for bit and in order."""
+    root = tmp_path / "images"
+    make_images(root, classes=4, per_class=50, size=16)  # 200 images: 25 blocks of 8
+    (tmp_path / "slow_model.py").write_text(SLOW)
+    model = {"source": "python", "entrypoint": "slow_model:build", "preprocess": {"resize": 16, "crop": 16}}
+    analyses = [{"type": "features", "layers": ["conv"]}, {"type": "predictions"},
+                {"type": "activation_stats", "layers": ["conv"]}]
+    manifest = write_manifest(tmp_path / "m.yaml", model=model, dataset={"kind": "image_folder", "root": str(root)},
+                              analyses=analyses, execution={"batch_size": 8, "decode_batch_size": 8})
+    out, log, blocks = tmp_path / "out", tmp_path / "forwards.log", 25
+    entries = [("features", ""), ("predictions", ""), ("activation_stats", ".inputs")]
+    ledgers = []
+    for share in (0.5, 0.9):
+        before = _forwards(log)
+        proc = subprocess.Popen([*CONVSCOPE, "run", str(manifest)], env=_env(), cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 180
+            while len(_ledger(out, "features")) < share * blocks:
+                assert proc.poll() is None, proc.stdout.read().decode()
+                assert time.time() < deadline, "the pass never got that far"
+                time.sleep(0.02)
+        finally:
+            _kill_session(proc)
+        assert proc.returncode == -signal.SIGKILL
+        ledger = {entry: _ledger(out, entry, base) for entry, base in entries}
+        assert not (out / "features" / SUCCESS).exists(), "the pass finished before the kill"
+        if ledgers:  # the second run computed no block the first had recorded
+            assert all(ledgers[-1][e] <= ledger[e] for e, _ in entries)
+            missing = set(range(blocks)) - set.intersection(*ledgers[-1].values())
+            assert _forwards(log) - before <= len(missing)
+        ledgers.append(ledger)
+
+    before = _forwards(log)
+    finished = _cli_run(manifest)
+    assert finished.returncode == 0, finished.stdout
+    missing = set(range(blocks)) - set.intersection(*ledgers[-1].values())
+    assert _forwards(log) - before == len(missing), "a block recorded before the kill was computed again"
+    info = json.loads((out / "run.json").read_text())
+    for entry, _ in entries:
+        assert info["analyses"][entry]["blocks_resumed"] == len(ledgers[-1][entry]), entry
+        assert info["analyses"][entry]["status"] == "complete"
+    assert not (out / STAGING).exists() and not (out / ".inputs").exists()
+
+    assert run(manifest, f"output={tmp_path / 'ref'}").ok
+    for entry, layer in (("features", "conv"), ("predictions", None), ("activation_stats", None)):
+        folder = f"{entry}/layer={layer}" if layer else entry
+        got, want = pd.read_parquet(out / folder), pd.read_parquet(tmp_path / "ref" / folder)
+        pd.testing.assert_frame_equal(got, want, check_exact=True)  # unsorted: the same order too
+        names = sorted(p.relative_to(out).as_posix() for p in (out / folder).rglob("*"))
+        assert names == sorted(p.relative_to(tmp_path / "ref").as_posix() for p in (tmp_path / "ref" / folder).rglob("*"))
+    ids = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
+    assert pd.read_parquet(out / "predictions").image_id.tolist() == ids, "rows are not in dataset order"
+
+
 # ----------------------------------------------------------------------------- 3. determinism
 
 
@@ -301,26 +401,58 @@ def test_unwritable_output_exits_2_before_any_work(resnet20_weights, tmp_path, i
     assert not list(tmp_path.rglob(SUCCESS))
 
 
-def test_out_of_disk_while_committing_one_entry(ray_session, resnet20_weights, tmp_path, image_folder, monkeypatch):
-    import pipeline.writers as writers
+FULL_DISK = """
+import errno
+import os
+import pathlib
 
-    real = writers.atomic_write_table
-    injected = []
+from pipeline.store import Store
+from pipeline.zoo import CifarResNet
 
-    def full_disk(path, table):
-        if f"{STAGING}/predictions" in Path(path).as_posix():
-            injected.append(path)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        return real(path, table)
+HERE = pathlib.Path(__file__).parent
+FLAG = HERE / "DISK_FULL"
+_write_bytes = Store.write_bytes
 
-    monkeypatch.setattr(writers, "atomic_write_table", full_disk)
+
+def write_bytes(self, rel, data, durable=True):
+    \"\"\"Out of disk for predictions' Parquet parts while FLAG exists (in whichever process writes).\"\"\"
+    path = self.path(rel)
+    if FLAG.exists() and "/.staging/predictions/" in path and ".parquet." in path:
+        with open(HERE / "injected.log", "a") as f:
+            f.write(path + "\\n")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    return _write_bytes(self, rel, data, durable)
+
+
+Store.write_bytes = write_bytes
+
+
+def build():
+    return CifarResNet(20)
+"""
+
+
+def test_out_of_disk_while_writing_one_entry(ray_session, resnet20_weights, tmp_path, image_folder):
+    from pipeline.store import Store
+
+    # The model's module fills the disk for one entry in every process that loads it: the
+    # model actors, which write the blocks, included.
+    (tmp_path / "fulldisk.py").write_text(FULL_DISK)
+    (tmp_path / "DISK_FULL").write_text("")
+    model = {"source": "python", "entrypoint": "fulldisk:build", "weights": str(resnet20_weights),
+             "preprocess": {"resize": 32, "crop": 32}}
     analyses = [{"type": "predictions"}, {"type": "features", "layers": ["layer1"]},
                 {"type": "embedding", "layers": ["layer3"], "methods": ["pca"]}]
-    manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights, analyses=analyses,
+    manifest = write_manifest(tmp_path / "m.yaml", model=model, analyses=analyses,
                               dataset={"kind": "image_folder", "root": str(image_folder)})
     out = tmp_path / "out"
-    result = run(manifest)
-    assert len(injected) == 1
+    real = Store.write_bytes
+    try:
+        result = run(manifest)
+    finally:
+        Store.write_bytes = real  # this process loaded the model too (to check the manifest)
+    injected = (tmp_path / "injected.log").read_text().split()
+    assert len(injected) == 3, injected  # one part per block of 8 of the 18 images
     assert result.status == "failed"
     assert result.analyses["predictions"]["status"] == "failed"
     assert "No space left on device" in result.analyses["predictions"]["error"]
@@ -333,8 +465,11 @@ def test_out_of_disk_while_committing_one_entry(ray_session, resnet20_weights, t
     assert info["analyses"]["predictions"]["status"] == "failed" and info["analyses"]["features"]["status"] == "complete"
 
     # Space again: the rerun finishes the failed entry only.
-    monkeypatch.setattr(writers, "atomic_write_table", real)
-    result = run(manifest)
+    (tmp_path / "DISK_FULL").unlink()
+    try:
+        result = run(manifest)
+    finally:
+        Store.write_bytes = real
     assert result.ok
     assert result.analyses["predictions"]["status"] == "complete"
     assert result.analyses["features"]["status"] == "skipped" and result.analyses["embedding"]["status"] == "skipped"

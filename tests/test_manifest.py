@@ -175,3 +175,14 @@ def test_decode_block_auto_aims_at_32_mib_of_pixels():
     assert decode_block("auto", (2048, 2048)) == 64        # at least 64 per task
     assert decode_block("auto", None) == 256               # sizes not fixed by the preprocessing
     assert decode_block(7, (32, 32)) == 7                  # a number is used as given
+
+
+def test_actor_pool_and_cpu_settings(tmp_path, image_folder):
+    manifest = load(tmp_path, good(tmp_path, image_folder), overrides=["execution.workers=4", "execution.min_workers=2",
+                                                                       "execution.cpus_per_worker=2.5"])
+    assert (manifest.execution.min_workers, manifest.execution.cpus_per_worker) == (2, 2.5)
+    assert load(tmp_path, good(tmp_path, image_folder)).execution.cpus_per_worker == "auto"
+    with pytest.raises(ManifestError, match=r"execution: .*min_workers \(3\) must not exceed workers \(2\)"):
+        load(tmp_path, good(tmp_path, image_folder), overrides=["execution.workers=2", "execution.min_workers=3"])
+    with pytest.raises(ManifestError, match=r"execution.cpus_per_worker: expected a number of CPUs > 0 or 'auto'"):
+        load(tmp_path, good(tmp_path, image_folder), overrides=["execution.cpus_per_worker=0"])

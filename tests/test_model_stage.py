@@ -100,7 +100,8 @@ def test_filters_rows_and_pictures_match_the_weights():
     a = analysis("filters", layers=["0", "2"])
     ctx = context(net)
     assert a.units(ctx) == ["0", "2"]
-    tables, images = run_units(a, a.units(ctx), ctx)
+    result = run_units(a, a.units(ctx), ctx)
+    tables, images = result.tables, result.images
     t = tables[""].to_pandas()
     assert len(t) == (4 + 5) * 2
     assert set(t["norm"]) == {"filter", "global"}
@@ -108,10 +109,7 @@ def test_filters_rows_and_pictures_match_the_weights():
     assert (deep.in_channels, deep.height, deep.width) == (4, 3, 3)
     np.testing.assert_allclose(deep.weight, net[2].weight[3].detach().flatten().numpy(), rtol=0, atol=0)
     assert deep.l2 == pytest.approx(float(net[2].weight[3].detach().norm()), rel=1e-6)
-    from pipeline.worker import unpack_partial
-
-    packed = unpack_partial(images)
-    pictures = dict(zip(packed.column("key").to_pylist(), packed.column("png").to_pylist()))
+    pictures = dict(images)
     assert set(t["key"]) | set(t["grid_key"]) == set(pictures)
     # The first layer's picture is its RGB kernel (3x3) enlarged by whole pixels.
     first = decode(pictures[t[(t.layer == "0") & (t.channel == 1) & (t.norm == "filter")].key.iloc[0]])
@@ -149,8 +147,8 @@ def test_activation_maps_equal_the_hooked_layer_and_per_image_runs():
     a = analysis("activation_maps", layers=["1", "2"])
     ids = a.units(ctx)
     assert ids == list(ctx.pixels)
-    together = run_units(a, ids, ctx)[0][""].to_pandas()
-    alone = run_units(a, ids[2:], ctx)[0][""].to_pandas()
+    together = run_units(a, ids, ctx).tables[""].to_pandas()
+    alone = run_units(a, ids[2:], ctx).tables[""].to_pandas()
     assert len(together) == 3 * (4 + 5)
     with torch.no_grad():
         relu1 = net[1](net[0](ctx.normalize(ctx.images(ids))))
@@ -225,15 +223,14 @@ def test_invariance_rows_and_one_plot_per_transform():
     a = analysis("invariance", layers=["1"], scale=[], rotate=[0, 90])
     units = a.units(ctx)
     assert units == ["translate", "rotate"]  # an empty range leaves a transform out
-    tables, images = run_units(a, units, ctx)
+    result = run_units(a, units, ctx)
+    tables, images = result.tables, result.images
     t = tables[""].to_pandas()
     translate = a.amounts("translate", (8, 8))
     assert translate == [-2.0, -1.0, 0.0, 1.0, 2.0]
     assert len(t) == 2 * (len(translate) + 2)
     assert set(t["key"]) == {"invariance-translate", "invariance-rotate"}
-    from pipeline.worker import unpack_partial
-
-    assert sorted(unpack_partial(images).column("key").to_pylist()) == ["invariance-rotate", "invariance-translate"]
+    assert sorted(key for key, _ in images) == ["invariance-rotate", "invariance-translate"]
 
 
 # ----------------------------------------------------------------------------- through Ray
@@ -295,7 +292,7 @@ def test_class_model_images_are_their_class(demo_cnn):
     a = analysis("class_model", steps=60)
     units = a.units(ctx)
     assert units == [(0, 0), (1, 0), (2, 0), (3, 0)]
-    tables, _ = run_units(a, units, ctx)
+    tables = run_units(a, units, ctx).tables
     t = tables[""].to_pandas()
     assert list(t["class"]) == [0, 1, 2, 3] and list(t["class_name"]) == ctx.label_names
     assert (t.final_value > t.start_value + 10).all(), t[["start_value", "final_value"]]
@@ -318,8 +315,8 @@ def test_a_units_result_does_not_depend_on_its_group(demo_cnn):
         a = analysis(kind, **params)
         units = a.units(ctx)
         with torch.backends.mkldnn.flags(enabled=False):
-            together = run_units(a, units, ctx)[0][""].to_pandas()
-            alone = run_units(a, units[2:3], ctx)[0][""].to_pandas()
+            together = run_units(a, units, ctx).tables[""].to_pandas()
+            alone = run_units(a, units[2:3], ctx).tables[""].to_pandas()
         np.testing.assert_allclose(together.loc[2, "image"], alone.loc[0, "image"], atol=1e-5)
         assert together.loc[2, "key"] == alone.loc[0, "key"]
     assert len(together) == 3
@@ -328,7 +325,7 @@ def test_a_units_result_does_not_depend_on_its_group(demo_cnn):
 def test_neuron_ascent_raises_its_channel(demo_cnn):
     ctx = demo_context(demo_cnn)
     a = analysis("neuron_ascent", layer="relu3", channels=[0, 5], steps=40, neuron="center")
-    t = run_units(a, a.units(ctx), ctx)[0][""].to_pandas()
+    t = run_units(a, a.units(ctx), ctx).tables[""].to_pandas()
     assert list(t.channel) == [0, 5] and set(t.objective) == {"center"}
     assert (t.final_value > 3 * t.start_value + 1).all(), t[["start_value", "final_value"]]
     from jobs.backprop import forward_to
@@ -354,7 +351,7 @@ def test_inversion_keeps_more_of_the_image_early_than_late(demo_cnn):
     units = a.units(ctx)
     assert units == [("relu1", "shape0.png"), ("relu1", "shape1.png"), ("relu4", "shape0.png"),
                      ("relu4", "shape1.png")]
-    tables, images = run_units(a, units, ctx)
+    tables = run_units(a, units, ctx).tables
     t = tables[""].to_pandas()
     early, late = t[t.layer == "relu1"], t[t.layer == "relu4"]
     assert early.pixel_error.mean() < 0.6 * late.pixel_error.mean(), t[["layer", "pixel_error"]]
@@ -369,7 +366,7 @@ def test_inversion_keeps_more_of_the_image_early_than_late(demo_cnn):
 def test_deepdream_amplifies_its_layer(demo_cnn):
     ctx = demo_context(demo_cnn, n_images=2)
     a = analysis("deepdream", layers=["relu3"], size=48, octaves=2)
-    t = run_units(a, a.units(ctx), ctx)[0][""].to_pandas()
+    t = run_units(a, a.units(ctx), ctx).tables[""].to_pandas()
     assert (t.final_value > 2 * t.start_value).all()
     assert (t.height == 48).all() and len(t["image"][0]) == 3 * 48 * 48
 

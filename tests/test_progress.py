@@ -1,0 +1,39 @@
+"""Progress a person can read: done / total, rate and ETA, while nothing finishes too."""
+
+from __future__ import annotations
+
+import re
+import time
+
+from pipeline.progress import Progress, RunLog, duration
+
+
+def test_durations():
+    assert [duration(s) for s in (4.2, 75, 3725, -1)] == ["4s", "1m15s", "1h02m", "0s"]
+
+
+def test_lines_come_every_interval_even_when_no_block_finishes(tmp_path):
+    lines: list[str] = []
+    progress = Progress(1000, "features", lines.append, done=200, every=0.05)
+    progress.add(100)
+    time.sleep(0.3)  # a long block: nothing added, lines still come
+    progress.add(50)
+    progress.close()
+    assert len(lines) >= 4, lines
+    first = lines[0]
+    assert re.search(r"features: 300/1,000 images \(30%\), [\d,]+ images/s, ETA \w+, 200 from an earlier run", first)
+    assert lines[-1].startswith("  features: 350/1,000 images (35%)") and "so far" not in lines[-1]
+    # The resumed 200 count as done, not towards the rate: 150 in about 0.3 s.
+    rate = int(re.search(r"([\d,]+) images/s", lines[-1]).group(1).replace(",", ""))
+    assert 100 <= rate <= 1500
+
+
+def test_run_log_writes_a_timestamped_file_and_echoes(tmp_path):
+    echoed: list[str] = []
+    log = RunLog(echoed.append, tmp_path / "run.log")
+    log("map stage: features")
+    log.file("  features: 10/10 images")
+    log.close()
+    text = (tmp_path / "run.log").read_text().splitlines()
+    assert echoed == ["map stage: features"]
+    assert len(text) == 2 and re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d map stage: features", text[0])

@@ -35,6 +35,7 @@ from pipeline.cli import main as cli
 from pipeline.execute import run_manifest
 from pipeline.manifest import load_manifest
 from pipeline.writers import STAGING, SUCCESS
+from scripts.bench_driver import session_pids
 
 from .conftest import ROOT, make_images, write_manifest
 
@@ -68,21 +69,6 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _session_pids(sid: int) -> list[int]:
-    """Processes of the process session ``sid`` (what a subprocess started with
-    ``start_new_session=True`` and everything it spawned, Ray's raylet and gcs included)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            if os.getsid(int(entry)) == sid:
-                pids.append(int(entry))
-        except (ProcessLookupError, PermissionError):
-            continue
-    return pids
-
-
 def _kill_session(proc: subprocess.Popen) -> None:
     """SIGKILL a subprocess's process group, then every process left in its session, by pid."""
     sid = proc.pid
@@ -92,7 +78,7 @@ def _kill_session(proc: subprocess.Popen) -> None:
         pass
     deadline = time.time() + 20
     while time.time() < deadline:
-        left = _session_pids(sid)
+        left = session_pids(sid)
         if not left:
             break
         for pid in left:
@@ -105,7 +91,7 @@ def _kill_session(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         pass
-    assert not _session_pids(sid), "processes of the killed run survived"
+    assert not session_pids(sid), "processes of the killed run survived"
 
 
 def _cli_run(manifest: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -222,7 +208,7 @@ def test_driver_killed_between_commits_then_resumes(ray_session, resnet20_weight
             assert time.time() < deadline, "the map stage never committed"
             time.sleep(0.02)
         assert not (out / "class_model" / SUCCESS).exists(), "class_model finished before the kill"
-        driver_children = _session_pids(proc.pid)
+        driver_children = session_pids(proc.pid)
     finally:
         _kill_session(proc)
     assert len(driver_children) > 1, "the run did not start its own Ray processes"

@@ -1,30 +1,15 @@
-"""The analyses: pure tensor code, one module per analysis, registered by name."""
+"""The analyses: pure tensor code, one module per analysis, grouped by family, registered by name.
 
-from jobs import (  # noqa: F401  (importing registers them)
-    activation_maps,
-    activation_stats,
-    attribution_summary,
-    cam,
-    class_model,
-    deconvnet,
-    deepdream,
-    embedding,
-    features,
-    filters,
-    grad_cam,
-    guided_backprop,
-    guided_grad_cam,
-    inversion,
-    invariance,
-    neighbours,
-    neuron_ascent,
-    occlusion,
-    predictions,
-    probes,
-    saliency,
-    top_patches,
-)
-from jobs.base import (
+- :mod:`jobs.core`: the analysis interface and registry, hooks, tensor kernels, pictures;
+- :mod:`jobs.attribution`: maps per image (saliency ... occlusion) and their scores;
+- :mod:`jobs.dataset`: features, predictions and the dataset-wide reductions;
+- :mod:`jobs.model`: pictures of the model itself (filters, ascent, inversion, dreams).
+
+An analysis is registered under its module's name, which is also its manifest ``type``.
+"""
+
+from jobs import attribution, dataset, model  # noqa: F401  (importing registers the analyses)
+from jobs.core.base import (
     REGISTRY,
     Analysis,
     AnalysisParams,

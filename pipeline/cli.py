@@ -4,6 +4,7 @@
     convscope validate MANIFEST [--set key=value ...]
     convscope layers MODEL-SPEC | MANIFEST
     convscope report RUN_DIR [--out DIR]
+    convscope schema [--out FILE]
 
 Exit codes: 0 done, 1 an analysis failed (the rest is committed), 2 bad input.
 """
@@ -38,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir", help="a run's output folder or URI (s3://bucket/prefix, ...)")
     rep.add_argument("--out", help="write the report here instead of RUN_DIR/report (a local folder)")
 
+    sch = sub.add_parser("schema", help="print the manifest's JSON Schema (for editors' YAML language servers)")
+    sch.add_argument("--out", type=Path, help="write it to this file instead of standard output")
+
     lay = sub.add_parser("layers", help="list a model's layer names and output shapes")
     lay.add_argument("spec", help="a manifest, or SOURCE:NAME such as builtin:cifar_resnet20, "
                                   "torchvision:resnet50, torchscript:model.pt, python:pkg.mod:fn")
@@ -63,14 +67,14 @@ def _model_spec(text: str, weights: Path | None):
 
 def cmd_layers(args) -> int:
     from pipeline.manifest import load_manifest
-    from pipeline.models import input_shape, layer_shapes, load_model
+    from pipeline.models import input_shape, layer_shapes, load_model, preprocess_of
 
     if args.spec.endswith((".yaml", ".yml")):
         spec = load_manifest(args.spec).model
     else:
         spec = _model_spec(args.spec, args.weights)
     model = load_model(spec, allow_untrained_demo=True)
-    shape = input_shape(spec.preprocess) if not args.size else (3, args.size, args.size)
+    shape = input_shape(preprocess_of(spec)) if not args.size else (3, args.size, args.size)
     rows = layer_shapes(model, shape)
     width = max(len(n) for n, _, _ in rows)
     print(f"{'layer':<{width}}  {'type':<20} output shape (input {'x'.join(map(str, shape))})")
@@ -124,11 +128,26 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_schema(args) -> int:
+    from pipeline.manifest import json_schema_text
+    from pipeline.store import Store
+
+    text = json_schema_text()
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        out = args.out.absolute()
+        Store.open(out.parent).write_text(out.name, text)
+        print(f"schema: {args.out}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None and hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `convscope layers ... | head` ends quietly
     args = _parser().parse_args(argv)
-    handler = {"run": cmd_run, "validate": cmd_validate, "layers": cmd_layers, "report": cmd_report}[args.command]
+    handler = {"run": cmd_run, "validate": cmd_validate, "layers": cmd_layers, "report": cmd_report,
+               "schema": cmd_schema}[args.command]
     try:
         return handler(args)
     except UserError as e:

@@ -127,6 +127,13 @@ def _list(spec: ListDataset) -> DatasetIndex:
     return DatasetIndex(_table(_file_rows(paths, ids, [e[2] for e in entries])))
 
 
+def _column(table: pa.Table | None, name: str) -> list:
+    """Column ``name`` of ``table`` as a list; ``table`` holds the spec's named columns, None when it names none."""
+    if table is None:
+        raise ValueError(f"column {name!r} was not read")
+    return table.column(name).to_pylist()
+
+
 def _parquet(spec: ParquetDataset) -> DatasetIndex:
     files = sorted(spec.path.rglob("*.parquet")) if spec.path.is_dir() else [spec.path]
     if not files:
@@ -145,18 +152,18 @@ def _parquet(spec: ParquetDataset) -> DatasetIndex:
         n = pq.ParquetFile(f).metadata.num_rows
         rel = f.relative_to(spec.path).as_posix() if spec.path.is_dir() else f.name
         if spec.id_column:
-            ids = [str(v) for v in t.column(spec.id_column).to_pylist()]
+            ids = [str(v) for v in _column(t, spec.id_column)]
         else:
             ids = [f"{rel}#{i}" for i in range(n)]
         if spec.label_column:
-            labels = [-1 if v is None else int(v) for v in t.column(spec.label_column).to_pylist()]
+            labels = [-1 if v is None else int(v) for v in _column(t, spec.label_column)]
         else:
             labels = [-1] * n
         rows["image_id"] += ids
         rows["label"] += labels
         if spec.path_column:
             base = spec.root or f.parent
-            paths = [Path(p) if Path(p).is_absolute() else base / p for p in t.column(spec.path_column).to_pylist()]
+            paths = [Path(p) if Path(p).is_absolute() else base / p for p in _column(t, spec.path_column)]
             file_rows = _file_rows(paths, ids, labels)
             for k in ("ref", "source", "offset", "size"):
                 rows[k] += file_rows[k]

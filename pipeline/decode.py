@@ -32,9 +32,12 @@ def output_size(resize: Size, crop: Size) -> tuple[int, int] | None:
 
 
 def read_bytes(
-    refs: list[str], sources: list[str], offsets: list[int], sizes: list[int], parquet_column: str = "image"
+    refs: list[str], sources: list[str], offsets: list[int], sizes: list[int], parquet_column: str | None = "image"
 ) -> list[bytes | Exception]:
-    """The encoded bytes of each image (or the exception that stopped reading it)."""
+    """The encoded bytes of each image (or the exception that stopped reading it).
+
+    ``parquet_column``: the column holding the images of ``parquet`` rows; None where there are
+    none (a Parquet dataset that lists file paths has no image column)."""
     out: list[bytes | Exception] = [b""] * len(refs)
     by_parquet: dict[str, list[int]] = defaultdict(list)
     for i, (ref, src, off, size) in enumerate(zip(refs, sources, offsets, sizes)):
@@ -57,6 +60,8 @@ def read_bytes(
             out[i] = e
     for src, idx in by_parquet.items():
         try:
+            if parquet_column is None:
+                raise ValueError(f"{src}: rows of a Parquet file, but no image column to read them from")
             _read_parquet_rows(src, parquet_column, idx, offsets, out)
         except Exception as e:  # noqa: BLE001
             for i in idx:
@@ -108,7 +113,7 @@ def _resize(img: Image.Image, size: int | list[int] | tuple[int, int]) -> Image.
         new_h, new_w = int(size[0]), int(size[1])
         if (new_h, new_w) == (h, w):
             return img
-    return img.resize((new_w, new_h), Image.BILINEAR)
+    return img.resize((new_w, new_h), Image.Resampling.BILINEAR)
 
 
 def _center_crop(img: Image.Image, size: int | list[int] | tuple[int, int]) -> Image.Image:
@@ -190,7 +195,7 @@ def _decode(data: bytes, resize: Size, crop: Size) -> tuple[np.ndarray, tuple[in
         raise ValueError("empty file (0 bytes)")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))  # an ImageFile; converted copies are plain Images
         if img.width * img.height > MAX_PIXELS:
             raise ValueError(f"image is {img.width}x{img.height}, over the {MAX_PIXELS:,}-pixel safety limit")
         img.load()
@@ -209,7 +214,7 @@ def _decode(data: bytes, resize: Size, crop: Size) -> tuple[np.ndarray, tuple[in
 
 
 def decode_batch(batch: dict[str, np.ndarray], resize: Size, crop: Size,
-                 parquet_column: str = "image") -> dict[str, np.ndarray]:
+                 parquet_column: str | None = "image") -> dict[str, np.ndarray]:
     """Read and decode a batch of index rows into uint8 pixels; failures become error rows.
 
     A ``box`` column (object boxes in original pixels) comes back in the preprocessed frame,

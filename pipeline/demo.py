@@ -56,9 +56,9 @@ def render(index: int, seed: int, size: int = 64) -> tuple[np.ndarray, int, list
     y0 = int(rng.integers(1, size - s - 1))
     x1, y1 = x0 + s, y0 + s
     hue = rng.integers(0, 3)
-    colour = [int(v) for v in rng.integers(0, 90, 3)]
-    colour[hue] = int(rng.integers(200, 256))
-    fill = tuple(colour)
+    rgb = [int(v) for v in rng.integers(0, 90, 3)]
+    rgb[hue] = int(rng.integers(200, 256))
+    fill = tuple(rgb)
     name = CLASSES[label]
     if name == "circle":
         draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=fill)

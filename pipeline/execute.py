@@ -30,13 +30,13 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from jobs import REGISTRY
+from jobs import REGISTRY, ModelAnalysis, ReduceAnalysis
 from pipeline.datasets import DatasetIndex, list_dataset
 from pipeline.decode import decode_batch
 from pipeline.errors import UserError
 from pipeline.manifest import Manifest, ParquetDataset
 from pipeline.model_stage import run_model_stage
-from pipeline.models import check_layers, load_model, model_hash
+from pipeline.models import check_layers, load_model, model_hash, preprocess_of
 from pipeline.plan import Stage, entry_key, plan
 from pipeline.progress import Progress, RunLog
 from pipeline.reduce import run_reduce_stage
@@ -117,14 +117,14 @@ def _decode_remote_args() -> dict:
     return {}
 
 
-def _decode_stage(ds, manifest: Manifest, block: int, column: str):
+def _decode_stage(ds, manifest: Manifest, block: int, column: str | None):
     """Read + decode + resize/crop as CPU tasks (``pipeline.decode``, no torch)."""
+    pre = preprocess_of(manifest.model)
     return ds.map_batches(
         decode_batch,
         batch_size=block,
         batch_format="numpy",
-        fn_kwargs={"resize": manifest.model.preprocess.resize, "crop": manifest.model.preprocess.crop,
-                   "parquet_column": column},
+        fn_kwargs={"resize": pre.resize, "crop": pre.crop, "parquet_column": column},
         num_cpus=1,
         # A remote-args function keeps Ray Data from fusing decoding into the model actor:
         # decode tasks then run beside the actors and overlap the model instead of delaying it.
@@ -166,7 +166,7 @@ def block_rows(manifest: Manifest, images: int) -> int:
     worker, so every worker has work and progress shows before the end.
     """
     ex = manifest.execution
-    block = decode_block(ex.decode_batch_size, manifest.model.preprocess.output_size())
+    block = decode_block(ex.decode_batch_size, preprocess_of(manifest.model).output_size())
     if ex.decode_batch_size == "auto":
         block = max(1, min(block, -(-images // (BLOCKS_PER_WORKER * ex.workers))))
     return -(-block // ex.batch_size) * ex.batch_size
@@ -216,7 +216,7 @@ def _map_dataset(manifest: Manifest, index: DatasetIndex, stage: Stage, store: S
     execution["device"] = "cuda" if res.use_gpu else "cpu"
     execution["cpus_per_worker"] = res.actor_cpus
     rows = block_rows(manifest, len(index))
-    table = _with_boxes(index)
+    table = with_boxes(index)
     table = table.append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
     parts = [table.slice(b * rows, rows) for b in blocks]
     column = manifest.dataset.image_column if isinstance(manifest.dataset, ParquetDataset) else "image"
@@ -252,7 +252,7 @@ def _map_dataset(manifest: Manifest, index: DatasetIndex, stage: Stage, store: S
     return ds
 
 
-def _with_boxes(index: DatasetIndex) -> pa.Table:
+def with_boxes(index: DatasetIndex) -> pa.Table:
     """The index table, plus the dataset's object boxes (``box``) where it has them."""
     table = index.table
     if index.extra is None or "box" not in index.extra.column_names:
@@ -335,7 +335,8 @@ def run_map_stage(manifest: Manifest, store: Store, index: DatasetIndex, stage: 
         staged[name].forget(again)
         for block in again:
             del records[block]
-    todo = sorted(set(range(nblocks)) - set.intersection(*done.values()))
+    written: set[int] = set.intersection(*done.values())  # blocks every entry has
+    todo = sorted(set(range(nblocks)) - written)
     resumed = nblocks - len(todo)
     if resumed:
         log(f"  resuming: {resumed:,} of {nblocks:,} blocks already written by an earlier run")
@@ -531,7 +532,7 @@ def _run(manifest: Manifest, store: Store, index: DatasetIndex, model, log: RunL
                 stats, errors = run_map_stage(manifest, store, index, stage, keys, log)
                 all_errors.extend(errors)
             elif stage.kind == "reduce":
-                stats = run_reduce_stage(manifest, store, index, stage.analyses, keys, log)
+                stats = run_reduce_stage(manifest, store, index, stage.analyses_of(ReduceAnalysis), keys, log)
                 for name, info in stats.items():
                     before = analyses.get(name, {})
                     info["seconds"] = round(before.get("map_seconds", 0.0) + info.get("reduce_seconds", 0.0), 3)
@@ -539,7 +540,7 @@ def _run(manifest: Manifest, store: Store, index: DatasetIndex, model, log: RunL
                     info.update({k: before[k] for k in carried if k in before})
                     info["stage"] = "reduce"
             else:
-                stats = run_model_stage(manifest, store, index, stage.analyses, keys, log)
+                stats = run_model_stage(manifest, store, index, stage.analyses_of(ModelAnalysis), keys, log)
                 for info in stats.values():
                     info["stage"] = "model"
             analyses.update(stats)
@@ -570,6 +571,8 @@ def _run(manifest: Manifest, store: Store, index: DatasetIndex, model, log: RunL
                      f"over execution.max_error_fraction={limit:g}; see errors.parquet "
                      "(the analyses' tables are committed)")
         log(run_error)
+    run_analyses: dict[str, dict] = {
+        p.entry_name: {"type": p.type, **analyses.get(p.entry_name, {"status": "not run"})} for p in manifest.analyses}
     summary = {
         "name": manifest.name,
         "status": status,
@@ -588,13 +591,12 @@ def _run(manifest: Manifest, store: Store, index: DatasetIndex, model, log: RunL
         "execution": {**manifest.execution.model_dump(mode="json"),
                       "address": manifest.execution.address or "embedded"},
         "versions": versions(),
-        "analyses": {p.entry_name: {"type": p.type, **analyses.get(p.entry_name, {"status": "not run"})}
-                     for p in manifest.analyses},
+        "analyses": run_analyses,
     }
     store.write_json("run.json", summary)
     for staging in (STAGING, f"{INPUTS}/{STAGING}", INPUTS):
         if store.is_dir(staging) and not store.list(staging):
             store.delete(staging)
     log(f"{manifest.name}: {status} in {time.time() - started:.1f} s")
-    return RunResult(output=manifest.output, status=status, analyses=summary["analyses"], errors=len(all_errors),
+    return RunResult(output=manifest.output, status=status, analyses=run_analyses, errors=len(all_errors),
                      error=run_error)

@@ -31,7 +31,7 @@ import torch
 
 from jobs import REGISTRY, ModelAnalysis, ModelContext
 from pipeline.datasets import DatasetIndex
-from pipeline.manifest import MODEL_SOURCES, Manifest
+from pipeline.manifest import Manifest
 from pipeline.progress import Progress
 from pipeline.reduce import EntryInputs, RunContext
 from pipeline.store import Store
@@ -45,12 +45,12 @@ _MODELS: dict[str, torch.nn.Module] = {}
 
 
 def _load(model_spec: dict, device: torch.device) -> torch.nn.Module:
-    from pipeline.models import load_model
+    from pipeline.models import load_model, spec_from_json
 
     key = json.dumps(model_spec, sort_keys=True) + str(device)
     if key not in _MODELS:
         _MODELS.clear()  # one model at a time per process
-        spec = MODEL_SOURCES[model_spec["source"]].model_validate(model_spec)
+        spec = spec_from_json(model_spec)
         model = load_model(spec).to(device).eval()
         for p in model.parameters():
             p.requires_grad_(False)  # inputs get gradients, weights never do
@@ -76,6 +76,8 @@ def model_task(model_spec: dict, entry: dict, device: str, threads: int | None, 
     dev = resolve_device(device)
     params = REGISTRY[entry["type"]].Params.model_validate(entry)
     analysis = REGISTRY[params.type](params)
+    if not isinstance(analysis, ModelAnalysis):
+        raise TypeError(f"{params.entry_name}: {params.type!r} is a {analysis.stage} analysis, not a model analysis")
     ctx = ModelContext(model=_load(model_spec, dev), device=dev, **shared)
     record = write_result(store, group, run_units(analysis, units, ctx), rows_per_part=rows_per_part,
                           where=params.entry_name)
@@ -144,16 +146,19 @@ def _commit(manifest: Manifest, store: Store, entry: _Entry) -> dict:
 def _prepare(manifest: Manifest, store: Store, index: DatasetIndex, analysis: ModelAnalysis, run_ctx: RunContext,
              labels: dict[str, int | None], key: dict, log: Log) -> _Entry:
     """On the driver: the entry's images, its units and their groups."""
-    pre = manifest.model.preprocess
+    from pipeline.models import input_size_of, preprocess_of
+
+    pre = preprocess_of(manifest.model)
     chosen = analysis.select(list(labels)) or []
     pixels = run_ctx.images(chosen) if chosen else {}
     missing = [i for i in chosen if i not in pixels]
     if missing:
         log(f"{analysis.params.entry_name}: {len(missing)} chosen image(s) could not be decoded and are left out "
             f"(first: {missing[0]})")
-    shared = {
-        "input_size": tuple(pre.output_size()), "mean": list(pre.mean), "std": list(pre.std),
-        "pixels": pixels, "labels": {i: int(labels[i]) if labels[i] is not None else -1 for i in pixels},
+    # ModelContext's fields besides the model and device; the same dict goes to every task.
+    shared: dict[str, Any] = {
+        "input_size": input_size_of(manifest.model), "mean": list(pre.mean), "std": list(pre.std),
+        "pixels": pixels, "labels": {i: int(label) if (label := labels[i]) is not None else -1 for i in pixels},
         "label_names": index.label_names,
     }
     ctx = ModelContext(model=run_ctx.model, device=run_ctx.device, **shared)

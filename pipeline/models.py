@@ -15,13 +15,16 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from jobs import REGISTRY
+from jobs.core import hooks
 from pipeline.errors import ManifestError, UserError, suggest
 from pipeline.manifest import (
+    MODEL_SOURCES,
     BuiltinModel,
     Manifest,
     ModelSpec,
@@ -104,6 +107,14 @@ def _python_model(spec: PythonModel) -> nn.Module:
     return model
 
 
+def spec_from_json(data: dict[str, Any]) -> ModelSpec:
+    """A model spec validated back from its ``model_dump(mode="json")`` (what workers are sent)."""
+    spec = MODEL_SOURCES[data["source"]].model_validate(data)
+    if not isinstance(spec, (TorchvisionModel, BuiltinModel, PythonModel, TorchScriptModel)):
+        raise TypeError(f"model source {data['source']!r} built a {type(spec).__name__}, not a model spec")
+    return spec
+
+
 def load_model(spec: ModelSpec, allow_untrained_demo: bool = False) -> nn.Module:
     """Build the model a spec names, load its weights, and put it in eval mode (on the CPU).
 
@@ -166,6 +177,24 @@ def layer_names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_modules() if n]
 
 
+def preprocess_of(spec: ModelSpec) -> Preprocess:
+    """The spec's preprocessing: validating a spec fills in its source's defaults, so only a
+    spec built without validation can lack it."""
+    if spec.preprocess is None:
+        raise ValueError(f"model spec (source {spec.source!r}) has no preprocess: it was not validated "
+                         "(validation fills in the source's defaults)")
+    return spec.preprocess
+
+
+def input_size_of(spec: ModelSpec) -> tuple[int, int]:
+    """(H, W) of every model input: validation always fixes it (the source's default crop)."""
+    size = preprocess_of(spec).output_size()
+    if size is None:
+        raise ValueError(f"model spec (source {spec.source!r}): preprocess gives no fixed input size "
+                         "(set crop, or resize as [height, width])")
+    return size
+
+
 def input_shape(preprocess: Preprocess) -> tuple[int, int, int]:
     h, w = preprocess.output_size() or (224, 224)
     return (3, h, w)
@@ -173,62 +202,33 @@ def input_shape(preprocess: Preprocess) -> tuple[int, int, int]:
 
 @contextmanager
 def capture(model: nn.Module, layers: Sequence[str], detach: bool = True) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the outputs of ``layers`` during forward passes; hooks are always removed.
+    """:func:`jobs.core.hooks.capture`, with an unknown layer a user error that suggests names.
 
     Outputs are cloned: a later in-place op (``ReLU(inplace=True)`` after a BatchNorm, as in
     torchvision's ResNets) would otherwise change what was recorded.
-
-    >>> with capture(model, ["layer1"]) as acts:
-    ...     model(x)
-    >>> acts["layer1"].shape
     """
     modules = dict(model.named_modules())
     for name in layers:
         if name not in modules:
             raise UserError(suggest(name, layer_names(model), "layer"))
-    store: dict[str, torch.Tensor] = {}
-    handles = []
-
-    def hook_for(name: str):
-        def hook(_module, _inputs, output):
-            if isinstance(output, (tuple, list)):
-                output = output[0]
-            store[name] = output.detach().clone() if detach else output
-
-        return hook
-
-    try:
-        for name in dict.fromkeys(layers):
-            handles.append(modules[name].register_forward_hook(hook_for(name)))
+    with hooks.capture(model, layers, detach=detach) as store:
         yield store
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def layer_shapes(model: nn.Module, shape: tuple[int, int, int]) -> list[tuple[str, str, tuple[int, ...] | None]]:
     """(name, module type, output shape without batch) for every module, from one dry forward."""
     names = layer_names(model)
     shapes: dict[str, tuple[int, ...]] = {}
-    handles = []
     modules = dict(model.named_modules())
-    for name in names:
-        def hook(_m, _i, out, name=name):
-            if isinstance(out, (tuple, list)):
-                out = out[0]
-            if isinstance(out, torch.Tensor):
-                shapes[name] = tuple(out.shape[1:])
 
-        try:
-            handles.append(modules[name].register_forward_hook(hook))
-        except (RuntimeError, AttributeError):  # TorchScript submodules take no Python hooks
-            pass
-    try:
-        with torch.no_grad():
-            model(torch.zeros((1, *shape)))
-    finally:
-        for h in handles:
-            h.remove()
+    def hook_for(name: str) -> hooks.Hook:
+        def hook(out: torch.Tensor) -> None:
+            shapes[name] = tuple(out.shape[1:])
+        return hook
+
+    # TorchScript submodules take no Python hooks; they are listed without a shape.
+    with hooks.forward_hooks(model, {n: hook_for(n) for n in names}, skip_unhookable=True), torch.no_grad():
+        model(torch.zeros((1, *shape)))
     return [(n, type(modules[n]).__name__ if not isinstance(modules[n], torch.jit.ScriptModule)
              else modules[n].original_name, shapes.get(n)) for n in names]
 
@@ -243,7 +243,7 @@ def check_layers(manifest: Manifest, model) -> None:
     names = layer_names(model)
     scripted = isinstance(model, torch.jit.ScriptModule)
     problems = []
-    size = manifest.model.preprocess.output_size()
+    size = input_size_of(manifest.model)
     for i, params in enumerate(manifest.analyses):
         analysis = REGISTRY[params.type](params)
         found = []
@@ -256,7 +256,8 @@ def check_layers(manifest: Manifest, model) -> None:
             if layer not in names:
                 found.append(f"{format_loc(('analyses', i) + sub)}: {suggest(layer, names, 'layer')}")
         if not found:  # the entry's own checks may look its layers up
-            found = [f"{format_loc(('analyses', i) + sub)}: {message}" for sub, message in analysis.check_model(model, size)]
+            found = [f"{format_loc(('analyses', i) + sub)}: {message}"
+                     for sub, message in analysis.check_model(model, size)]
         problems += found
     if problems:
         raise ManifestError(str(manifest.source or manifest.name), problems)

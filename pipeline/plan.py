@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from jobs import REGISTRY, Analysis, AnalysisParams
 from pipeline.manifest import Manifest
 
 ORDER = {"map": 0, "reduce": 1, "model": 2}
+
+A = TypeVar("A", bound=Analysis)
 
 
 @dataclass
@@ -27,6 +31,14 @@ class Stage:
     @property
     def entries(self) -> list[str]:
         return [a.params.entry_name for a in self.analyses]
+
+    def analyses_of(self, cls: type[A]) -> list[A]:
+        """The analyses, each checked to be a ``cls`` (a reduce stage holds only
+        :class:`jobs.ReduceAnalysis`, a model stage only :class:`jobs.ModelAnalysis`)."""
+        wrong = [a.params.entry_name for a in self.analyses if not isinstance(a, cls)]
+        if wrong:
+            raise TypeError(f"{self.kind} stage: {', '.join(wrong)} not {cls.__name__}")
+        return [a for a in self.analyses if isinstance(a, cls)]
 
     def layers(self) -> list[str]:
         """Union of the layers every analysis of the stage reads, in first-seen order."""
@@ -52,7 +64,8 @@ def entry_key(params: AnalysisParams, manifest: Manifest, dataset_fingerprint: s
     return {"key": "sha256:" + digest, "type": params.type, "dataset": dataset_fingerprint, "model": model_hash}
 
 
-def plan(manifest: Manifest, skip: set[str] = frozenset(), partials_done: set[str] = frozenset()) -> list[Stage]:
+def plan(manifest: Manifest, skip: AbstractSet[str] = frozenset(),
+         partials_done: AbstractSet[str] = frozenset()) -> list[Stage]:
     """Stages to run, in order; entries named in ``skip`` are already done, and reduce
     entries named in ``partials_done`` need no dataset pass."""
     stages: dict[str, Stage] = {}

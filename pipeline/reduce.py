@@ -93,11 +93,13 @@ class RunContext:
     """:class:`jobs.ReduceContext` for a run: the model, decoded images, Ray for parallel work."""
 
     def __init__(self, manifest: Manifest, index: DatasetIndex, log: Log):
+        from pipeline.models import input_size_of
+
         self.manifest, self.index, self._log = manifest, index, log
         ex = manifest.execution
         use_cuda = ex.device == "cuda" or (ex.device == "auto" and torch.cuda.is_available())
         self.device = torch.device("cuda" if use_cuda else "cpu")
-        self.input_size = manifest.model.preprocess.output_size()
+        self.input_size = input_size_of(manifest.model)
         self.label_names = index.label_names
         self.workers = ex.workers
         self._model: torch.nn.Module | None = None
@@ -111,6 +113,11 @@ class RunContext:
             self._model = load_model(self.manifest.model).to(self.device).eval()
         return self._model
 
+    @model.setter
+    def model(self, model: torch.nn.Module) -> None:
+        # jobs.ReduceContext declares ``model`` a plain (settable) attribute.
+        self._model = model
+
     def images(self, image_ids: Sequence[str]) -> dict[str, np.ndarray]:
         """Decode ``image_ids`` as the model saw them (resized, cropped; uint8 (H, W, 3))."""
         if self._rows is None:
@@ -120,7 +127,9 @@ class RunContext:
             return {}
         sub = self.index.table.take(pa.array(rows, pa.int64()))
         batch = {c: np.asarray(sub.column(c).to_pylist(), dtype=object) for c in sub.column_names}
-        pre = self.manifest.model.preprocess
+        from pipeline.models import preprocess_of
+
+        pre = preprocess_of(self.manifest.model)
         column = self.manifest.dataset.image_column if isinstance(self.manifest.dataset, ParquetDataset) else "image"
         out = decode_batch(batch, pre.resize, pre.crop, column)
         return {str(i): out["pixels"][n] for n, i in enumerate(out["image_id"]) if out["error"][n] == ""}

@@ -22,6 +22,7 @@ half-written report that looks complete.
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import os
@@ -37,7 +38,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from jobs.base import safe_key
+from jobs.core.base import safe_key
 from pipeline.errors import UserError
 from pipeline.store import Store
 from pipeline.writers import SHARDS, SUCCESS
@@ -271,7 +272,8 @@ def predictions_body(run: Run, entry: str) -> str:
     for i in range(k):
         total = max(confusion[i].sum(), 1)
         cells = "".join(
-            f'<td class="num" style="background: rgba(31,119,180,{confusion[i, j] / total:.3f})">{confusion[i, j]:,}</td>'
+            f'<td class="num" style="background: rgba(31,119,180,{confusion[i, j] / total:.3f})">'
+            f"{confusion[i, j]:,}</td>"
             for j in range(k))
         body.append(f"<tr><th>{esc(names[i])}</th>{cells}</tr>")
     matrix = (f'<table class="confusion"><thead><tr><th>label \\ predicted</th>{head}</tr></thead>'
@@ -393,7 +395,8 @@ def top_patches_pages(run: Run, entry: str, write: Callable[[str, str, str], Non
             sub = f"{safe_key(entry)}--{safe_key(layer)}--c{int(channel)}.html"
             grid_img = run.image(entry, rows.grid_key.iloc[0]) if "grid_key" in rows else None
             top = rows.sort_values("rank")
-            items.append(f'<a href="{sub}">{figure(grid_img, f"channel {int(channel)} · max {num(top.activation.iloc[0])}", paged=True)}</a>')
+            caption = f"channel {int(channel)} · max {num(top.activation.iloc[0])}"
+            items.append(f'<a href="{sub}">{figure(grid_img, caption, paged=True)}</a>')
             crops = "".join(figure(run.image(entry, r.key),
                                    f"#{int(r.rank)} · {num(r.activation)}<br>{esc(r.image_id)}<br>"
                                    f"box {esc(list(r.box) if r.box is not None else None)}")
@@ -440,7 +443,8 @@ def attribution_body(run: Run, entries: list[str], summary: str | None) -> str:
                            f" · del {num(getattr(r, 'deletion_auc', None), 2)} · ins "
                            f"{num(getattr(r, 'insertion_auc', None), 2)}")
                 figs.append(figure(run.image(r.entry, getattr(r, "key", None)), caption, paged=True, pixelated=False))
-            items.append(f'<h3>{esc(image_id)} <small>{esc(label)}</small></h3><div class="grid wide">{"".join(figs)}</div>')
+            items.append(f'<h3>{esc(image_id)} <small>{esc(label)}</small></h3>'
+                         f'<div class="grid wide">{"".join(figs)}</div>')
         parts.append(f'<section class="card"><h2>Per image</h2><p>{len(items):,} images, every method side by '
                      f"side (image · map over it · colour scale).</p>{paged(items, 6, cls='list')}</section>")
     return "".join(parts)
@@ -463,34 +467,52 @@ def model_body(run: Run, entry: str, kind: str) -> str:
         return "".join(out)
     if kind == "activation_maps":
         grids = df.drop_duplicates("key")
-        return (f'<section class="card">{gallery(run, entry, grids, lambda r: f"{esc(r.image_id)}<br>{esc(r.layer)}", per_page=12)}'
+        return ('<section class="card">'
+                f'{gallery(run, entry, grids, lambda r: f"{esc(r.image_id)}<br>{esc(r.layer)}", per_page=12)}'
                 "</section>")
     if kind == "class_model":
         df = df.rename(columns={"class": "target_class"})  # "class" is no attribute name
+
+        def caption(r: Any) -> str:
+            return f"{esc(r.class_name or r.target_class)} · restart {r.restart}<br>p {num(r.probability)}"
+
         return (f'<section class="card"><p>Mean probability the model gives each class model for its class: '
                 f"<b>{num(df.probability.mean())}</b>.</p>"
-                f'{gallery(run, entry, df, lambda r: f"{esc(r.class_name or r.target_class)} · restart {r.restart}<br>p {num(r.probability)}")}'
+                f"{gallery(run, entry, df, caption)}"
                 f'</section><section class="card">'
                 f'{table_html(df.drop(columns=drop + ["key", "shard"]).rename(columns={"target_class": "class"}))}'
                 "</section>")
     if kind == "neuron_ascent":
-        return (f'<section class="card">{gallery(run, entry, df, lambda r: f"{esc(r.layer)} channel {r.channel}<br>{num(r.start_value, 2)} → {num(r.final_value, 2)}")}'
+        def caption(r: Any) -> str:
+            return f"{esc(r.layer)} channel {r.channel}<br>{num(r.start_value, 2)} → {num(r.final_value, 2)}"
+
+        return (f'<section class="card">{gallery(run, entry, df, caption)}'
                 f'</section><section class="card">{table_html(df.drop(columns=drop + ["key", "shard"]))}</section>')
     if kind == "inversion":
         means = df.groupby("layer", sort=False)[["pixel_error", "relative_feature_error"]].mean().reset_index()
+        chart = bar_chart(list(zip(means.layer, means.pixel_error)), "pixel RMSE (lower: the layer keeps more)",
+                          top=max(0.3, float(means.pixel_error.max())))
+
+        def caption(r: Any) -> str:
+            return f"{esc(r.image_id)} · {esc(r.layer)}<br>pixel error {num(r.pixel_error)}"
+
         return (f'<section class="card"><h2>Error per layer</h2>'
-                f'{bar_chart(list(zip(means.layer, means.pixel_error)), "pixel RMSE (lower: the layer keeps more)", top=max(0.3, float(means.pixel_error.max())))}'
+                f"{chart}"
                 f"{table_html(means)}</section>"
                 f'<section class="card"><h2>Original · reconstruction</h2>'
-                f'{gallery(run, entry, df, lambda r: f"{esc(r.image_id)} · {esc(r.layer)}<br>pixel error {num(r.pixel_error)}", per_page=12)}</section>')
+                f"{gallery(run, entry, df, caption, per_page=12)}</section>")
     if kind == "deepdream":
-        return (f'<section class="card">{gallery(run, entry, df, lambda r: f"{esc(r.image_id)} · {esc(r.layer)}<br>{num(r.start_value, 2)} → {num(r.final_value, 2)}", per_page=12)}'
+        def caption(r: Any) -> str:
+            return f"{esc(r.image_id)} · {esc(r.layer)}<br>{num(r.start_value, 2)} → {num(r.final_value, 2)}"
+
+        return (f'<section class="card">{gallery(run, entry, df, caption, per_page=12)}'
                 "</section>")
     if kind == "invariance":
         plots = df.drop_duplicates("key")
         figs = "".join(f'<section class="card"><h2>{esc(r.transform)}</h2>'
                        f'{figure(run.image(entry, r.key), "", pixelated=False)}</section>' for r in plots.itertuples())
-        return figs + f'<section class="card"><details><summary>table</summary>{table_html(df, limit=2000)}</details></section>'
+        return figs + (f'<section class="card"><details><summary>table</summary>{table_html(df, limit=2000)}'
+                       "</details></section>")
     return f'<section class="card">{table_html(df.drop(columns=drop), limit=500)}</section>'
 
 
@@ -572,18 +594,19 @@ def _write_pages(run: Run, log: Callable[[str], None]) -> None:
         if kind in ATTRIBUTION_TYPES or kind == "attribution_summary":
             if not done_attribution:
                 summary = next((n for n, t in types.items() if t == "attribution_summary"), None)
-                write("attribution.html", "Attribution", _section(lambda: attribution_body(run, attribution, summary),
-                                                                  "attribution", log))
+                write("attribution.html", "Attribution",
+                      _section(functools.partial(attribution_body, run, attribution, summary), "attribution", log))
                 done_attribution = True
             continue
         if not run.parts(name):
             body = '<section class="card"><p>This analysis committed no rows.</p></section>'
         else:
-            body = _section(lambda: _body(run, name, kind, write), name, log)
+            body = _section(functools.partial(_body, run, name, kind, write), name, log)
         write(pages[name], f"{name} ({kind})" if name != kind else name, body)
 
 
-def _body(run: Run, name: str, kind: str, write: Callable[[str, str, str], None]) -> str:
+def _body(run: Run, name: str, kind: str | None, write: Callable[[str, str, str], None]) -> str:
+    # ``kind`` is the entry's ``type`` in run.json: None where it has none (drawn as a plain table).
     if kind == "predictions":
         return predictions_body(run, name)
     if kind == "features":

@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import builtins
 import io
 import json
 import os
@@ -138,12 +139,13 @@ class Store:
     def exists(self, rel: str) -> bool:
         return self.info(rel).type != pafs.FileType.NotFound
 
-    def list(self, rel: str = "", recursive: bool = False) -> list[pafs.FileInfo]:
+    # ``list`` below shadows the builtin in this class body, so later annotations spell ``builtins.list``.
+    def list(self, rel: str = "", recursive: bool = False) -> builtins.list[pafs.FileInfo]:
         """Files and folders under ``rel`` ([] when it does not exist); ``info.path`` stays absolute."""
         selector = pafs.FileSelector(self.path(rel), recursive=recursive, allow_not_found=True)
         return sorted(self.fs.get_file_info(selector), key=lambda i: i.path)
 
-    def files(self, rel: str = "", recursive: bool = False) -> list[str]:
+    def files(self, rel: str = "", recursive: bool = False) -> builtins.list[str]:
         """Paths of the plain files under ``rel``, relative to this store, sorted."""
         base = len(self.root.rstrip("/")) + 1
         return sorted(i.path[base:] for i in self.list(rel, recursive) if i.type == pafs.FileType.File)
@@ -168,9 +170,9 @@ class Store:
 
     def open_input(self, rel: str) -> IO[bytes]:
         """A seekable binary file (for tar and Parquet readers)."""
-        return self.fs.open_input_file(self.path(rel))  # type: ignore[return-value]
+        return self.fs.open_input_file(self.path(rel))
 
-    def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+    def read_table(self, rel: str, columns: builtins.list[str] | None = None) -> pa.Table:
         return pq.read_table(self.path(rel), columns=columns, filesystem=self.fs)
 
     # ------------------------------------------------------------------ writing

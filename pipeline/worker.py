@@ -18,7 +18,6 @@ import pyarrow as pa
 import torch
 
 from jobs import REGISTRY, AnalysisParams, MapBatch, MapOutput
-from pipeline.manifest import MODEL_SOURCES
 from pipeline.plan import Stage
 from pipeline.store import Store
 from pipeline.writers import BlockRecord, BlockWriter, labels_to_arrow, to_arrow
@@ -67,12 +66,12 @@ class ModelWorker:
                  staging: dict[str, str], block_rows: int, done: dict[str, list[int]] | None = None,
                  threads: int | None = None, selections: dict[str, int] | None = None,
                  samples: list[list[str]] | None = None):
-        from pipeline.models import load_model
+        from pipeline.models import load_model, preprocess_of, spec_from_json
 
         if threads:
             torch.set_num_threads(threads)
-        spec = MODEL_SOURCES[model_spec["source"]].model_validate(model_spec)
-        self.preprocess = spec.preprocess
+        spec = spec_from_json(model_spec)
+        self.preprocess = preprocess_of(spec)
         self.device = resolve_device(execution["device"])
         self.precision = execution["precision"]
         self.batch_size = int(execution["batch_size"])
@@ -186,7 +185,8 @@ class ModelWorker:
             if not len(keep) or not active:
                 continue
             boxes = batch["box"][keep] if "box" in batch else None
-            computed = self._compute(active, batch["pixels"][keep], batch["image_id"][keep], batch["label"][keep], boxes)
+            computed = self._compute(active, batch["pixels"][keep], batch["image_id"][keep], batch["label"][keep],
+                                     boxes)
             for entry, value in computed.items():
                 if not isinstance(value, str):
                     try:

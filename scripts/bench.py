@@ -186,7 +186,8 @@ def bench_features(case: Case, n: int, layers: list[str], repeats: int, loader_w
         extra["ratio_after_startup"] = round(t_plain / (t_ours - startup), 2) if t_ours > startup else None
     add_row(case, label, n, t_ours, "plain PyTorch loop", t_plain, f"max |diff| {diff:.1e}", ">=0.9x",
             diff <= tol * max(1.0, float(np.abs(ref[layers[-1]]).max())), extra)
-    after = "" if extra.get("ratio_after_startup") is None else f"; after it, {extra['ratio_after_startup']:.2f}x the loop"
+    after = ("" if extra.get("ratio_after_startup") is None
+             else f"; after it, {extra['ratio_after_startup']:.2f}x the loop")
     print(f"    start-up of a map stage (a one-batch run, {min(bs, n)} images): {startup:.2f} s{after}", flush=True)
     return {"seconds": t_ours, "features": got}
 
@@ -199,12 +200,12 @@ def bench_fast_path(case: Case, n: int, layers: list[str], repeats: int, loader_
         loop = fast.loop(n, loader_workers)
         entry = [{"type": "features", "layers": layers, "pool": "avg"}]
 
-        def ours():
+        def ours(fast=fast, entry=entry):
             seconds, out = run_convscope(fast, entry, n, "fast")
             return seconds, {layer: np.stack(read_rows(out, f"features/layer={layer}").vector.to_numpy())
                              for layer in layers}
 
-        (t_ours, got), (t_plain, ref) = median_runs(repeats, ours, lambda: peers.features_loop(loop, layers))
+        (t_ours, got), (t_plain, ref) = median_runs(repeats, ours, lambda loop=loop: peers.features_loop(loop, layers))
         err = max(float(np.abs(got[layer] - reference[layer]).max() / np.abs(reference[layer]).max())
                   for layer in layers)
         label = "+".join({"channels_last": "NHWC", "bfloat16": "bf16"}[k if v is True else v]
@@ -269,7 +270,7 @@ def _maps(df, size):
 
 def _occlusion(window: int, stride: int):
     def read(df, size):
-        from jobs.occlusion import pixel_drop
+        from jobs.attribution.occlusion import pixel_drop
 
         prob = torch.from_numpy(stack_maps(df, "prob_map"))
         if prob.dim() == 2:
@@ -284,7 +285,10 @@ def attribution_rows(case: Case, quick: bool) -> dict[str, tuple[Attr, int]]:
     window, stride = (8, 4) if case.name == "cifar" else (32, 16)
     sg = {"samples": 4 if quick else 25, "sigma": 0.15}
     base = {"metrics": False, "render": False}
-    n = (lambda full, small: small if quick else full)
+
+    def n(full, small):
+        return small if quick else full
+
     occ_best = {"best_of": [1, 2, 4, 16]}
     # captum's ReLU rules hook nn.ReLU modules only: it gets the model with its F.relu as modules.
     relu = {"relu_modules": True}
@@ -368,7 +372,7 @@ def best_occlusion(loop: peers.Loop, spec: Attr, options: list[int]):
 
 def bench_neighbours(case: Case, vectors: np.ndarray, k: int, metric: str, repeats: int) -> None:
     """Exact kNN of every vector among all (itself excluded): convscope's kernel vs faiss IndexFlat."""
-    from jobs.neighbours import knn
+    from jobs.dataset.neighbours import knn
 
     def ours():
         x = torch.from_numpy(np.ascontiguousarray(vectors, np.float32))
@@ -388,7 +392,7 @@ def bench_neighbours(case: Case, vectors: np.ndarray, k: int, metric: str, repea
 
 def bench_embedding(case: Case, vectors: np.ndarray) -> None:
     """t-SNE: openTSNE as convscope runs it vs scikit-learn TSNE, on the same PCA-50 inputs."""
-    from jobs.embedding import principal_components, tsne
+    from jobs.dataset.embedding import principal_components, tsne
 
     scores, _ = principal_components(vectors, min(50, vectors.shape[1]))
     perplexity = min(30.0, (len(vectors) - 1) / 3)

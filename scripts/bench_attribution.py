@@ -27,9 +27,9 @@ def _decode(manifest, index, ids: list[str]):
     import pyarrow as pa
 
     from pipeline.decode import decode_batch
-    from pipeline.execute import _with_boxes
+    from pipeline.execute import with_boxes
 
-    table = _with_boxes(index)
+    table = with_boxes(index)
     rows = {i: n for n, i in enumerate(table.column("image_id").to_pylist())}
     sub = table.take(pa.array([rows[i] for i in ids], pa.int64()))
     batch = {c: np.asarray(sub.column(c).to_pylist(), dtype=object) for c in sub.column_names}
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from jobs import REGISTRY, MapBatch
-    from jobs.attribution import ATTRIBUTION
+    from jobs.attribution.base import ATTRIBUTION
     from pipeline.datasets import list_dataset
     from pipeline.manifest import load_manifest
     from pipeline.models import load_model
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
         layers = [layer for _, layer in analysis.layers()]
         from pipeline.models import capture
 
-        def run_batch(ids, px, labels, x, boxes):
+        def run_batch(ids, px, labels, x, boxes, layers=layers, analysis=analysis):
             with torch.inference_mode(), capture(model, layers) as acts:
                 logits = model(x)
             batch = MapBatch(image_ids=list(ids), labels=labels, images=x, logits=logits.float(),

@@ -9,8 +9,8 @@ line to the next stage's line (or to the end of the process). Each case runs thr
 a small and a large dataset, and the large one again with the model slowed down (same
 images, same results, more seconds). That splits the driver's map-stage CPU into a cost per
 second of the pass (Ray Data's scheduling loop, whatever the rate), a cost per image, and
-fixed costs that cancel (medians of ``--repeat`` runs each); the ceiling is the rate at which the two would take one whole
-driver core, ``(1 - per second) / per image``.
+fixed costs that cancel (medians of ``--repeat`` runs each); the ceiling is the rate at which
+the two would take one whole driver core, ``(1 - per second) / per image``.
 
 Cases, on the CIFAR-10 test images of ``../shared`` (listed over and over; generated images
 without them) and a cheap three-stage CNN with ResNet-50's widths (64, 512, 2,048 channels;

@@ -23,8 +23,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from jobs.kernels import gaussian_blur  # noqa: E402
-from jobs.occlusion import occlusion_sweep  # noqa: E402
+from jobs.attribution.occlusion import occlusion_sweep  # noqa: E402
+from jobs.core.kernels import gaussian_blur  # noqa: E402
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -35,7 +35,7 @@ def occlusion_loop(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, win
                    feature: tuple[str, int] | None = None) -> dict[str, torch.Tensor]:
     """Reference occlusion maps (Zeiler & Fergus, ECCV 2014, Fig. 7): one forward per image and position.
 
-    Same outputs as :func:`jobs.occlusion.occlusion_sweep`, written as plainly as possible:
+    Same outputs as :func:`jobs.attribution.occlusion.occlusion_sweep`, written as plainly as possible:
     each occluded image is a copy of the image with ``img[:, y:y+window, x:x+window]``
     replaced and goes through the model alone (batch of 1).
     """

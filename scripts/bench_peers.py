@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jobs.backprop import _module
+from jobs.core.hooks import layer_module
 from pipeline.decode import decode_image
 from pipeline.models import capture
 from pipeline.worker import autocast, normalize
@@ -244,7 +244,7 @@ def captum_grad_cam(layer: str) -> Method:
     def method(model, x, targets):
         from captum.attr import LayerGradCam
 
-        return LayerGradCam(model, _module(model, layer)).attribute(
+        return LayerGradCam(model, layer_module(model, layer)).attribute(
             x, target=targets, relu_attributions=True)[:, 0]
     return method
 
@@ -253,7 +253,7 @@ def captum_guided_grad_cam(layer: str) -> Method:
     def method(model, x, targets):
         from captum.attr import GuidedGradCam
 
-        return GuidedGradCam(model, _module(model, layer)).attribute(
+        return GuidedGradCam(model, layer_module(model, layer)).attribute(
             x, target=targets, interpolate_mode="bilinear").abs().amax(dim=1)
     return method
 
@@ -264,7 +264,7 @@ def pytorch_grad_cam(layer: str) -> Method:
         from pytorch_grad_cam import GradCAM
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-        with GradCAM(model=model, target_layers=[_module(model, layer)]) as cam:
+        with GradCAM(model=model, target_layers=[layer_module(model, layer)]) as cam:
             maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
         return torch.from_numpy(maps)
     return method

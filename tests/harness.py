@@ -14,7 +14,7 @@ import pyarrow as pa
 import torch
 
 from jobs import LocalContext, MapBatch, ReduceOutput, TableInputs
-from jobs.base import Analysis, Rows
+from jobs.core.base import Analysis, Rows
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 

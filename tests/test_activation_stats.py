@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.activation_stats import ActivationStats, ActivationStatsParams, Moments, batch_moments
+from jobs.dataset.activation_stats import ActivationStats, ActivationStatsParams, Moments, batch_moments
 from tests.harness import as_table, normalise, run_local
 
 

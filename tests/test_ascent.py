@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from jobs.ascent import (
+from jobs.core.hooks import forward_to
+from jobs.core.kernels import gaussian_blur
+from jobs.model.ascent import (
     AscentSettings,
     FourierImage,
-    _row_quantile,
     ascend,
     clip_small_contribution,
     clip_small_norm,
@@ -20,9 +21,8 @@ from jobs.ascent import (
     jitter,
     l2_decay,
     random_transform,
+    row_quantile,
 )
-from jobs.backprop import forward_to
-from jobs.kernels import gaussian_blur
 from pipeline.manifest import IMAGENET_MEAN, IMAGENET_STD
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -59,7 +59,7 @@ def _four_pixels() -> torch.Tensor:
 def test_row_quantile_matches_torch_quantile():
     v = torch.randn(3, 101)
     for q in (0.0, 0.1, 0.5, 0.77, 1.0):
-        assert torch.allclose(_row_quantile(v, q), torch.quantile(v, q, dim=1, keepdim=True))
+        assert torch.allclose(row_quantile(v, q), torch.quantile(v, q, dim=1, keepdim=True))
 
 
 def test_clip_small_norm_by_hand():

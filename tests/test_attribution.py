@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from jobs import REGISTRY, LocalContext, TableInputs
-from jobs.attribution import ATTRIBUTION, TopTargets, choose_targets, sample_ids
-from jobs.occlusion import pixel_drop
-from jobs.saliency import image_seed
+from jobs.attribution.base import ATTRIBUTION, TopTargets, choose_targets, sample_ids
+from jobs.attribution.occlusion import pixel_drop
+from jobs.attribution.saliency import image_seed
 from pipeline.decode import decode_batch, transform_box
 from pipeline.execute import run_manifest
 from pipeline.manifest import load_manifest

@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jobs.kernels import upsample
-from jobs.backprop import (
+from jobs.attribution.backprop import (
     cam,
     find_cam_head,
     grad_cam,
@@ -17,6 +16,7 @@ from jobs.backprop import (
     reduce_channels,
     relu_rule,
 )
+from jobs.core.kernels import upsample
 
 # ---------------------------------------------------------------- tiny models
 

@@ -310,9 +310,9 @@ def test_yaml_syntax_errors_name_the_line(base_files, tmp_path, capsys, no_ray, 
 
 
 def _dupes(text: str) -> list[str]:
-    from pipeline.manifest import _duplicate_keys
+    from pipeline.manifest import duplicate_keys
 
-    return _duplicate_keys(text)
+    return duplicate_keys(text)
 
 
 def test_specific_regressions(base_files, tmp_path, capsys, no_ray):

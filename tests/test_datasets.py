@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from pipeline.datasets import list_dataset
 from pipeline.decode import decode_image, read_bytes
@@ -94,7 +94,8 @@ def test_parquet_bytes_and_paths(folder, tmp_path):
     for i, f in zip(ids, files):
         assert np.array_equal(pixels[i], np.asarray(Image.open(f).convert("RGB")))
     # Hugging Face style struct column, no id column: ids are "<file>#<row>".
-    pq.write_table(pa.table({"img": [{"bytes": f.read_bytes(), "path": f.name} for f in files]}), tmp_path / "h.parquet")
+    pq.write_table(pa.table({"img": [{"bytes": f.read_bytes(), "path": f.name} for f in files]}),
+                   tmp_path / "h.parquet")
     index = list_dataset(ParquetDataset(kind="parquet", path=tmp_path / "h.parquet", image_column="img"))
     assert index.table.column("image_id").to_pylist()[:2] == ["h.parquet#0", "h.parquet#1"]
     t = index.table
@@ -165,7 +166,7 @@ def test_decode_converts_modes_and_sizes():
     assert abs(int(out16[-1, -1, 0]) - round(61380 / 65535 * 255)) <= 1  # scaled, not clipped at 255
     with pytest.raises(ValueError, match="empty file"):
         decode_image(b"", 32, 32)
-    with pytest.raises(Exception):
+    with pytest.raises(UnidentifiedImageError):
         decode_image(b"not an image at all", 32, 32)
     assert decode_image(enc(Image.fromarray(rgb[:1, :1])), 32, 32).shape == (32, 32, 3)  # 1x1 is upscaled
     assert decode_image(enc(Image.fromarray(rgb)), resize=[20, 30]).shape == (20, 30, 3)

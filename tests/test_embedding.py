@@ -13,8 +13,8 @@ from pydantic import ValidationError
 from torch import nn
 
 from jobs import LocalContext, TableInputs
-from jobs import embedding
-from jobs.embedding import Embedding, EmbeddingParams
+from jobs.dataset import embedding
+from jobs.dataset.embedding import Embedding, EmbeddingParams
 from pipeline.writers import to_arrow
 from tests.harness import as_table, run_local
 

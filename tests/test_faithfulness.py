@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from jobs.faithfulness import box_energy, deletion_insertion, pointing_game
-from jobs.kernels import gaussian_blur
+from jobs.attribution.faithfulness import box_energy, deletion_insertion, pointing_game
+from jobs.core.kernels import gaussian_blur
 
 LN3 = math.log(3.0)  # softmax([ln 3, 0]) = [0.75, 0.25]
 

@@ -328,7 +328,8 @@ def test_driver_killed_mid_pass_resumes_inside_it(ray_session, tmp_path):
         got, want = pd.read_parquet(out / folder), pd.read_parquet(tmp_path / "ref" / folder)
         pd.testing.assert_frame_equal(got, want, check_exact=True)  # unsorted: the same order too
         names = sorted(p.relative_to(out).as_posix() for p in (out / folder).rglob("*"))
-        assert names == sorted(p.relative_to(tmp_path / "ref").as_posix() for p in (tmp_path / "ref" / folder).rglob("*"))
+        assert names == sorted(p.relative_to(tmp_path / "ref").as_posix()
+                               for p in (tmp_path / "ref" / folder).rglob("*"))
     ids = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
     assert pd.read_parquet(out / "predictions").image_id.tolist() == ids, "rows are not in dataset order"
 
@@ -448,7 +449,8 @@ def test_out_of_disk_while_writing_one_entry(ray_session, resnet20_weights, tmp_
     assert len(read(out, "features", "layer1")) == 18
     assert not (out / "predictions").exists() and not (out / STAGING / "predictions").exists()
     info = json.loads((out / "run.json").read_text())
-    assert info["analyses"]["predictions"]["status"] == "failed" and info["analyses"]["features"]["status"] == "complete"
+    assert (info["analyses"]["predictions"]["status"] == "failed"
+            and info["analyses"]["features"]["status"] == "complete")
 
     # Space again: the rerun finishes the failed entry only.
     (tmp_path / "DISK_FULL").unlink()
@@ -477,7 +479,8 @@ def test_malicious_pickle_checkpoint_is_refused_and_never_runs(tmp_path, image_f
     pwned = tmp_path / "PWNED"
     weights = tmp_path / "evil.th"
     torch.save({"conv1.weight": _Bomb(pwned)}, weights)
-    manifest = write_manifest(tmp_path / "m.yaml", weights=weights, dataset={"kind": "image_folder", "root": str(image_folder)})
+    manifest = write_manifest(tmp_path / "m.yaml", weights=weights,
+                              dataset={"kind": "image_folder", "root": str(image_folder)})
     assert cli(["validate", str(manifest)]) == 2
     assert cli(["run", str(manifest), "--output", str(tmp_path / "out")]) == 2
     assert cli(["layers", "builtin:cifar_resnet20", "--weights", str(weights)]) == 2

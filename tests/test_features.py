@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from jobs import REGISTRY
-from jobs.base import MapBatch
-from jobs.features import Features, FeaturesParams, pool
-from jobs.predictions import Predictions, PredictionsParams, top_k
+from jobs.core.base import MapBatch
+from jobs.core.kernels import pool
+from jobs.dataset.features import Features, FeaturesParams
+from jobs.dataset.predictions import Predictions, PredictionsParams, top_k
 
 
 def test_pool_by_hand():

@@ -13,14 +13,14 @@ from PIL import Image
 from torch import nn
 
 from jobs import REGISTRY, ModelContext
-from jobs.activation_maps import channel_tiles
-from jobs.filters import filter_pictures, first_conv, rgb_filters, slice_scale
-from jobs.invariance import invariance_curves, transform_images
+from jobs.model.activation_maps import channel_tiles
+from jobs.model.filters import filter_pictures, first_conv, rgb_filters, slice_scale
+from jobs.model.invariance import invariance_curves, transform_images
+from pipeline.errors import ManifestError
 from pipeline.execute import run_manifest
 from pipeline.manifest import load_manifest
 from pipeline.model_stage import groups, run_units
 from pipeline.models import check_manifest
-from pipeline.errors import ManifestError
 from tests.conftest import write_manifest
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
@@ -328,7 +328,7 @@ def test_neuron_ascent_raises_its_channel(demo_cnn):
     t = run_units(a, a.units(ctx), ctx).tables[""].to_pandas()
     assert list(t.channel) == [0, 5] and set(t.objective) == {"center"}
     assert (t.final_value > 3 * t.start_value + 1).all(), t[["start_value", "final_value"]]
-    from jobs.backprop import forward_to
+    from jobs.core.hooks import forward_to
 
     image = torch.tensor(np.stack(t["image"])).view(2, 3, 32, 32)
     with torch.no_grad():

@@ -10,9 +10,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from jobs import neighbours
-from jobs.base import LocalContext, TableInputs
-from jobs.neighbours import Neighbours, NeighboursParams, knn, search_exact
+from jobs.core.base import LocalContext, TableInputs
+from jobs.dataset import neighbours
+from jobs.dataset.neighbours import Neighbours, NeighboursParams, knn, search_exact
 from tests.harness import as_table, normalise, run_local
 
 
@@ -326,8 +326,8 @@ def test_knn_float32_screen_equals_float64_search(metric):
     if metric == "cosine":
         x64 = torch.nn.functional.normalize(x64, dim=1)
     sq = (x64 * x64).sum(1)
-    ref_d, ref_i = neighbours._exhaustive(x64[rows], x64, sq[rows], sq, 11, metric, 512)
-    ref_d, ref_i = neighbours._drop_excluded(ref_d, ref_i, rows)
+    ref_d, ref_i = neighbours.exhaustive(x64[rows], x64, sq[rows], sq, 11, metric, 512)
+    ref_d, ref_i = neighbours.drop_excluded(ref_d, ref_i, rows)
     assert idx.tolist() == ref_i.tolist()
     assert torch.equal(dist, ref_d)
 

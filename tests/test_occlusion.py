@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from jobs.occlusion import forwards_needed, occlusion_sweep
+from jobs.attribution.occlusion import forwards_needed, occlusion_sweep
 from scripts import bench_occlusion
 from scripts.bench_occlusion import occlusion_loop
 

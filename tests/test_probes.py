@@ -14,7 +14,7 @@ from sklearn.svm import LinearSVC
 from torch import nn
 
 from jobs import LocalContext, TableInputs
-from jobs.probes import Probes, ProbesParams
+from jobs.dataset.probes import Probes, ProbesParams
 from pipeline.writers import to_arrow
 from tests.harness import as_table, run_local
 from tests.test_embedding import tiny_cnn, tiny_dataset

@@ -1,4 +1,4 @@
-"""Tests of jobs.reconstruct: total variation, feature inversion and DeepDream."""
+"""Tests of jobs.model.reconstruct: total variation, feature inversion and DeepDream."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.backprop import forward_to
-from jobs.reconstruct import _octave_sizes, dream, invert, total_variation
+from jobs.core.hooks import forward_to
+from jobs.model.reconstruct import dream, invert, octave_sizes, total_variation
 from pipeline.demo import render
 from pipeline.manifest import IMAGENET_MEAN, IMAGENET_STD
 
@@ -209,10 +209,10 @@ def test_dream_octaves_carry_detail_up(demo_cnn, shapes):
 
 
 def test_octave_sizes():
-    assert _octave_sizes((32, 32), 3, 1.4, 8) == [(16, 16), (23, 23), (32, 32)]
-    assert _octave_sizes((32, 24), 5, 2.0, 8) == [(16, 12), (32, 24)]  # (8, 6) is below min_size
-    assert _octave_sizes((8, 8), 3, 1.4, 8) == [(8, 8)]
-    assert _octave_sizes((6, 6), 3, 1.4, 8) == [(6, 6)]  # the input's own size is always kept
+    assert octave_sizes((32, 32), 3, 1.4, 8) == [(16, 16), (23, 23), (32, 32)]
+    assert octave_sizes((32, 24), 5, 2.0, 8) == [(16, 12), (32, 24)]  # (8, 6) is below min_size
+    assert octave_sizes((8, 8), 3, 1.4, 8) == [(8, 8)]
+    assert octave_sizes((6, 6), 3, 1.4, 8) == [(6, 6)]  # the input's own size is always kept
 
 
 def test_dream_rows_independent_of_batch(demo_cnn, shapes):

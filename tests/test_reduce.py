@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from jobs.activation_stats import ActivationStats
+from jobs.dataset.activation_stats import ActivationStats
 from pipeline.execute import run_manifest
 from pipeline.manifest import load_manifest
 from pipeline.writers import INPUTS, ShardWriter, add_shard_columns

@@ -17,8 +17,15 @@ from pipeline.cli import main as cli
 from pipeline.errors import UserError
 from pipeline.report import Run, build_report, esc, predictions_body, script_json, table_html
 
-from .browser import (broken_images, chromium_available, console_errors, headless_chromium, hover_scatter_point,
-                      load_all_images, wait_ready)
+from .browser import (
+    broken_images,
+    chromium_available,
+    console_errors,
+    headless_chromium,
+    hover_scatter_point,
+    load_all_images,
+    wait_ready,
+)
 from .conftest import make_images, write_manifest
 
 EVIL = "<script>alert(1)</script>.jpg"

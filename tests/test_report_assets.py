@@ -94,7 +94,8 @@ def site(tmp_path_factory) -> Path:
     items = "".join(f'<figure class="item"><img class="pixelated" data-src="img/item-{i:02d}.png" alt="item {i}">'
                     f"<figcaption>item {i}</figcaption></figure>" for i in range(N_ITEMS))
     rows = "".join(f'<tr><td>layer{u}</td><td class="num">{u}</td><td class="num">{u / 13:.3f}</td>'
-                   f'<td><span class="badge {"ok" if u % 4 else "failed"}">{"ok" if u % 4 else "failed"}</span></td></tr>'
+                   f'<td><span class="badge {"ok" if u % 4 else "failed"}">'
+                   f'{"ok" if u % 4 else "failed"}</span></td></tr>'
                    for u in UNITS)
     body = f"""
 <h1>Synthetic report</h1>
@@ -223,18 +224,21 @@ def test_paged_list_loads_images_per_page(page):
     assert page.find_element("css selector", ".pager .pager-status").text == "page 2 of 3"
     widths = page.execute_async_script("""
         const done = arguments[0];
-        const imgs = Array.from(document.querySelectorAll('#items > .item')).slice(24, 48).map(i => i.querySelector('img'));
+        const imgs = Array.from(document.querySelectorAll('#items > .item')).slice(24, 48)"""
+        """.map(i => i.querySelector('img'));
         const check = () => imgs.every(i => i.complete) ? done(imgs.map(i => i.naturalWidth)) : setTimeout(check, 20);
         check();""")
     assert len(widths) == 24 and all(w > 0 for w in widths)
     visible = page.execute_script(
-        "return Array.from(document.querySelectorAll('#items > .item')).map((i, k) => i.hidden ? -1 : k).filter(k => k >= 0)")
+        "return Array.from(document.querySelectorAll('#items > .item')).map((i, k) => i.hidden ? -1 : k)"
+        ".filter(k => k >= 0)")
     assert visible == list(range(24, 48))
     jump = page.find_element("css selector", ".pager input")
     jump.clear()
     jump.send_keys("3\n")
     visible = page.execute_script(
-        "return Array.from(document.querySelectorAll('#items > .item')).map((i, k) => i.hidden ? -1 : k).filter(k => k >= 0)")
+        "return Array.from(document.querySelectorAll('#items > .item')).map((i, k) => i.hidden ? -1 : k)"
+        ".filter(k => k >= 0)")
     assert visible == [48, 49]
     assert page.find_element("css selector", ".pager .pager-next").get_attribute("disabled") is not None
 
@@ -242,7 +246,8 @@ def test_paged_list_loads_images_per_page(page):
 def test_sortable_table_sorts_numbers_numerically(page):
     def column(i):
         return page.execute_script(
-            "return Array.from(document.querySelectorAll('#units tbody tr')).map(r => r.cells[arguments[0]].textContent)", i)
+            "return Array.from(document.querySelectorAll('#units tbody tr'))"
+            ".map(r => r.cells[arguments[0]].textContent)", i)
 
     headers = page.find_elements("css selector", "#units thead th")
     headers[1].click()
@@ -258,7 +263,8 @@ def test_sortable_table_sorts_numbers_numerically(page):
 def test_no_broken_images_and_helper_detects_one(page):
     load_all_images(page)
     assert broken_images(page) == []
-    page.execute_script("const i = document.createElement('img'); i.src = 'img/does-not-exist.png'; document.body.appendChild(i);")
+    page.execute_script("const i = document.createElement('img'); i.src = 'img/does-not-exist.png'; "
+                        "document.body.appendChild(i);")
     load_all_images(page)
     assert [s.rsplit("/", 1)[-1] for s in broken_images(page)] == ["does-not-exist.png"]
     assert any("does-not-exist.png" in e for e in console_errors(page))

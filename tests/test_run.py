@@ -55,7 +55,8 @@ def reference_features(root: Path, layers: list[str], weights: Path) -> dict[str
 
 
 def test_output_contract_and_exactness(ray_session, resnet20_weights, tmp_path, image_folder):
-    manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights, dataset={"kind": "image_folder", "root": str(image_folder)})
+    manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights,
+                              dataset={"kind": "image_folder", "root": str(image_folder)})
     result = run(manifest)
     out = tmp_path / "out"
     assert result.ok
@@ -112,8 +113,10 @@ def test_fast_path_agrees_with_float32(ray_session, resnet20_weights, tmp_path, 
 
 
 @pytest.mark.parametrize("batch,workers", [(1, 1), (5, 2)])
-def test_results_do_not_depend_on_batch_size_or_workers(ray_session, resnet20_weights, tmp_path, image_folder, batch, workers):
-    base = write_manifest(tmp_path / "a.yaml", weights=resnet20_weights, dataset={"kind": "image_folder", "root": str(image_folder)},
+def test_results_do_not_depend_on_batch_size_or_workers(ray_session, resnet20_weights, tmp_path, image_folder, batch,
+                                                         workers):
+    base = write_manifest(tmp_path / "a.yaml", weights=resnet20_weights,
+                          dataset={"kind": "image_folder", "root": str(image_folder)},
                           execution={"batch_size": 18, "decode_batch_size": 18})
     run(base, f"output={tmp_path / 'a'}")
     run(base, f"output={tmp_path / 'b'}", f"execution.batch_size={batch}", f"execution.workers={workers}",
@@ -128,13 +131,15 @@ def test_results_do_not_depend_on_batch_size_or_workers(ray_session, resnet20_we
 
 
 def test_an_elastic_actor_pool_gives_the_same_tables(ray_session, resnet20_weights, tmp_path, image_folder):
-    base = write_manifest(tmp_path / "a.yaml", weights=resnet20_weights, dataset={"kind": "image_folder", "root": str(image_folder)},
+    base = write_manifest(tmp_path / "a.yaml", weights=resnet20_weights,
+                          dataset={"kind": "image_folder", "root": str(image_folder)},
                           execution={"batch_size": 4, "decode_batch_size": 4})
     assert run(base, f"output={tmp_path / 'a'}").ok
     assert run(base, f"output={tmp_path / 'b'}", "execution.workers=2", "execution.min_workers=1").ok
     for entry, layer in (("features", "layer1"), ("features", "layer3"), ("predictions", None)):
         folder = f"{entry}/layer={layer}" if layer else entry
-        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "a" / folder), pd.read_parquet(tmp_path / "b" / folder),
+        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "a" / folder),
+                                      pd.read_parquet(tmp_path / "b" / folder),
                                       check_exact=True)  # unsorted: dataset order, whichever actor wrote a block
     info = json.loads((tmp_path / "b" / "run.json").read_text())
     assert info["execution"]["min_workers"] == 1 and info["analyses"]["features"]["blocks"] == 5
@@ -145,7 +150,8 @@ def test_corrupt_images_are_recorded_and_skipped(ray_session, resnet20_weights, 
     make_images(root, classes=2, per_class=4)
     (root / "class0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but then nothing sensible")
     (root / "class1" / "empty.png").write_bytes(b"")
-    manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights, dataset={"kind": "image_folder", "root": str(root)})
+    manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights,
+                              dataset={"kind": "image_folder", "root": str(root)})
     result = run(manifest)
     out = tmp_path / "out"
     assert result.ok and result.errors == 2
@@ -163,7 +169,8 @@ def test_all_images_bad_in_a_batch_keeps_schema(ray_session, resnet20_weights, t
     make_images(root, classes=1, per_class=3)
     for i in range(4):
         (root / "class0" / f"zz{i}.png").write_bytes(b"junk")
-    manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights, dataset={"kind": "image_folder", "root": str(root)},
+    manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights,
+                              dataset={"kind": "image_folder", "root": str(root)},
                               execution={"batch_size": 2, "decode_batch_size": 2})
     result = run(manifest)
     assert result.ok and result.errors == 4
@@ -171,7 +178,8 @@ def test_all_images_bad_in_a_batch_keeps_schema(ray_session, resnet20_weights, t
 
 
 def test_resume_skips_committed_and_finishes_the_rest(ray_session, resnet20_weights, tmp_path, image_folder):
-    manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights, dataset={"kind": "image_folder", "root": str(image_folder)})
+    manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights,
+                              dataset={"kind": "image_folder", "root": str(image_folder)})
     out = tmp_path / "out"
     run(manifest)
     before = (out / "features" / "_SUCCESS").read_text()
@@ -198,8 +206,9 @@ def test_dataset_kinds_run_end_to_end(ray_session, resnet20_weights, tmp_path, i
     files = sorted(image_folder.rglob("*.png"))
     pq.write_table(pa.table({"id": [f.stem + f.parent.name for f in files], "image": [f.read_bytes() for f in files],
                              "y": [int(f.parent.name[-1]) for f in files]}), tmp_path / "d.parquet")
-    manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights, dataset={"kind": "parquet", "path": str(tmp_path / "d.parquet"),
-                                                            "id_column": "id", "label_column": "y"})
+    manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights,
+                              dataset={"kind": "parquet", "path": str(tmp_path / "d.parquet"),
+                                       "id_column": "id", "label_column": "y"})
     assert run(manifest).ok
     assert len(read(tmp_path / "out", "predictions")) == 18
     ref = reference_features(image_folder, ["layer3"], resnet20_weights)["layer3"]
@@ -263,8 +272,10 @@ def test_failed_analysis_is_reported_and_others_kept(ray_session, tmp_path, imag
 def test_a_failing_analysis_does_not_take_its_stage_down(ray_session, tmp_path, image_folder):
     (tmp_path / "flaky.py").write_text(FLAKY)
     model = {"source": "python", "entrypoint": "flaky:build", "preprocess": {"resize": 32, "crop": 32}}
-    manifest = write_manifest(tmp_path / "m.yaml", model=model, dataset={"kind": "image_folder", "root": str(image_folder)},
-                              analyses=[{"type": "predictions"}, {"type": "features", "layers": ["flat"], "pool": "grid"},
+    manifest = write_manifest(tmp_path / "m.yaml", model=model,
+                              dataset={"kind": "image_folder", "root": str(image_folder)},
+                              analyses=[{"type": "predictions"},
+                                        {"type": "features", "layers": ["flat"], "pool": "grid"},
                                         {"type": "features", "name": "conv", "layers": ["conv"]}])
     result = run(manifest)
     assert result.status == "failed"
@@ -277,7 +288,8 @@ def test_a_failing_analysis_does_not_take_its_stage_down(ray_session, tmp_path, 
 
 
 def test_cli_exit_codes(ray_session, resnet20_weights, tmp_path, image_folder, capsys):
-    manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights, dataset={"kind": "image_folder", "root": str(image_folder)})
+    manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights,
+                              dataset={"kind": "image_folder", "root": str(image_folder)})
     assert cli(["validate", str(manifest)]) == 0
     assert cli(["validate", str(manifest), "--set", "analyses[0].layers=[layer9]"]) == 2
     err = capsys.readouterr().err
@@ -294,7 +306,8 @@ def test_cli_exit_codes(ray_session, resnet20_weights, tmp_path, image_folder, c
 def test_unwritable_output_fails_before_work(ray_session, resnet20_weights, tmp_path, image_folder):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights, dataset={"kind": "image_folder", "root": str(image_folder)})
+    manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights,
+                              dataset={"kind": "image_folder", "root": str(image_folder)})
     assert cli(["run", str(manifest), "--output", str(blocker / "out")]) == 2
 
 
@@ -319,7 +332,8 @@ def test_every_registered_analysis_runs_end_to_end(ray_session, resnet20_weights
                               "translate": [0]}}
     assert set(minimal) == set(REGISTRY), "add the new analysis to this table"
     entries = [{"type": name, **params} for name, params in minimal.items()]
-    manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights, dataset={"kind": "image_folder", "root": str(image_folder)},
+    manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights,
+                              dataset={"kind": "image_folder", "root": str(image_folder)},
                               analyses=entries)
     result = run(manifest)
     assert result.ok

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
-from jobs.base import MapBatch
-from jobs.render import EMPTY
-from jobs.top_patches import TopPatches, TopPatchesParams, receptive_field
+from jobs.core.base import MapBatch
+from jobs.core.render import EMPTY
+from jobs.dataset.top_patches import TopPatches, TopPatchesParams, receptive_field
 from pipeline.models import capture
 from pipeline.zoo import CifarResNet, DemoCNN
 from tests.conftest import CIFAR, RESNET20, needs_shared

@@ -1,0 +1,126 @@
+"""``attribution_summary``: how faithful and how well localised each attribution method is, on
+this model and dataset, overall and per class.
+
+Reads the committed tables of the manifest's attribution entries (``methods``; default: all
+of them) -- no pass over the images -- and averages their per-map scores:
+
+* ``deletion_auc`` (lower is better) and ``insertion_auc`` (higher is better): Petsiuk, Das
+  & Saenko, "RISE: Randomized Input Sampling for Explanation of Black-box Models" (BMVC 2018);
+* ``pointing_game``: the fraction of maps whose maximum falls inside the object box (Zhang et
+  al., "Top-down Neural Attention by Excitation Backprop", ECCV 2016), over images with boxes;
+* ``box_energy``: the mean share of positive attribution inside the box (Wang et al.,
+  "Score-CAM", CVPR-W 2020).
+
+Example manifest entry::
+
+    - type: attribution_summary
+      methods: [saliency, grad_cam]   # entry names; default: every attribution entry
+
+Table ``attribution_summary/part-*.parquet``, one row per method and class plus one per method
+over all images (``label`` null): ``method``, ``label``, ``label_name``, ``maps``,
+``images``, ``deletion_auc``, ``insertion_auc``, ``boxed`` (maps with a box),
+``pointing_game``, ``box_energy``. Stats (run.json): the best method by each score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from jobs.attribution.base import ATTRIBUTION
+from jobs.core.base import AnalysisParams, ReduceAnalysis, ReduceContext, ReduceInputs, ReduceOutput, register
+
+SCORES = {"deletion_auc": "min", "insertion_auc": "max", "pointing_game": "max", "box_energy": "max"}
+COLUMNS = ["image_id", "label", "method", "deletion_auc", "insertion_auc", "pointing", "box_energy"]
+
+
+class AttributionSummaryParams(AnalysisParams):
+    methods: list[str] | None = None
+
+
+def summarise(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean scores of one method's rows; NaN-aware (images without boxes do not count)."""
+    def mean(column: str) -> float:
+        return float(df[column].mean()) if column in df and df[column].notna().any() else float("nan")
+
+    return pd.Series({
+        "maps": len(df),
+        "images": df["image_id"].nunique(),
+        "deletion_auc": mean("deletion_auc"),
+        "insertion_auc": mean("insertion_auc"),
+        "boxed": int(df["pointing"].notna().sum()) if "pointing" in df else 0,
+        "pointing_game": mean("pointing"),
+        "box_energy": mean("box_energy"),
+    })
+
+
+@register
+class AttributionSummary(ReduceAnalysis):
+    """Per-method, per-class means of the attribution entries' faithfulness scores."""
+
+    Params = AttributionSummaryParams
+    params: AttributionSummaryParams
+
+    def sources(self, entries: Sequence[AnalysisParams]) -> list[str]:
+        by_name = {e.entry_name: e for e in entries}
+        if self.params.methods is None:
+            chosen = [e.entry_name for e in entries if e.type in ATTRIBUTION]
+            if not chosen:
+                raise ValueError(f"attribution_summary needs at least one attribution entry in the manifest "
+                                 f"({', '.join(sorted(ATTRIBUTION))})")
+            return chosen
+        problems = []
+        for name in self.params.methods:
+            if name not in by_name:
+                listed = ", ".join(e.entry_name for e in entries if e.type in ATTRIBUTION) or "none"
+                problems.append(f"methods: {name!r} is not an entry of this manifest "
+                                f"(attribution entries: {listed})")
+            elif by_name[name].type not in ATTRIBUTION:
+                problems.append(f"methods: {name!r} is a {by_name[name].type} entry, not an attribution method "
+                                f"({', '.join(sorted(ATTRIBUTION))})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return list(dict.fromkeys(self.params.methods))
+
+    def reduce(self, inputs: ReduceInputs, ctx: ReduceContext) -> ReduceOutput:
+        frames = []
+        for entry in inputs.partitions():
+            table = inputs.read(entry)
+            present = [c for c in COLUMNS if c in table.column_names]
+            df = table.select(present).to_pandas()
+            df["method"] = entry
+            frames.append(df)
+        df = pd.concat(frames, ignore_index=True)
+        rows = []
+        for method, group in df.groupby("method", sort=False):
+            rows.append({"method": method, "label": None, **summarise(group)})
+            for label, by_class in group.dropna(subset=["label"]).groupby("label"):
+                rows.append({"method": method, "label": int(label), **summarise(by_class)})
+        out = pd.DataFrame(rows)
+        names = ctx.label_names or []
+        out["label_name"] = [names[int(v)] if v is not None and not pd.isna(v) and int(v) < len(names) else None
+                             for v in out["label"]]
+        overall = out[out["label"].isna()].set_index("method")
+        best = {}
+        for score, how in SCORES.items():
+            values = overall[score].dropna()
+            if len(values):
+                best[score] = str(values.idxmin() if how == "min" else values.idxmax())
+        ctx.log("attribution summary: " + ", ".join(f"best {k}: {v}" for k, v in best.items()))
+        table = pa.table({
+            "method": pa.array(out["method"].tolist(), pa.string()),
+            "label": pa.array([None if pd.isna(v) else int(v) for v in out["label"]], pa.int64()),
+            "label_name": pa.array(out["label_name"].tolist(), pa.string(), from_pandas=True),
+            "maps": pa.array(out["maps"].astype(np.int64)),
+            "images": pa.array(out["images"].astype(np.int64)),
+            **{c: pa.array(out[c].astype(np.float64)) for c in ("deletion_auc", "insertion_auc")},
+            "boxed": pa.array(out["boxed"].astype(np.int64)),
+            **{c: pa.array(out[c].astype(np.float64)) for c in ("pointing_game", "box_energy")},
+        })
+        stats = {"best": best, "methods": {m: {k: (None if pd.isna(v) else round(float(v), 4))
+                                               for k, v in overall.loc[m, list(SCORES)].items()}
+                                           for m in overall.index}}
+        return ReduceOutput(tables={"": table}, stats=stats)

@@ -1,0 +1,237 @@
+"""What every per-image attribution analysis shares: targets, samples, faithfulness, overlays.
+
+An attribution analysis answers "which pixels matter for this class?" for every image of the
+dataset (or a seeded sample of it). Each method implements one function,
+:meth:`AttributionAnalysis.attribute`, from model inputs and target classes to raw maps; this
+module turns them into rows, scores how faithful each map is, and renders overlays.
+
+Rows (one per image and target class): ``image_id``, ``label``, ``method`` (the entry's
+name), ``target``, ``rank`` (where the model ranks the target: 1 = its prediction),
+``score`` (the target's softmax probability on the clean image), the method's raw map
+columns (float32, flattened, with ``channels``/``height``/``width``), the faithfulness
+columns ``deletion_auc``, ``insertion_auc`` (Petsiuk et al. 2018), ``pointing`` and
+``box_energy`` (NaN without an object box), and with ``render`` the overlay's ``key``
+(+ ``shard``) and its colour range ``vmin``/``vmax``.
+
+Example manifest entry (the fields every attribution analysis takes)::
+
+    - type: grad_cam
+      layer: layer3
+      target: predicted     # predicted | label | a class index | {top: 3}
+      sample: {n: 500, seed: 0}
+      metrics: true         # deletion / insertion AUC, pointing game
+      steps: 16             # points of each deletion / insertion curve, minus one
+      chunk: 256            # most model inputs in one forward: bounds memory
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Any, ClassVar, Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from jobs.core.base import (
+    FLOATS,
+    IMAGE_ID,
+    LABEL,
+    AnalysisParams,
+    MapAnalysis,
+    MapBatch,
+    MapOutput,
+    SampleSpec,
+    image_key,
+    sample_ids,
+)
+
+# Registered names of the attribution analyses (``attribution_summary`` reads their tables).
+ATTRIBUTION: set[str] = set()
+
+
+class TopTargets(BaseModel):
+    """``target: {top: k}``: one map for each of the model's k most probable classes."""
+
+    model_config = ConfigDict(extra="forbid")
+    top: int = Field(ge=1)
+
+
+Target = Literal["predicted", "label"] | Annotated[int, Field(ge=0)] | TopTargets
+
+
+class AttributionParams(AnalysisParams):
+    target: Target = "predicted"
+    sample: SampleSpec | None = None
+    metrics: bool = True
+    steps: int = Field(default=16, ge=1, description="deletion / insertion curve steps")
+    render: bool = True
+    cell: int = Field(default=128, ge=8, description="min side in px of each overlay panel")
+    chunk: int = Field(default=256, ge=1, description="most model inputs per forward or backward")
+
+
+@dataclass
+class Attribution:
+    """What a method returns for M (image, target) pairs.
+
+    ``columns``: raw map columns, each (M, ...) -- stored flattened as float32 lists with the
+    shape in ``channels``/``height``/``width`` (taken from ``columns[shape_of]``).
+    ``heat``: (M, h, w), the map that is scored and drawn (higher = more important for the
+    target); it is resized to the input frame for both. ``signed``: heat may be negative.
+    """
+
+    columns: dict[str, torch.Tensor]
+    heat: torch.Tensor
+    signed: bool = False
+    shape_of: str = "map"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def pixels(cls, maps: torch.Tensor, signed: bool) -> Attribution:
+        """A pixel-gradient map: (M, H, W) magnitudes, or (M, C, H, W) signed (scored and
+        drawn as the sum over channels)."""
+        return cls(columns={"map": maps}, heat=maps.sum(dim=1) if signed else maps, signed=signed)
+
+
+def choose_targets(logits: torch.Tensor, labels: torch.Tensor, target: Target
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row of the batch, target class, rank of that class) for every map to compute.
+
+    Ranks count from 1 (the predicted class) by descending logit, ties to the lower class.
+    ``label`` skips unlabelled images; a fixed class must exist in the model's output.
+    """
+    n, classes = logits.shape
+    order = torch.sort(-logits.float(), dim=1, stable=True).indices.cpu()
+    rank_of = torch.empty_like(order)
+    rank_of.scatter_(1, order, torch.arange(1, classes + 1).expand(n, classes).contiguous())
+    rows = torch.arange(n)
+    if target == "predicted":
+        cls = order[:, 0]
+    elif target == "label":
+        labelled = labels.cpu() >= 0
+        rows, cls = rows[labelled], labels.cpu()[labelled]
+        if len(cls) and int(cls.max()) >= classes:
+            raise ValueError(f"target 'label': label {int(cls.max())} is not a class of a model with "
+                             f"{classes} outputs")
+    elif isinstance(target, TopTargets):
+        k = min(target.top, classes)
+        rows = rows.repeat_interleave(k)
+        cls = order[:, :k].reshape(-1)
+    else:
+        if target >= classes:
+            raise ValueError(f"target {target}: the model has {classes} classes (0..{classes - 1})")
+        cls = torch.full((n,), int(target), dtype=torch.long)
+    return rows, cls.long(), rank_of[rows, cls]
+
+
+class AttributionAnalysis(MapAnalysis):
+    """Base of the per-image attribution methods: subclasses implement :meth:`attribute`."""
+
+    Params: ClassVar[type[AttributionParams]]
+    params: AttributionParams
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            ATTRIBUTION.add(cls.name)
+
+    def select(self, image_ids):
+        s = self.params.sample
+        return None if s is None else sample_ids(list(image_ids), s.n, s.seed)
+
+    def map_columns(self) -> list[tuple[str, pa.DataType]]:
+        """The raw map columns :meth:`attribute` returns (flattened), with their types."""
+        return [("map", FLOATS)]
+
+    def schema(self) -> dict[str, pa.Schema]:
+        p = self.params
+        f32 = pa.float32()
+        fields = [IMAGE_ID, LABEL, ("method", pa.string()), ("target", pa.int64()), ("rank", pa.int64()),
+                  ("score", f32), *self.map_columns(),
+                  ("channels", pa.int32()), ("height", pa.int32()), ("width", pa.int32())]
+        if p.metrics:
+            fields += [("deletion_auc", f32), ("insertion_auc", f32)]
+        fields += [("pointing", f32), ("box_energy", f32)]
+        if p.render:
+            fields += [("key", pa.string()), ("vmin", f32), ("vmax", f32)]
+        return {"": pa.schema(fields)}
+
+    def attribute(self, batch: MapBatch, x: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor) -> Attribution:
+        """Maps for inputs ``x`` (M, C, H, W), classes ``targets`` (M,); ``rows`` are their
+        places in ``batch`` (for per-image seeds and activations)."""
+        raise NotImplementedError
+
+    def map_batch(self, batch: MapBatch) -> MapOutput:
+        from jobs.attribution.faithfulness import box_energy, deletion_insertion, pointing_game
+        from jobs.core.kernels import upsample
+
+        p = self.params
+        model = batch.model
+        logits = batch.logits.float()
+        if logits.dim() != 2:
+            raise ValueError(f"{self.name} needs the model to return (N, classes) logits, "
+                             f"got shape {tuple(logits.shape)}")
+        rows, targets, ranks = choose_targets(logits, batch.labels, p.target)
+        if not len(rows):
+            return MapOutput(rows={"": {}})
+        device = batch.images.device
+        x = batch.images[rows.to(device)]
+        t = targets.to(device)
+        result = self.attribute(batch, x, t, rows)
+        score = torch.softmax(logits, dim=1)[rows.to(logits.device), t.to(logits.device)].cpu()
+        size = (x.shape[-2], x.shape[-1])
+        heat = upsample(result.heat.float(), size).cpu()
+        m = len(rows)
+        cols: dict[str, Any] = {
+            "image_id": np.asarray([batch.image_ids[i] for i in rows.tolist()], dtype=object),
+            "label": batch.labels.cpu()[rows].numpy().astype(np.int64),
+            "method": np.full(m, p.entry_name, dtype=object),
+            "target": targets.numpy().astype(np.int64),
+            "rank": ranks.numpy().astype(np.int64),
+            "score": score.numpy().astype(np.float32),
+        }
+        shape = tuple(result.columns[result.shape_of].shape[1:])
+        shape = (1,) * (3 - len(shape)) + shape
+        for name, values in result.columns.items():
+            v = values.detach().cpu()
+            cols[name] = (v.float() if v.is_floating_point() else v).reshape(m, -1).numpy()
+        cols.update(channels=np.full(m, shape[0], np.int32), height=np.full(m, shape[1], np.int32),
+                    width=np.full(m, shape[2], np.int32))
+        boxes = None if batch.boxes is None else torch.as_tensor(batch.boxes)[rows]
+        if p.metrics:
+            curves = deletion_insertion(model, x, heat.to(device), t, steps=p.steps, chunk=p.chunk)
+            cols["deletion_auc"] = curves["deletion_auc"].numpy()
+            cols["insertion_auc"] = curves["insertion_auc"].numpy()
+        if boxes is not None:
+            cols["pointing"] = pointing_game(heat, boxes).numpy()
+            cols["box_energy"] = box_energy(heat, boxes).numpy()
+        else:
+            cols["pointing"] = np.full(m, np.nan, np.float32)
+            cols["box_energy"] = np.full(m, np.nan, np.float32)
+        images = []
+        if p.render:
+            from jobs.core.render import overlay
+
+            flat = heat.reshape(m, -1)
+            if result.signed:
+                top = flat.abs().amax(dim=1)
+                vmin, vmax = -top, top
+            else:
+                vmin, vmax = torch.minimum(flat.amin(dim=1), torch.zeros(m)), flat.amax(dim=1)
+            keys = []
+            for j in range(m):
+                key = image_key(cols["image_id"][j], p.entry_name, f"c{int(cols['target'][j])}")
+                pixels = batch.pixels[int(rows[j])] if batch.pixels is not None else np.zeros((*size, 3), np.uint8)
+                images.append((key, overlay(pixels, heat[j].numpy(), float(vmin[j]), float(vmax[j]),
+                                            signed=result.signed, min_side=p.cell)))
+                keys.append(key)
+            cols.update(key=np.asarray(keys, dtype=object), vmin=vmin.numpy().astype(np.float32),
+                        vmax=vmax.numpy().astype(np.float32))
+        return MapOutput(rows={"": cols}, images=images)
+
+
+def in_chunks(n: int, size: int):
+    """Slices of at most ``size`` covering range(n)."""
+    for start in range(0, n, max(1, size)):
+        yield slice(start, min(n, start + size))

@@ -1,0 +1,51 @@
+"""``grad_cam``: gradient-weighted class activation maps at any convolutional layer.
+
+Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
+Localization" (ICCV 2017): ``alpha_k = mean_ij dS_t / dA_kij`` and
+``Grad-CAM = ReLU(sum_k alpha_k A_k)``, with ``S_t`` the target's pre-softmax score.
+
+Example manifest entry::
+
+    - type: grad_cam
+      layer: layer3
+
+Table columns: see :mod:`jobs.attribution.base`; ``map`` is (1, h, w) at the layer's resolution.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from jobs.attribution.base import Attribution, AttributionAnalysis, AttributionParams, in_chunks
+from jobs.core.base import MapBatch, register
+
+
+class GradCamParams(AttributionParams):
+    layer: str
+
+
+def grad_cam_maps(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, layer: str,
+                  chunk: int) -> torch.Tensor:
+    """Grad-CAM (M, h, w) for inputs ``x``, ``chunk`` images per forward and backward."""
+    from jobs.attribution.backprop import grad_cam, layer_gradients
+
+    out = []
+    for sl in in_chunks(len(x), chunk):
+        acts, grads, _ = layer_gradients(model, x[sl], layer, targets[sl])
+        if acts.dim() != 4:
+            raise ValueError(f"grad_cam needs a (N, K, h, w) feature map at layer {layer!r}, "
+                             f"got shape {tuple(acts.shape)}")
+        out.append(grad_cam(acts, grads))
+    return torch.cat(out)
+
+
+@register
+class GradCam(AttributionAnalysis):
+    """Grad-CAM maps, one per image and target."""
+
+    Params = GradCamParams
+    params: GradCamParams
+
+    def attribute(self, batch: MapBatch, x: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor) -> Attribution:
+        maps = grad_cam_maps(batch.model, x, targets, self.params.layer, self.params.chunk)
+        return Attribution(columns={"map": maps}, heat=maps)

@@ -1,0 +1,518 @@
+"""``neighbours``: each query image's nearest images in a layer's feature space and in pixel space.
+
+Krizhevsky et al. (2012, Fig. 4) showed that images near each other in the last hidden layer
+of a CNN look alike semantically, while neighbours by L2 distance on raw pixels share mostly
+colour and layout. This analysis draws both columns of that figure for a whole dataset:
+every query image against every other image of the dataset (the query itself excluded).
+
+Example manifest entry::
+
+    - type: neighbours
+      spaces: [feature, pixel]
+      layer: layer3
+      metric: cosine          # feature space: cosine | l2 (pixel space is always l2)
+      pool: avg               # avg | max | grid | none, as in ``features``
+      pixel_size: 32          # pixel space: the model input area-averaged down to 32x32 (null: full size)
+      k: 5
+      queries: {sample: 100, seed: 0}   # all | {sample, seed} | [image ids]
+      index: exact            # exact | faiss (approximate, HNSW; needs convscope[ann])
+
+Table ``neighbours/part-*.parquet``: ``image_id`` (the query), ``label``, ``space``,
+``rank`` (1..k), ``neighbour_id``, ``distance``, ``key`` and ``shard`` (the strip: the query
+then its neighbours, ``<key>.png`` in that tar). Rows by space, query, rank.
+
+Exact search ranks by (float32 distance, database index): equal distances go to the image
+earlier in the dataset, and the result does not depend on block size or worker count.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from collections.abc import Collection, Iterator, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from jobs.core.base import (
+    FLOATS,
+    IMAGE_ID,
+    LABEL,
+    AnalysisParams,
+    MapBatch,
+    ReduceAnalysis,
+    ReduceContext,
+    ReduceInputs,
+    ReduceOutput,
+    Rows,
+    listed_twice,
+    register,
+)
+from jobs.core.kernels import matrix, pool, topk_first
+from jobs.core.render import strip
+
+# Rows of queries and of database vectors per distance block: a block pair holds at most
+# BLOCK x BLOCK float64 distances (32 MiB).
+BLOCK = 2048
+# Query x database pairs from which exact search is spread over the context's workers.
+PARALLEL_MIN = 2**26
+# Distances below this fraction of the vectors' scale count as 0: float64 rounding of the
+# dot products (which depends on the matrix shapes BLAS sees) must not separate exact
+# duplicates, and the square root in l2 would magnify it to ~1e-7.
+SNAP = 2.0**-36
+# Queries whose strips are rendered from one ``ctx.images`` call.
+RENDER_CHUNK = 256
+
+Space = Literal["feature", "pixel"]
+
+
+class QuerySample(BaseModel):
+    """A seeded random sample of the dataset's images as queries (all of them when larger)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    sample: int = Field(ge=1)
+    seed: int = 0
+
+
+def _both_spaces() -> list[Space]:
+    return ["feature", "pixel"]
+
+
+class NeighboursParams(AnalysisParams):
+    spaces: list[Space] = Field(default_factory=_both_spaces, min_length=1)
+    layer: str | None = None
+    metric: Literal["cosine", "l2"] = "cosine"
+    pool: Literal["avg", "max", "grid", "none"] = "avg"
+    grid: int = Field(default=2, ge=1, description="cells per side when pool is 'grid'")
+    pixel_size: int | None = Field(default=32, ge=1)
+    k: int = Field(default=5, ge=1)
+    queries: Literal["all"] | QuerySample | list[str] = "all"
+    index: Literal["exact", "faiss"] = "exact"
+    recall_sample: int = Field(default=1000, ge=1)
+    render: bool = True
+    thumb: int = Field(default=64, ge=1)
+
+    @field_validator("spaces")
+    @classmethod
+    def _distinct_spaces(cls, spaces: list[str]) -> list[str]:
+        repeated = listed_twice(spaces)
+        if repeated:
+            raise ValueError(f"each space may be listed once; repeated: {', '.join(repeated)}")
+        return spaces
+
+    @field_validator("queries")
+    @classmethod
+    def _distinct_queries(cls, queries: Any) -> Any:
+        if isinstance(queries, list):
+            if not queries:
+                raise ValueError("queries: an empty list; name at least one image id, or use 'all'")
+            seen: set[str] = set()
+            repeated: list[str] = []
+            for q in queries:
+                if q in seen:
+                    repeated.append(q)
+                seen.add(q)
+            if repeated:
+                raise ValueError(f"queries: ids listed more than once: {', '.join(map(repr, repeated[:5]))}")
+        return queries
+
+    @field_validator("index")
+    @classmethod
+    def _faiss_installed(cls, index: str) -> str:
+        if index == "faiss" and importlib.util.find_spec("faiss") is None:
+            raise ValueError("index 'faiss' needs the faiss-cpu package (pip install 'convscope[ann]')")
+        return index
+
+    @model_validator(mode="after")
+    def _layer_for_features(self) -> NeighboursParams:
+        if "feature" in self.spaces and self.layer is None:
+            raise ValueError("space 'feature' needs a layer (e.g. layer: layer3); "
+                             "for pixel-space neighbours alone use spaces: [pixel]")
+        return self
+
+
+def knn(queries: torch.Tensor, database: torch.Tensor, k: int, metric: str,
+        exclude: torch.Tensor | None = None, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest database rows of every query row: distances (M, k) float32, indices (M, k).
+
+    ``metric``: ``cosine`` (1 - cosine similarity; a zero vector is at distance 1 from
+    everything) or ``l2`` (Euclidean). ``exclude`` (M,) names one database index per query
+    that is never returned (the query itself; -1: none); with it, k is capped at N - 1,
+    without it at N. Neighbours are ordered by (float32 distance, database index).
+
+    Exact, in two passes. A float32 screen (one matrix product per block of at most
+    ``SCREEN_QUERIES`` queries x ``SCREEN_ELEMENTS / SCREEN_QUERIES`` database rows, a running
+    top-c per query) keeps
+    ``c = k + SCREEN_EXTRA`` candidates per query; their distances are then taken again in
+    float64, which fixes the reported float32 values and the order, so neither depends on
+    the blocking. A query is verified when every row left out screened farther than its
+    k-th neighbour by more than the screen's worst-case rounding error (the bound
+    ``SCREEN_ERROR * (D + 8) * 2^-24`` times the squared norms); a query that is not (ties
+    or near-ties at the cut) is searched again in float64 against the whole database, in
+    blocks of ``block`` x ``block``. Memory is O(SCREEN_ELEMENTS + block^2 + M c), never M x N.
+
+    >>> d, i = knn(torch.tensor([[0.0], [1.0], [3.0]]), torch.tensor([[0.0], [1.0], [3.0]]), 1, "l2",
+    ...            exclude=torch.tensor([0, 1, 2]))
+    >>> i.tolist(), d.tolist()
+    ([[1], [0], [1]], [[1.0], [1.0], [2.0]])
+    """
+    if metric not in ("cosine", "l2"):
+        raise ValueError(f"unknown metric {metric!r}; expected cosine or l2")
+    if queries.dim() != 2 or database.dim() != 2 or queries.shape[1] != database.shape[1]:
+        raise ValueError(f"knn needs (M, D) queries and (N, D) database, got shapes {tuple(queries.shape)} "
+                         f"and {tuple(database.shape)}")
+    if block < 1:
+        raise ValueError(f"block must be at least 1, got {block}")
+    m, n = queries.shape[0], database.shape[0]
+    device = database.device
+    k_eff = max(0, min(k, n - 1 if exclude is not None else n))
+    if m == 0 or k_eff == 0:
+        return (torch.zeros((m, k_eff), dtype=torch.float32, device=device),
+                torch.zeros((m, k_eff), dtype=torch.long, device=device))
+    # One extra candidate per query, so the excluded index can be dropped afterwards: the
+    # top k+1 by (distance, index) minus one member is the top k of the rest.
+    width = k_eff + 1 if exclude is not None else k_eff
+    q = queries.to(device=device, dtype=torch.float64)
+    x = database.to(dtype=torch.float64)
+    if metric == "cosine":
+        q, x = F.normalize(q, dim=1), F.normalize(x, dim=1)  # zero rows stay zero
+    q_sq, x_sq = (q * q).sum(dim=1), (x * x).sum(dim=1)
+    c = min(n, width + SCREEN_EXTRA)
+    # Short, wide screen blocks: one top-c over a long row is cheaper than many merges.
+    qb = min(block, SCREEN_QUERIES)
+    columns = max(qb, SCREEN_ELEMENTS // qb)
+    x32, x_sq32 = x.float(), x_sq.float()
+    out_d, out_i = [], []
+    for qs in range(0, m, qb):
+        rows = slice(qs, qs + qb)
+        screen, cand = _screen(q[rows], x32, q_sq[rows], x_sq32, c, metric, columns)
+        dist, idx = _best(_exact(q[rows], x, q_sq[rows], x_sq, cand, metric), cand, width)
+        if c < n:
+            # Every row left out screened at >= the largest kept screen value; its true
+            # (squared, for l2) distance is at least that minus the rounding bound.
+            scale = q_sq[rows] + x_sq.max()
+            err = SCREEN_ERROR * (q.shape[1] + 8) * 2.0**-24 * scale
+            floor = (screen.amax(dim=1).double() - err).clamp(min=0)
+            # A row whose distance could still snap to 0 proves nothing (see ``SNAP``).
+            floor = floor.masked_fill(floor <= (scale * SNAP if metric == "l2" else SNAP), 0.0)
+            floor = floor.sqrt() if metric == "l2" else floor
+            kth = dist[:, -1].double()
+            redo = ~(floor > kth * (1 + 2.0**-20) + 2.0**-60)
+            if redo.any():
+                r = redo.nonzero()[:, 0]
+                d_all, i_all = exhaustive(q[rows][r], x, q_sq[rows][r], x_sq, width, metric, block)
+                dist[r], idx[r] = d_all, i_all
+        if exclude is not None:
+            dist, idx = drop_excluded(dist, idx, exclude[rows].to(device))
+        out_d.append(dist)
+        out_i.append(idx)
+    return torch.cat(out_d), torch.cat(out_i)
+
+
+# Candidates beyond k that the float32 screen keeps per query: slack for near-ties at the cut.
+SCREEN_EXTRA = 16
+# Queries per screen block, and float32 distances per screen block (16 MiB).
+SCREEN_QUERIES = 256
+SCREEN_ELEMENTS = 2**22
+# Safety factor on the textbook bound (D + 8) u |q| |x| for a float32 dot product and the
+# conversions and sums around it.
+SCREEN_ERROR = 2.0
+
+
+def _screen(q: torch.Tensor, x: torch.Tensor, q_sq: torch.Tensor, x_sq: torch.Tensor, c: int, metric: str,
+            block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 distances (squared for l2) and indices of each query's ``c`` screened nearest,
+    ``block`` database rows at a time (``x`` is float32 already)."""
+    q32 = q.float()
+    best_v: torch.Tensor | None = None
+    best_i: torch.Tensor | None = None
+    for xs in range(0, len(x), block):
+        xb = x[xs:xs + block]
+        # One fused product per block, ranked without the per-query constant: -q.x for
+        # cosine, |x|^2 - 2 q.x for l2; the constant is added to the c kept values only.
+        if metric == "cosine":
+            v = torch.mm(q32, xb.T).neg_()
+        else:
+            v = torch.addmm(x_sq[None, xs:xs + block], q32, xb.T, alpha=-2.0)
+        v, i = v.topk(min(c, v.shape[1]), dim=1, largest=False, sorted=False)
+        i = i + xs
+        if best_v is not None and best_i is not None:
+            v, i = torch.cat([best_v, v], 1), torch.cat([best_i, i], 1)
+            v, pick = v.topk(min(c, v.shape[1]), dim=1, largest=False, sorted=False)
+            i = i.gather(1, pick)
+        best_v, best_i = v, i
+    if best_v is None or best_i is None:
+        raise ValueError("_screen needs a non-empty database")
+    return best_v + (1.0 if metric == "cosine" else q_sq.float()[:, None]), best_i
+
+
+def _exact(q: torch.Tensor, x: torch.Tensor, q_sq: torch.Tensor, x_sq: torch.Tensor, cand: torch.Tensor,
+           metric: str) -> torch.Tensor:
+    """float32 distances of each query to its candidate rows, from float64 products."""
+    per = max(1, 2**22 // max(1, cand.shape[1] * x.shape[1]))  # bounds the gathered (rows, c, D)
+    out = []
+    for s in range(0, len(q), per):
+        ci = cand[s:s + per]
+        dot = torch.bmm(x[ci], q[s:s + per, :, None])[..., 0]
+        out.append(_distance(dot, q_sq[s:s + per, None], x_sq[ci], metric))
+    return torch.cat(out)
+
+
+def _distance(dot: torch.Tensor, q_sq: torch.Tensor, x_sq: torch.Tensor, metric: str) -> torch.Tensor:
+    """float64 products -> float32 distances, near-zero ones snapped to 0 (see ``SNAP``)."""
+    if metric == "cosine":
+        dist = dot.neg_().add_(1.0)
+        dist.masked_fill_(dist.abs() <= SNAP, 0.0)
+    else:
+        scale = q_sq + x_sq
+        dist = dot.mul_(-2.0).add_(scale)
+        dist.masked_fill_(dist <= scale.mul_(SNAP), 0.0).sqrt_()
+    return dist.float()  # rank on the values that are reported
+
+
+def _best(dist: torch.Tensor, idx: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``width`` best of each row of candidates by (distance, index)."""
+    order = idx.argsort(dim=1)
+    dist, idx = dist.gather(1, order), idx.gather(1, order)
+    # In index order, topk_first's tie-break by position is the tie-break by index.
+    pick = topk_first(dist, width, largest=False)
+    return dist.gather(1, pick), idx.gather(1, pick)
+
+
+def exhaustive(q: torch.Tensor, x: torch.Tensor, q_sq: torch.Tensor, x_sq: torch.Tensor, width: int,
+                metric: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``width`` nearest by float64 distances to every database row (the screen's fallback)."""
+    best_d: torch.Tensor | None = None
+    best_i: torch.Tensor | None = None
+    for xs in range(0, len(x), block):
+        dist = _distance(q @ x[xs:xs + block].T, q_sq[:, None], x_sq[None, xs:xs + block], metric)
+        cols = topk_first(dist, width, largest=False)
+        cand_d, cand_i = dist.gather(1, cols), cols + xs
+        if best_d is not None and best_i is not None:
+            cand_d, cand_i = _best(torch.cat([best_d, cand_d], 1), torch.cat([best_i, cand_i], 1), width)
+        best_d, best_i = cand_d, cand_i
+    if best_d is None or best_i is None:
+        raise ValueError("exhaustive needs a non-empty database")
+    return best_d, best_i
+
+
+def drop_excluded(dist: torch.Tensor, idx: torch.Tensor, exclude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Remove one column per row: the excluded index where present, else the last (worst)."""
+    rows, width = idx.shape
+    is_self = idx == exclude[:, None]
+    drop = torch.where(is_self.any(dim=1), is_self.int().argmax(dim=1), torch.full_like(exclude, width - 1))
+    keep = torch.arange(width, device=idx.device)[None, :] != drop[:, None]
+    return dist[keep].view(rows, width - 1), idx[keep].view(rows, width - 1)
+
+
+def knn_rows(shared: tuple[np.ndarray, int, str, int], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``knn`` for the database rows ``rows`` as queries, on the CPU (a ``parallel_map`` task).
+
+    ``shared`` is (database (N, D) float32, k, metric, block).
+    """
+    database, k, metric, block = shared
+    with warnings.catch_warnings():
+        # The object store hands out read-only arrays; knn never writes to its inputs.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        x = torch.from_numpy(np.ascontiguousarray(database))
+    r = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+    dist, idx = knn(x[r], x, k, metric, exclude=r, block=block)
+    return dist.numpy(), idx.numpy()
+
+
+def search_exact(vectors: np.ndarray, rows: np.ndarray, k: int, metric: str,
+                 ctx: ReduceContext) -> tuple[np.ndarray, np.ndarray]:
+    """Exact neighbours of the database rows ``rows`` among all of ``vectors``, self excluded."""
+    m, n = len(rows), len(vectors)
+    workers = int(getattr(ctx, "workers", 1) or 1)
+    # Shipping the database to CPU workers only pays on the CPU; one GPU does it all faster.
+    if workers > 1 and m * n >= PARALLEL_MIN and ctx.device.type == "cpu":
+        chunk = max(1, min(BLOCK, -(-m // workers)))
+        parts = ctx.parallel_map(knn_rows, [rows[s:s + chunk] for s in range(0, m, chunk)],
+                                 (vectors, k, metric, BLOCK))
+        return np.concatenate([d for d, _ in parts]), np.concatenate([i for _, i in parts])
+    x = torch.from_numpy(vectors).to(ctx.device)
+    r = torch.from_numpy(rows).to(ctx.device)
+    dist, idx = knn(x[r], x, k, metric, exclude=r, block=BLOCK)
+    return dist.cpu().numpy(), idx.cpu().numpy()
+
+
+def search_faiss(vectors: np.ndarray, rows: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate neighbours from an HNSW graph (Malkov & Yashunin 2018); -1 where none was found.
+
+    The graph is built with faiss' threads, so results may differ slightly between runs.
+    """
+    import faiss
+
+    n, d = vectors.shape
+    k_eff = max(0, min(k, n - 1))
+    if len(rows) == 0 or k_eff == 0:
+        return np.zeros((len(rows), k_eff), np.float32), np.zeros((len(rows), k_eff), np.int64)
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if metric == "cosine":
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        x = np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0), dtype=np.float32)
+        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+    else:
+        index = faiss.IndexHNSWFlat(d, 32)
+    index.hnsw.efSearch = max(64, 2 * (k_eff + 1))
+    index.add(x)
+    found, idx = index.search(x[rows], k_eff + 1)
+    dist = 1.0 - found if metric == "cosine" else np.sqrt(np.maximum(found, 0.0))
+    dist = np.where(idx >= 0, dist, np.inf).astype(np.float32)
+    # Drop the query itself, or the last candidate when the graph did not return it.
+    is_self = idx == rows[:, None]
+    drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), k_eff)
+    keep = np.arange(k_eff + 1)[None, :] != drop[:, None]
+    return dist[keep].reshape(len(rows), k_eff), idx[keep].reshape(len(rows), k_eff).astype(np.int64)
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
+    """The fraction of the exact neighbours that the approximate search found."""
+    if exact.size == 0:
+        return 1.0
+    hits = sum(len(set(a[a >= 0].tolist()) & set(e.tolist())) for a, e in zip(approx, exact))
+    return hits / exact.size
+
+
+def _unknown_ids(queries: Sequence[str], known: Collection[str]) -> str | None:
+    missing = [q for q in queries if q not in known]
+    if not missing:
+        return None
+    shown = ", ".join(repr(q) for q in missing[:5])
+    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    return f"{len(missing)} query id(s) not in the dataset: {shown}{more}"
+
+
+SCHEMA = pa.schema([("image_id", pa.string()), ("label", pa.int64()), ("space", pa.string()),
+                    ("rank", pa.int32()), ("neighbour_id", pa.string()), ("distance", pa.float32()),
+                    ("key", pa.string())])
+
+
+@register
+class Neighbours(ReduceAnalysis):
+    """The k nearest images of each query in feature space and in pixel space."""
+
+    Params = NeighboursParams
+    params: NeighboursParams
+
+    def layers(self) -> list[tuple[tuple[str | int, ...], str]]:
+        # Pixel-space neighbours alone need no hooked layer.
+        return super().layers() if "feature" in self.params.spaces else []
+
+    def check_dataset(self, image_ids: Collection[str]) -> list[tuple[tuple[str | int, ...], str]]:
+        queries = self.params.queries
+        if isinstance(queries, list):
+            known = image_ids if isinstance(image_ids, (set, frozenset, dict)) else set(image_ids)
+            message = _unknown_ids(queries, known)
+            if message:
+                return [(("queries",), message)]
+        return []
+
+    def schema(self) -> dict[str, pa.Schema]:
+        return {"": pa.schema([IMAGE_ID, LABEL, *((space, FLOATS) for space in ("feature", "pixel")
+                                                  if space in self.params.spaces)])}
+
+    def map_batch(self, batch: MapBatch) -> Rows:
+        p = self.params
+        rows: dict[str, np.ndarray] = {
+            "image_id": np.array(batch.image_ids, dtype=object),
+            "label": batch.labels.cpu().numpy().astype(np.int64),
+        }
+        if "feature" in p.spaces:
+            if p.layer is None:  # ruled out by the params' validator
+                raise ValueError("space 'feature' needs a layer")
+            rows["feature"] = pool(batch.activations[p.layer], p.pool, p.grid).float().cpu().numpy()
+        if "pixel" in p.spaces:
+            x = batch.images.float()
+            if p.pixel_size is not None:
+                # Area average: a thumbnail of the input (never enlarged past its own size).
+                x = F.adaptive_avg_pool2d(x, (min(p.pixel_size, x.shape[2]), min(p.pixel_size, x.shape[3])))
+            rows["pixel"] = x.flatten(1).cpu().numpy()
+        return {"": rows}
+
+    def query_rows(self, ids: Sequence[str]) -> np.ndarray:
+        """Database rows of the queries: all, a seeded sample (dataset order) or the listed ids (list order)."""
+        queries, n = self.params.queries, len(ids)
+        if queries == "all":
+            return np.arange(n, dtype=np.int64)
+        if isinstance(queries, QuerySample):
+            if queries.sample >= n:
+                return np.arange(n, dtype=np.int64)
+            rng = np.random.default_rng(queries.seed)
+            return np.sort(rng.choice(n, size=queries.sample, replace=False)).astype(np.int64)
+        position = {image_id: i for i, image_id in enumerate(ids)}
+        message = _unknown_ids(queries, position)
+        if message:
+            raise ValueError(f"queries: {message}")
+        return np.array([position[q] for q in queries], dtype=np.int64)
+
+    def reduce(self, inputs: ReduceInputs, ctx: ReduceContext) -> ReduceOutput:
+        p = self.params
+        head = inputs.read("", columns=["image_id", "label"])
+        ids = np.array(head.column("image_id").to_pylist(), dtype=object)
+        labels = head.column("label").fill_null(-1).to_numpy().astype(np.int64)
+        rows = self.query_rows(ids.tolist())
+        found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        recall: dict[str, float] = {}
+        for space in p.spaces:
+            vectors = matrix(inputs.read("", columns=[space]).column(space))
+            metric = p.metric if space == "feature" else "l2"
+            if p.index == "faiss":
+                found[space] = search_faiss(vectors, rows, p.k, metric)
+                # Recall against exact search on a seeded sample of the queries.
+                pick = np.sort(np.random.default_rng(0).choice(len(rows), min(p.recall_sample, len(rows)),
+                                                               replace=False))
+                _, exact = search_exact(vectors, rows[pick], p.k, metric, ctx)
+                recall[space] = round(recall_at_k(found[space][1][pick], exact), 6)
+            else:
+                found[space] = search_exact(vectors, rows, p.k, metric, ctx)
+            ctx.log(f"neighbours: {len(rows):,} queries in {space} space against {len(ids):,} images")
+        table = self._table(ids, labels, rows, found)
+        stats: dict[str, Any] = {"queries": int(len(rows)), "database": int(len(ids))}
+        if recall:
+            stats["recall_at_k"] = recall
+        images = self._strips(ids, rows, found, ctx) if p.render else iter(())
+        return ReduceOutput(tables={"": table}, images=images, stats=stats)
+
+    def _table(self, ids: np.ndarray, labels: np.ndarray, rows: np.ndarray,
+               found: dict[str, tuple[np.ndarray, np.ndarray]]) -> pa.Table:
+        parts = []
+        for space, (dist, idx) in found.items():
+            k_eff = idx.shape[1]
+            valid = (idx >= 0).reshape(-1)
+            ordinal = np.repeat(np.arange(len(rows)), k_eff)[valid]
+            query = rows[ordinal]
+            label = labels[query]
+            columns = {
+                "image_id": pa.array(ids[query].tolist(), pa.string()),
+                "label": pa.array(label, pa.int64(), mask=label < 0),
+                "space": pa.array([space] * len(query), pa.string()),
+                "rank": pa.array(np.tile(np.arange(1, k_eff + 1, dtype=np.int32), len(rows))[valid]),
+                "neighbour_id": pa.array(ids[idx.reshape(-1)[valid]].tolist(), pa.string()),
+                "distance": pa.array(dist.reshape(-1)[valid].astype(np.float32)),
+                "key": pa.array([f"{space}-{q:06d}" for q in ordinal], pa.string()),
+            }
+            parts.append(pa.table(columns, schema=SCHEMA))
+        table = pa.concat_tables(parts) if parts else SCHEMA.empty_table()
+        return table if self.params.render else table.drop_columns(["key"])
+
+    def _strips(self, ids: np.ndarray, rows: np.ndarray, found: dict[str, tuple[np.ndarray, np.ndarray]],
+                ctx: ReduceContext) -> Iterator[tuple[str, Image.Image]]:
+        """One strip per query and space, the query first; pixels fetched a chunk of queries at a time."""
+        for space, (_, idx) in found.items():
+            if idx.shape[1] == 0:
+                continue
+            for start in range(0, len(rows), RENDER_CHUNK):
+                chunk_rows, chunk_idx = rows[start:start + RENDER_CHUNK], idx[start:start + RENDER_CHUNK]
+                wanted = np.concatenate([chunk_rows, chunk_idx[chunk_idx >= 0]])
+                pixels = ctx.images(list(dict.fromkeys(ids[wanted].tolist())))
+                for offset, (q, neighbours) in enumerate(zip(chunk_rows, chunk_idx)):
+                    tiles = [pixels.get(ids[j]) for j in [q, *neighbours[neighbours >= 0]]]
+                    yield f"{space}-{start + offset:06d}", strip(tiles, min_side=self.params.thumb)

@@ -1,0 +1,393 @@
+"""``top_patches``: for every channel, the dataset positions that excite it most, with their crops.
+
+Zeiler & Fergus, "Visualizing and Understanding Convolutional Networks" (ECCV 2014), Fig. 2:
+the k strongest activations of each channel over the whole dataset, each shown as the patch
+of the input image that the unit sees (its receptive field).
+
+Example manifest entry::
+
+    - type: top_patches
+      layers: [layer1, layer3]
+      k: 9
+      score: max         # max: an image's best position only | all: every position competes
+      channels: "0:16"   # or [0, 5, 7]; default: every channel
+      render: true
+      cell: 64           # grid cells are enlarged by whole pixels to at least 64 px
+
+Table ``top_patches/part-*.parquet``, one row per (layer, channel, rank): ``layer``,
+``channel``, ``rank`` (1 = strongest), ``image_id``, ``activation``, ``y``, ``x`` (the
+position in the feature map), ``box`` ([x0, y0, x1, y1], half-open input pixels of that
+position's receptive field, clipped to the image), and with ``render``: ``key`` (the crop)
+and ``grid_key`` (the channel's k crops in one grid). Images: each crop at native resolution,
+and per channel a grid whose cells have the layer's largest box size (its full field, or the
+image where the field is larger); a crop cut by the border sits where the field lies, the
+cut part grey. Stats: ``receptive_field`` {layer: [max box height, max box width]}.
+
+Every result follows one total order -- activation descending, then image_id, y, x
+ascending -- so it does not depend on batching, image order or the device.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+from PIL import Image
+from pydantic import Field, field_validator
+
+from jobs.core.base import (
+    IMAGE_ID,
+    AnalysisParams,
+    DistinctLayers,
+    MapBatch,
+    ReduceAnalysis,
+    ReduceContext,
+    ReduceInputs,
+    ReduceOutput,
+    Rows,
+    by_layer,
+    register,
+    safe_key,
+)
+from jobs.core.hooks import forward_to
+from jobs.core.kernels import topk_first
+from jobs.core.render import EMPTY, enlarge, grid
+
+_SPAN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+# Probe images per forward when measuring receptive fields.
+PROBE_CHUNK = 64
+# Unique images fetched at once while rendering.
+FETCH_CHUNK = 256
+
+
+class TopPatchesParams(AnalysisParams):
+    layers: DistinctLayers
+    k: int = Field(default=9, ge=1, description="entries per channel")
+    score: Literal["max", "all"] = "max"
+    channels: list[int] | str | None = Field(
+        default=None, description="channel indices, a 'start:stop' range, or None for all")
+    render: bool = True
+    cell: int = Field(default=64, ge=1, description="min side in px of each grid cell")
+
+    @field_validator("channels")
+    @classmethod
+    def _check_channels(cls, channels: list[int] | str | None) -> list[int] | str | None:
+        if isinstance(channels, str):
+            m = _SPAN.match(channels)
+            if not m or int(m.group(1)) >= int(m.group(2)):
+                raise ValueError(f"channels: expected 'start:stop' with non-negative integers and start < stop "
+                                 f"(e.g. '0:16'), got {channels!r}")
+        elif channels is not None:
+            if not channels:
+                raise ValueError("channels: the list is empty; leave channels out to take every channel")
+            bad = [c for c in channels if c < 0]
+            if bad:
+                raise ValueError(f"channels: indices must be non-negative, got {bad}")
+            if len(set(channels)) != len(channels):
+                raise ValueError("channels: indices must be unique")
+        return channels
+
+    def channel_indices(self, layer: str, count: int) -> list[int]:
+        """The chosen channels of ``layer`` (which has ``count``), ascending; ValueError if out of range."""
+        if self.channels is None:
+            return list(range(count))
+        if isinstance(self.channels, str):
+            span = _SPAN.match(self.channels)
+            if span is None:  # the validator admits only 'start:stop' strings
+                raise ValueError(f"channels: expected 'start:stop', got {self.channels!r}")
+            start, stop = (int(g) for g in span.groups())
+            if stop > count:
+                raise ValueError(f"channels {self.channels!r}: layer {layer!r} has {count} channels "
+                                 f"(0..{count - 1}), so channel {stop - 1} does not exist")
+            return list(range(start, stop))
+        for c in self.channels:
+            if c >= count:
+                raise ValueError(f"channels: layer {layer!r} has {count} channels (0..{count - 1}), "
+                                 f"so channel {c} does not exist")
+        return sorted(self.channels)
+
+
+def receptive_field(model: torch.nn.Module, layer: str, input_size: tuple[int, int],
+                    device: torch.device | str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Input pixels each feature-map row and column of ``layer`` depends on, measured exactly.
+
+    Returns ``rows`` (Ho, 2) and ``cols`` (Wo, 2): half-open [start, stop) ranges of input
+    rows/columns, clipped to the image. Measured by NaN propagation, so stride, padding,
+    dilation, pooling and residual paths of this very model are all accounted for: probe
+    ``i < H`` is an image of zeros whose row ``i`` is NaN, probe ``H + j`` has column ``j``
+    NaN; output row ``r`` covers the probe rows that put a NaN anywhere in it. NaN survives
+    convolutions (even zero weights), ReLU, eval-mode BatchNorm, sums and max-pooling; an op
+    that replaces NaN (``torch.where(x > 0, x, 0)``, ``nan_to_num``) hides the pixels behind
+    it. A row no probe reaches gets the whole image; global ops make every position see the
+    whole image, which is what they do.
+
+    NNPACK (CPU) and cuDNN (GPU) are switched off for the probes: their Winograd and FFT
+    convolutions mix the inputs of a whole tile and spread NaN beyond the true field (NNPACK,
+    which torch picks on the CPU for batches of 16 and more, does). The direct and im2col
+    kernels left are exact. The switches are process-wide while the probes run.
+
+    >>> rows, cols = receptive_field(torch.nn.Conv2d(3, 1, 3, padding=1), "", (4, 4))
+    >>> rows.tolist()
+    [[0, 2], [0, 3], [1, 4], [2, 4]]
+    """
+    h, w = input_size
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    modes = {m: m.training for m in model.modules()}
+    hit_rows: np.ndarray | None = None  # (H, Ho): probe row i reaches output row r
+    hit_cols: np.ndarray | None = None  # (W, Wo)
+
+    cudnn = torch.backends.cudnn.enabled
+    model.eval()
+    try:
+        torch.backends.cudnn.enabled = False
+        with torch.no_grad(), torch.backends.nnpack.flags(enabled=False):
+            for start in range(0, h + w, PROBE_CHUNK):
+                probes = range(start, min(h + w, start + PROBE_CHUNK))
+                x = torch.zeros((len(probes), 3, h, w), dtype=dtype, device=device)
+                for n, i in enumerate(probes):
+                    if i < h:
+                        x[n, :, i, :] = float("nan")
+                    else:
+                        x[n, :, :, i - h] = float("nan")
+                acts = forward_to(model, layer, x)  # stops once the layer has run
+                nan = torch.isnan(acts)
+                if nan.dim() == 2:  # a linear layer: one position
+                    nan = nan[:, :, None, None]
+                if nan.dim() != 4:
+                    raise ValueError(f"layer {layer!r} gives shape {tuple(nan.shape[1:])}; "
+                                     "top_patches needs (C, H, W) or (C,) outputs")
+                by_row = nan.any(dim=3).any(dim=1).cpu().numpy()  # (probes, Ho)
+                by_col = nan.any(dim=2).any(dim=1).cpu().numpy()  # (probes, Wo)
+                if hit_rows is None or hit_cols is None:
+                    hit_rows = np.zeros((h, by_row.shape[1]), bool)
+                    hit_cols = np.zeros((w, by_col.shape[1]), bool)
+                for n, i in enumerate(probes):
+                    if i < h:
+                        hit_rows[i] = by_row[n]
+                    else:
+                        hit_cols[i - h] = by_col[n]
+    finally:
+        torch.backends.cudnn.enabled = cudnn
+        for m, training in modes.items():
+            m.training = training
+    if hit_rows is None or hit_cols is None:  # no probe ran
+        raise ValueError(f"receptive_field needs a non-empty input size, got {tuple(input_size)}")
+    return _ranges(hit_rows, h), _ranges(hit_cols, w)
+
+
+def _ranges(hits: np.ndarray, extent: int) -> np.ndarray:
+    """(extent, n) probe-by-output hits -> (n, 2) [first probe, last probe + 1); unreached: whole image."""
+    out = np.tile(np.array([0, extent], np.int64), (hits.shape[1], 1))
+    for r in range(hits.shape[1]):
+        idx = np.flatnonzero(hits[:, r])
+        if len(idx):
+            out[r] = idx[0], idx[-1] + 1
+    return out
+
+
+def _candidates(activation: torch.Tensor, k: int, score: str) -> tuple[torch.Tensor, ...]:
+    """Top-k per channel of one batch whose images are already in image_id order.
+
+    ``activation`` is (N, c, H, W). Flattening (image, y, x) row-major makes the column index
+    follow the total order's tie-breaks, which ``topk_first`` resolves to the lower index.
+    Returns (c, k') activations, image indices, ys and xs, with k' = min(k, candidates).
+    """
+    n, c, hgt, wid = activation.shape
+    flat = activation.reshape(n, c, hgt * wid)
+    # NaN ranks last, as in topk_first; the value stored is still the real one.
+    ranked = torch.where(torch.isnan(flat), torch.full_like(flat, float("-inf")), flat)
+    if score == "max":
+        best = ranked.amax(dim=2)  # (N, c)
+        index = torch.arange(hgt * wid, device=flat.device)
+        # The first row-major position reaching the image's max, whatever the backend's argmax does.
+        pos = torch.where(ranked == best[..., None], index, hgt * wid).amin(dim=2)
+        value = flat.gather(2, pos[..., None]).squeeze(2)
+        sel = topk_first(best.T, k)  # (c, k') image indices
+        image = sel
+        pos = pos.T.gather(1, sel)
+        value = value.T.gather(1, sel)
+    else:
+        everything = flat.permute(1, 0, 2).reshape(c, n * hgt * wid)
+        sel = topk_first(everything, k)
+        image, pos = sel // (hgt * wid), sel % (hgt * wid)
+        value = everything.gather(1, sel)
+    return value, image, pos // wid, pos % wid
+
+
+def _merge(kept: pd.DataFrame | None, part: pd.DataFrame, k: int) -> pd.DataFrame:
+    """The k best rows per channel of ``kept`` and ``part`` under the total order."""
+    df = part if kept is None else pd.concat([kept, part], ignore_index=True)
+    act = df["activation"].to_numpy(np.float32)
+    # Descending activation as an ascending key; NaN ranks last, tied with -inf, as on the map side.
+    df = df.assign(_order=-np.where(np.isnan(act), np.float32(-np.inf), act))
+    df = df.sort_values(["channel", "_order", "image_id", "y", "x"], kind="stable")
+    return df.groupby("channel", sort=False).head(k).drop(columns="_order").reset_index(drop=True)
+
+
+def _offsets(lo: np.ndarray, hi: np.ndarray, full: int) -> np.ndarray:
+    """Where a clipped range sits inside the full field: a range cut at the start sits at its end."""
+    length = hi - lo
+    return np.where((length < full) & (lo == 0), full - length, 0)
+
+
+def _tile(crop: np.ndarray, cell: tuple[int, int], dy: int, dx: int) -> np.ndarray:
+    """A crop placed at (dy, dx) in a grey cell of the field's full size."""
+    tile = np.empty((*cell, 3), np.uint8)
+    tile[:] = EMPTY
+    tile[dy:dy + crop.shape[0], dx:dx + crop.shape[1]] = crop
+    return tile
+
+
+@register
+class TopPatches(ReduceAnalysis):
+    """The k strongest positions of every channel over the dataset, with receptive-field crops."""
+
+    Params = TopPatchesParams
+    params: TopPatchesParams
+
+    def __init__(self, params: TopPatchesParams):
+        super().__init__(params)
+        self._fields: dict[tuple[int, str, tuple[int, int]], tuple[np.ndarray, np.ndarray]] = {}
+
+    def receptive_field(self, model: torch.nn.Module, layer: str, input_size: tuple[int, int],
+                        device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`receptive_field`, measured once per model, layer and input size."""
+        h, w = input_size
+        key = (id(model), layer, (h, w))
+        if key not in self._fields:
+            self._fields[key] = receptive_field(model, layer, (h, w), device)
+        return self._fields[key]
+
+    def schema(self) -> dict[str, pa.Schema]:
+        return by_layer(self.params.layers, pa.schema([
+            ("channel", pa.int32()), ("activation", pa.float32()), IMAGE_ID, ("y", pa.int32()), ("x", pa.int32())]))
+
+    def map_batch(self, batch: MapBatch) -> Rows:
+        p = self.params
+        ids = list(batch.image_ids)
+        order = sorted(range(len(ids)), key=ids.__getitem__)
+        sorted_ids = np.empty(len(ids), dtype=object)
+        sorted_ids[:] = [ids[i] for i in order]
+        rows: Rows = {}
+        for layer in p.layers:
+            a = batch.activations[layer]
+            if a.dim() == 2:
+                a = a[:, :, None, None]
+            if a.dim() != 4:
+                raise ValueError(f"layer {layer!r} gives shape {tuple(a.shape[1:])}; "
+                                 "top_patches needs (C, H, W) or (C,) outputs")
+            channels = p.channel_indices(layer, a.shape[1])
+            a = a.index_select(0, torch.tensor(order, dtype=torch.long, device=a.device))
+            if len(channels) != a.shape[1]:
+                a = a.index_select(1, torch.tensor(channels, dtype=torch.long, device=a.device))
+            value, image, y, x = (t.cpu().numpy() for t in _candidates(a.float(), p.k, p.score))
+            per = value.shape[1]
+            rows[f"layer={layer}"] = {
+                "channel": np.repeat(np.asarray(channels, np.int32), per),
+                "activation": value.reshape(-1).astype(np.float32),
+                "image_id": sorted_ids[image.reshape(-1)],
+                "y": y.reshape(-1).astype(np.int32),
+                "x": x.reshape(-1).astype(np.int32),
+            }
+        return rows
+
+    def reduce(self, inputs: ReduceInputs, ctx: ReduceContext) -> ReduceOutput:
+        p = self.params
+        present = set(inputs.partitions())
+        columns = ["channel", "activation", "image_id", "y", "x"]
+        frames, fields, stats = [], {}, {}
+        for layer in p.layers:
+            rows, cols = self.receptive_field(ctx.model, layer, ctx.input_size, ctx.device)
+            fields[layer] = rows, cols
+            stats[layer] = [int((rows[:, 1] - rows[:, 0]).max()), int((cols[:, 1] - cols[:, 0]).max())]
+            partition = f"layer={layer}"
+            kept = None
+            if partition in present:
+                for rb in inputs.batches(partition, columns):
+                    kept = _merge(kept, rb.to_pandas(), p.k)
+            if kept is None or kept.empty:
+                continue
+            if kept["y"].max() >= len(rows) or kept["x"].max() >= len(cols):
+                raise ValueError(f"layer {layer!r}: positions up to ({kept['y'].max()}, {kept['x'].max()}) "
+                                 f"in a {len(rows)}x{len(cols)} feature map; was the model input size "
+                                 f"{tuple(ctx.input_size)}?")
+            kept = kept.assign(layer=layer, rank=kept.groupby("channel", sort=False).cumcount() + 1)
+            frames.append(kept)
+
+        df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+            {c: [] for c in ["layer", "rank", *columns]})
+        y, x = df["y"].to_numpy(np.int64), df["x"].to_numpy(np.int64)
+        box = np.zeros((len(df), 4), np.int32)
+        for layer, (rows, cols) in fields.items():
+            at = (df["layer"] == layer).to_numpy()
+            box[at] = np.stack([cols[x[at], 0], rows[y[at], 0], cols[x[at], 1], rows[y[at], 1]], axis=1)
+        table = {
+            "layer": pa.array(df["layer"].tolist(), pa.string()),
+            "channel": pa.array(df["channel"].to_numpy(np.int32)),
+            "rank": pa.array(df["rank"].to_numpy(np.int32)),
+            "image_id": pa.array(df["image_id"].tolist(), pa.string()),
+            "activation": pa.array(df["activation"].to_numpy(np.float32)),
+            "y": pa.array(y.astype(np.int32)),
+            "x": pa.array(x.astype(np.int32)),
+            "box": pa.array(box.tolist(), pa.list_(pa.int32())),
+        }
+        images: Iterator[tuple[str, Image.Image]] | tuple = ()
+        if p.render:
+            base = [f"{safe_key(layer)}-c{c:04d}" for layer, c in zip(df["layer"], df["channel"].to_numpy())]
+            table["key"] = pa.array([f"{b}-r{r:02d}" for b, r in zip(base, df["rank"].to_numpy())], pa.string())
+            table["grid_key"] = pa.array([f"{b}-grid" for b in base], pa.string())
+            images = self._render(df, box, stats, ctx)
+        return ReduceOutput(tables={"": pa.table(table)}, images=images, stats={"receptive_field": stats})
+
+    def _render(self, df: pd.DataFrame, box: np.ndarray, sizes: dict[str, list[int]],
+                ctx: ReduceContext) -> Iterator[tuple[str, Image.Image]]:
+        """Each entry's crop, then its channel's grid; pixels fetched a few hundred images at a time."""
+        p = self.params
+        ids = df["image_id"].to_numpy(object)
+        ranks = df["rank"].to_numpy()
+        # Row spans of each (layer, channel), in table order.
+        layer_channel = list(zip(df["layer"], df["channel"].to_numpy()))
+        starts = [i for i in range(len(df)) if i == 0 or layer_channel[i] != layer_channel[i - 1]]
+        spans = list(zip(starts, starts[1:] + [len(df)]))
+
+        def emit(group: Sequence[tuple[int, int]]) -> Iterator[tuple[str, Image.Image]]:
+            wanted = list(dict.fromkeys(ids[i] for a, b in group for i in range(a, b)))
+            pixels: dict[str, np.ndarray] = {}
+            for s in range(0, len(wanted), FETCH_CHUNK):
+                pixels.update(ctx.images(wanted[s:s + FETCH_CHUNK]))
+            for a, b in group:
+                layer, channel = layer_channel[a]
+                full_h, full_w = sizes[layer]  # the layer's largest box: an unclipped field
+                full = (full_h, full_w)
+                base = f"{safe_key(layer)}-c{channel:04d}"
+                x0, y0, x1, y1 = box[a:b].T
+                dy, dx = _offsets(y0, y1, full[0]), _offsets(x0, x1, full[1])
+                tiles = []
+                for j, i in enumerate(range(a, b)):
+                    crop = np.asarray(pixels[ids[i]], np.uint8)[y0[j]:y1[j], x0[j]:x1[j]]
+                    yield f"{base}-r{ranks[i]:02d}", Image.fromarray(np.ascontiguousarray(crop))
+                    tiles.append(enlarge(_tile(crop, full, int(dy[j]), int(dx[j])), p.cell))
+                cell = tiles[0].shape[:2]
+                cells: list[np.ndarray | None] = list(tiles)
+                cells += [None] * (p.k - len(tiles))  # fewer entries than k: empty cells
+                yield f"{base}-grid", grid(cells, cols=math.ceil(math.sqrt(p.k)), cell=cell)
+
+        group: list[tuple[int, int]] = []
+        size = 0
+        for span in spans:
+            group.append(span)
+            size += span[1] - span[0]
+            if size >= FETCH_CHUNK:
+                yield from emit(group)
+                group, size = [], 0
+        if group:
+            yield from emit(group)

@@ -131,10 +131,9 @@ class AttributionAnalysis(MapAnalysis):
     Params: ClassVar[type[AttributionParams]]
     params: AttributionParams
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if "name" in cls.__dict__:
-            ATTRIBUTION.add(cls.name)
+    @classmethod
+    def registered(cls) -> None:
+        ATTRIBUTION.add(cls.name)
 
     def select(self, image_ids):
         s = self.params.sample

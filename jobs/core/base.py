@@ -180,6 +180,10 @@ class Analysis:
     def __init__(self, params: AnalysisParams):
         self.params = params
 
+    @classmethod
+    def registered(cls) -> None:
+        """Called once :func:`register` has named the class (a family keeps its list of members)."""
+
     def layers(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Layers this entry reads, each with its field path inside the entry.
 
@@ -398,6 +402,7 @@ def register(cls: type[Analysis]) -> type[Analysis]:
     params.__pydantic_fields__["type"] = type_field
     params.model_rebuild(force=True)
     REGISTRY[name] = cls
+    cls.registered()
     return cls
 
 

@@ -183,7 +183,10 @@ def transform_box(box, size: tuple[int, int], resize: Size, crop: Size) -> list[
 def decode_image(data: bytes, resize: Size = None, crop: Size = None) -> np.ndarray:
     """Encoded bytes -> preprocessed uint8 (H, W, 3): RGB, resize, center crop.
 
-    >>> decode_image(png_bytes, resize=256, crop=224).shape
+    >>> import io
+    >>> buf = io.BytesIO()
+    >>> Image.new("RGB", (320, 240)).save(buf, format="PNG")
+    >>> decode_image(buf.getvalue(), resize=256, crop=224).shape
     (224, 224, 3)
     """
     return _decode(data, resize, crop)[0]

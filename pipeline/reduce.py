@@ -94,11 +94,11 @@ class RunContext:
 
     def __init__(self, manifest: Manifest, index: DatasetIndex, log: Log):
         from pipeline.models import input_size_of
+        from pipeline.worker import resolve_device
 
         self.manifest, self.index, self._log = manifest, index, log
         ex = manifest.execution
-        use_cuda = ex.device == "cuda" or (ex.device == "auto" and torch.cuda.is_available())
-        self.device = torch.device("cuda" if use_cuda else "cpu")
+        self.device = resolve_device(ex.device)
         self.input_size = input_size_of(manifest.model)
         self.label_names = index.label_names
         self.workers = ex.workers

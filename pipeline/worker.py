@@ -18,6 +18,7 @@ import pyarrow as pa
 import torch
 
 from jobs import REGISTRY, AnalysisParams, MapBatch, MapOutput
+from jobs.core.kernels import pixels_to_inputs
 from pipeline.plan import Stage
 from pipeline.store import Store
 from pipeline.writers import BlockRecord, BlockWriter, labels_to_arrow, to_arrow
@@ -25,10 +26,7 @@ from pipeline.writers import BlockRecord, BlockWriter, labels_to_arrow, to_arrow
 
 def normalize(pixels: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 ``(x / 255 - mean) / std``, on the pixels' device."""
-    x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - m) / s
+    return pixels_to_inputs(pixels, mean, std)
 
 
 def autocast(device: torch.device, precision: str):
@@ -40,6 +38,7 @@ def autocast(device: torch.device, precision: str):
 
 
 def resolve_device(device: str) -> torch.device:
+    """``execution.device`` on this process: ``auto`` is a GPU when this process sees one."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)

@@ -15,14 +15,14 @@ import torch
 
 from jobs import LocalContext, MapBatch, ReduceOutput, TableInputs
 from jobs.core.base import Analysis, Rows
+from jobs.core.kernels import pixels_to_inputs
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 
 
 def normalise(pixels: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float (N, 3, H, W) as the runner does with MEAN/STD."""
-    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float() / 255.0
-    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    return pixels_to_inputs(torch.from_numpy(np.ascontiguousarray(pixels)), MEAN, STD)
 
 
 def map_batches(analysis: Analysis, model: torch.nn.Module, ids: Sequence[str], pixels: np.ndarray,

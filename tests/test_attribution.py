@@ -17,7 +17,7 @@ from torch import nn
 from jobs import REGISTRY, LocalContext, TableInputs
 from jobs.attribution.base import ATTRIBUTION, TopTargets, choose_targets, sample_ids
 from jobs.attribution.occlusion import pixel_drop
-from jobs.attribution.saliency import image_seed
+from jobs.core.base import unit_seed
 from pipeline.decode import decode_batch, transform_box
 from pipeline.execute import run_manifest
 from pipeline.manifest import load_manifest
@@ -151,7 +151,7 @@ def test_smoothgrad_equals_a_plain_loop_over_noisy_copies():
     x = normalise(pixels)
     for row in table.to_pylist():
         i = ids.index(row["image_id"])
-        gen = torch.Generator().manual_seed(image_seed(3, row["image_id"]))
+        gen = torch.Generator().manual_seed(unit_seed(3, row["image_id"]))
         span = float(x[i].max() - x[i].min())
         total = torch.zeros(12, 12)
         for _ in range(4):

@@ -18,13 +18,11 @@ Table columns: see :mod:`jobs.attribution.base`; ``map`` is (1, H, W) (or (3, H,
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.attribution.base import Attribution, AttributionAnalysis, AttributionParams, in_chunks
-from jobs.core.base import MapBatch, register
+from jobs.core.base import MapBatch, register, unit_seed
 
 
 class SmoothGrad(BaseModel):
@@ -37,11 +35,6 @@ class SmoothGrad(BaseModel):
 class SaliencyParams(AttributionParams):
     signed: bool = False
     smoothgrad: SmoothGrad | None = None
-
-
-def image_seed(seed: int, image_id: str) -> int:
-    """A noise seed of its own for every image: batching never changes an image's noise."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{image_id}".encode()).digest()[:8], "little") >> 1
 
 
 def smoothgrad(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, seeds: list[int], samples: int,
@@ -87,6 +80,6 @@ class Saliency(AttributionAnalysis):
                               for sl in in_chunks(len(x), p.chunk)])
         else:
             sg = p.smoothgrad
-            seeds = [image_seed(sg.seed, batch.image_ids[int(r)]) for r in rows]
+            seeds = [unit_seed(sg.seed, batch.image_ids[int(r)]) for r in rows]
             maps = smoothgrad(batch.model, x, targets, seeds, sg.samples, sg.sigma, p.signed, p.chunk)
         return Attribution.pixels(maps, p.signed)

@@ -45,6 +45,8 @@ from PIL import Image
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.fields import FieldInfo
 
+from jobs.core.views import Block
+
 Stage = Literal["map", "reduce", "model"]
 
 # Rows an analysis returns: {partition: {column: array with one entry per image}}.
@@ -173,9 +175,13 @@ class Analysis:
     """Base class: validated params plus the work of one stage."""
 
     name: ClassVar[str]
+    family: ClassVar[str]  # the subpackage of jobs/ it lives in: attribution, dataset, model
     stage: ClassVar[Stage]
     Params: ClassVar[type[AnalysisParams]]
     params: AnalysisParams
+    # Its page in the report, as blocks over its table (see jobs.core.views); () for a plain
+    # table, unless the report registers a page for it.
+    view: ClassVar[tuple[Block, ...]] = ()
 
     def __init__(self, params: AnalysisParams):
         self.params = params
@@ -397,6 +403,8 @@ def register(cls: type[Analysis]) -> type[Analysis]:
     if any(other.Params is params for other in REGISTRY.values() if other is not cls):
         raise ValueError(f"{params.__name__} is the Params of two analyses; give {name!r} its own")
     cls.name = name
+    parts = cls.__module__.split(".")
+    cls.family = parts[1] if len(parts) == 3 and parts[0] == "jobs" else ""
     # pydantic annotates ``annotation`` as type[Any], but it takes any typing form such as this Literal.
     type_field = FieldInfo.from_annotated_attribute(Literal[name], name)  # type: ignore[arg-type]
     params.__pydantic_fields__["type"] = type_field
@@ -430,9 +438,9 @@ class ModelContext:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] (N, 3, H, W) -> model inputs."""
-        m = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        s = torch.as_tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        return (x - m) / s
+        from jobs.core.kernels import normalize  # kernels imports this module
+
+        return normalize(x, self.mean, self.std)
 
     def label(self, image_id: str) -> int | None:
         """The image's label, None when it has none."""

@@ -1,4 +1,7 @@
-"""Pictures for eyes: grids, strips, scatter plots and atlases from uint8 arrays (PIL, no files).
+"""Pictures for eyes: grids, strips, scatter plots and atlases from uint8 arrays (no files).
+
+Arrangements of pixels (grids, strips, atlases, overlays) are PIL; plots and colormaps are
+matplotlib's (its object API and Agg canvas, no display), the one plotting stack.
 
 Every figure here is drawn from arrays the analyses also store raw; a PNG is never the only
 copy of a result. Small inputs (CIFAR's 32 px) are enlarged by whole-pixel repetition, so a
@@ -12,15 +15,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import matplotlib
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
 BACKGROUND = (255, 255, 255)
 EMPTY = (200, 200, 200)
 
-# Ten colours that stay distinct (Tableau 10); more labels cycle through them.
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+# Ten colours that stay distinct (matplotlib's tab10); more labels cycle through them.
+PALETTE = [tuple(int(round(255 * c)) for c in matplotlib.colormaps["tab10"](i)[:3]) for i in range(10)]
+# Magnitudes: inferno (perceptually uniform); signed maps: RdBu reversed, white at zero.
+SEQUENTIAL = matplotlib.colormaps["inferno"]
+DIVERGING = matplotlib.colormaps["RdBu_r"]
+
+
+def _picture(fig: Figure) -> Image.Image:
+    """A matplotlib figure drawn on an Agg canvas, as an RGB image."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy())
 
 
 def enlarge(pixels: np.ndarray, min_side: int) -> np.ndarray:
@@ -76,25 +91,27 @@ def _unit(xy: np.ndarray) -> np.ndarray:
 
 def scatter(xy: np.ndarray, labels: np.ndarray, names: Sequence[str] | None = None, size: int = 640,
             dot: int = 2) -> Image.Image:
-    """A scatter plot of 2-D points coloured by integer label (-1: unlabelled, grey), with a legend."""
-    margin = 10
+    """A scatter plot of 2-D points coloured by integer label (-1: unlabelled, grey), with a
+    legend of up to 40 classes; ``size`` px square plot area, ``dot`` px radius."""
     labels = np.asarray(labels)
+    xy = np.asarray(xy, np.float64).reshape(-1, 2)
     classes = sorted(int(c) for c in np.unique(labels) if c >= 0)
-    legend_w = 130 if classes else 0
-    img = Image.new("RGB", (size + legend_w, size), BACKGROUND)
-    draw = ImageDraw.Draw(img)
-    if len(xy):
-        pts = margin + _unit(xy) * (size - 2 * margin)
-        for (x, y), lab in zip(pts, labels):
-            colour = PALETTE[int(lab) % len(PALETTE)] if lab >= 0 else EMPTY
-            # Image y grows downwards; plots grow upwards.
-            draw.ellipse([x - dot, size - y - dot, x + dot, size - y + dot], fill=colour)
-    for i, c in enumerate(classes[:40]):
-        y = margin + 14 * i
-        draw.rectangle([size + 4, y + 2, size + 12, y + 10], fill=PALETTE[c % len(PALETTE)])
-        text = names[c] if names is not None and c < len(names) else str(c)
-        draw.text((size + 16, y), text[:18], fill=(0, 0, 0))
-    return img
+    dpi = 100
+    fig = Figure(figsize=((size + (130 if classes else 0)) / dpi, size / dpi), dpi=dpi)
+    ax = fig.add_axes((0.02, 0.02, size / (size + (130 if classes else 0)) - 0.04, 0.96))
+    area = (dot * 72 / dpi * 2) ** 2  # marker size in points^2 for a dot of that radius
+    unlabelled = labels < 0 if len(labels) else np.zeros(0, bool)
+    if unlabelled.any():
+        ax.scatter(xy[unlabelled, 0], xy[unlabelled, 1], s=area, color=np.array(EMPTY) / 255, linewidths=0)
+    for c in classes:
+        name = names[c] if names is not None and c < len(names) else str(c)
+        ax.scatter(xy[labels == c, 0], xy[labels == c, 1], s=area, color=np.array(PALETTE[c % len(PALETTE)]) / 255,
+                   linewidths=0, label=str(name)[:18].replace("$", r"\$") if c in classes[:40] else None)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if classes:
+        fig.legend(loc="upper right", fontsize=7, frameon=False, markerscale=3)
+    return _picture(fig)
 
 
 def atlas_cells(xy: np.ndarray, cells: int) -> dict[tuple[int, int], int]:
@@ -127,21 +144,15 @@ def atlas(thumbs: dict[tuple[int, int], np.ndarray], cells: int, cell: int = 32)
     return canvas
 
 
-# Colour maps as a few anchors, interpolated linearly: inferno-like for magnitudes, blue-white-red
-# for signed maps (white at zero).
-_SEQUENTIAL = np.array([(0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99), (212, 72, 66),
-                        (245, 125, 21), (250, 193, 39), (252, 255, 164)], np.float64)
-_DIVERGING = np.array([(33, 102, 172), (146, 197, 222), (247, 247, 247), (244, 165, 130), (178, 24, 43)],
-                      np.float64)
-
-
 def colormap(values: np.ndarray, signed: bool = False) -> np.ndarray:
-    """Values in [0, 1] -> uint8 RGB (..., 3): sequential, or diverging when ``signed`` (0.5 = white)."""
-    anchors = _DIVERGING if signed else _SEQUENTIAL
-    v = np.clip(np.nan_to_num(np.asarray(values, np.float64), nan=0.0), 0.0, 1.0) * (len(anchors) - 1)
-    lo = np.minimum(v.astype(int), len(anchors) - 2)
-    t = (v - lo)[..., None]
-    return (anchors[lo] * (1 - t) + anchors[lo + 1] * t + 0.5).astype(np.uint8)
+    """Values in [0, 1] -> uint8 RGB (..., 3): inferno, or RdBu (reversed) when ``signed`` (0.5 = white).
+
+    >>> colormap(np.array([0.0, 1.0])).tolist()
+    [[0, 0, 4], [252, 255, 164]]
+    """
+    cmap = DIVERGING if signed else SEQUENTIAL
+    v = np.clip(np.nan_to_num(np.asarray(values, np.float64), nan=0.0), 0.0, 1.0)
+    return (cmap(v)[..., :3] * 255 + 0.5).astype(np.uint8)
 
 
 def overlay(pixels: np.ndarray, heat: np.ndarray, vmin: float, vmax: float, signed: bool = False,
@@ -176,11 +187,7 @@ def line_panels(x: Sequence[float], panels: dict[str, np.ndarray], series: Seque
     """Line plots side by side: one panel per entry of ``panels`` ((series, len(x)) values),
     one thin line per series and their mean in black; ``limits`` fixes a panel's y range
     (matplotlib's object API, no display needed)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(panel_size[0] * len(panels), panel_size[1] + (0.4 if title else 0)), dpi=100)
-    canvas = FigureCanvasAgg(fig)  # becomes fig.canvas
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (name, values) in zip(axes, panels.items()):
         values = np.asarray(values, np.float64)
@@ -199,9 +206,9 @@ def line_panels(x: Sequence[float], panels: dict[str, np.ndarray], series: Seque
         axes[-1].legend(fontsize=6, loc="best")
     if title:
         fig.suptitle(title, fontsize=10)
+    FigureCanvasAgg(fig)  # tight_layout needs the figure's canvas
     fig.tight_layout()
-    canvas.draw()
-    return Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy())
+    return _picture(fig)
 
 
 def side_by_side(images: Sequence, min_side: int = 0) -> Image.Image:

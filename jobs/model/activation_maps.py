@@ -29,6 +29,7 @@ from pydantic import Field
 from jobs.core.base import DistinctLayers, ModelContext, ReduceOutput, image_key, register
 from jobs.core.hooks import layer_outputs
 from jobs.core.render import colormap, enlarge, grid
+from jobs.core.views import Gallery
 from jobs.model.base import ChosenImagesAnalysis, ChosenImagesParams
 
 
@@ -58,6 +59,7 @@ class ActivationMaps(ChosenImagesAnalysis):
 
     Params = ActivationMapsParams
     params: ActivationMapsParams
+    view = (Gallery("{{ r.image_id }}<br>{{ r.layer }}", unique=("key",), per_page=12),)
 
     def check_model(self, model, input_size):
         layers = self.params.layers

@@ -28,6 +28,7 @@ import torch
 from pydantic import Field
 
 from jobs.core.base import ModelContext, register
+from jobs.core.views import Gallery, Summary, Table
 from jobs.model.ascent import AscentAnalysis, AscentParams
 
 
@@ -41,6 +42,12 @@ class ClassModel(AscentAnalysis):
 
     Params = ClassModelParams
     params: ClassModelParams
+    view = (
+        Summary("Mean probability the model gives each class model for its class: "
+                "<b>{{ rows.probability.mean()|num }}</b>."),
+        Gallery("{{ r.class_name or r['class'] }} · restart {{ r.restart }}<br>p {{ r.probability|num }}"),
+        Table(drop=("image", "history", "map", "weight", "key", "shard")),
+    )
     objective_name = "logit"
 
     def check_model(self, model, input_size):

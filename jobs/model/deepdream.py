@@ -28,6 +28,7 @@ from pydantic import Field
 
 from jobs.core.base import register
 from jobs.core.hooks import forward_to
+from jobs.core.views import Gallery
 from jobs.model.base import LayerImagesAnalysis, LayerImagesParams
 from jobs.model.reconstruct import dream
 
@@ -49,6 +50,8 @@ class DeepDream(LayerImagesAnalysis):
 
     Params = DeepDreamParams
     params: DeepDreamParams
+    view = (Gallery("{{ r.image_id }} · {{ r.layer }}<br>{{ r.start_value|num(2) }} → {{ r.final_value|num(2) }}",
+                    per_page=12),)
 
     def run_layer(self, layer, originals, ids, ctx):
         p = self.params

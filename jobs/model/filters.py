@@ -30,6 +30,7 @@ from pydantic import Field
 
 from jobs.core.base import AnalysisParams, DistinctLayers, ModelAnalysis, ModelContext, ReduceOutput, register, safe_key
 from jobs.core.render import colormap, enlarge, grid
+from jobs.core.views import Gallery
 
 Norm = Literal["filter", "global"]
 
@@ -99,6 +100,7 @@ class Filters(ModelAnalysis):
 
     Params = FiltersParams
     params: FiltersParams
+    view = (Gallery("{{ r.layer }} · {{ r.norm }} scale", key="grid_key", unique=("layer", "norm")),)
     units_per_task: ClassVar[int] = 1
 
     def check_model(self, model, input_size):

@@ -37,6 +37,7 @@ from pydantic import Field
 from jobs.core.base import DistinctLayers, ModelContext, ReduceOutput, register
 from jobs.core.hooks import layer_outputs
 from jobs.core.render import line_panels
+from jobs.core.views import Gallery, Table
 from jobs.model.base import ChosenImagesAnalysis, ChosenImagesParams
 
 Transform = Literal["translate", "scale", "rotate"]
@@ -115,6 +116,8 @@ class Invariance(ChosenImagesAnalysis):
 
     Params = InvarianceParams
     params: InvarianceParams
+    view = (Gallery("{{ r.transform }}", unique=("key",), pixelated=False, per_page=12),
+            Table(limit=2000, collapsed=True))
     units_per_task = 1
 
     def amounts(self, kind: Transform, input_size: tuple[int, int]) -> list[float]:

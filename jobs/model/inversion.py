@@ -27,6 +27,7 @@ from pydantic import Field
 
 from jobs.core.base import register, unit_seed
 from jobs.core.hooks import forward_to
+from jobs.core.views import Bars, Gallery
 from jobs.model.base import LayerImagesAnalysis, LayerImagesParams
 from jobs.model.reconstruct import invert
 
@@ -45,6 +46,12 @@ class Inversion(LayerImagesAnalysis):
 
     Params = InversionParams
     params: InversionParams
+    view = (
+        Bars("layer", "pixel_error", "pixel RMSE (lower: the layer keeps more)", top=0.3,
+             columns=("pixel_error", "relative_feature_error")),
+        Gallery("{{ r.image_id }} · {{ r.layer }}<br>pixel error {{ r.pixel_error|num }}", per_page=12,
+                title="Original · reconstruction"),
+    )
 
     def run_layer(self, layer, originals, ids, ctx):
         p = self.params

@@ -32,6 +32,7 @@ from pydantic import Field
 
 from jobs.core.base import ModelContext, register
 from jobs.core.hooks import forward_to
+from jobs.core.views import Gallery, Table
 from jobs.model.ascent import AscentAnalysis, AscentParams
 
 
@@ -53,6 +54,10 @@ class NeuronAscent(AscentAnalysis):
 
     Params = NeuronAscentParams
     params: NeuronAscentParams
+    view = (
+        Gallery("{{ r.layer }} channel {{ r.channel }}<br>{{ r.start_value|num(2) }} → {{ r.final_value|num(2) }}"),
+        Table(drop=("image", "history", "map", "weight", "key", "shard")),
+    )
 
     @property
     def objective_name(self) -> str:

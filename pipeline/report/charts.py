@@ -1,0 +1,72 @@
+"""Static charts for the report, drawn with matplotlib (Agg) and inlined as SVG.
+
+Text stays text (``svg.fonttype: none``), escaped by matplotlib's SVG writer, so labels from
+the data cannot inject markup.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Sequence
+
+import matplotlib
+import numpy as np
+from markupsafe import Markup
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+COLOURS = [matplotlib.colormaps["tab10"](i) for i in range(10)]
+_PROLOGUE = re.compile(r"^.*?(?=<svg)", re.S)  # the XML declaration and DOCTYPE before <svg
+# Inline SVG in HTML needs no namespaces or RDF metadata (and the report names no URL).
+_NAMESPACES = re.compile(r'\s+xmlns(:\w+)?="[^"]*"')
+_METADATA = re.compile(r"<metadata>.*?</metadata>\s*", re.S)
+
+
+def _plain(text: str) -> str:
+    """Text matplotlib draws as it is: a ``$`` would start mathtext."""
+    return str(text).replace("$", r"\$")
+
+
+def _svg(fig: Figure, title: str) -> Markup:
+    FigureCanvasAgg(fig)
+    buf = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "convscope"}):
+        fig.savefig(buf, format="svg", bbox_inches="tight")
+    svg = _METADATA.sub("", _NAMESPACES.sub("", _PROLOGUE.sub("", buf.getvalue(), count=1)))
+    label = title.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+    svg = svg.replace("<svg ", f'<svg class="chart" role="img" aria-label="{label}" '
+                                'style="max-width: 100%; height: auto" ', 1)
+    return Markup(svg)
+
+
+def bar_chart(values: Sequence[tuple[str, float]], title: str, top: float = 1.0,
+              series: Sequence[tuple[str, Sequence[float]]] | None = None) -> Markup:
+    """Horizontal bars, one row per ``(name, value)`` from 0 to at least ``top``; ``series``
+    draws several bars per row (with a legend), each a list aligned with ``values``."""
+    series = list(series or [("", [v for _, v in values])])
+    names = [name for name, _ in values]
+    n, k = len(names), len(series)
+    fig = Figure(figsize=(6.4, 0.6 + 0.22 * max(n, 1) * k))
+    ax = fig.add_subplot()
+    height = 0.8 / k
+    y = np.arange(n)
+    peak = top
+    for s, (label, vals) in enumerate(series):
+        v = np.array([np.nan if x is None else float(x) for x in vals], dtype=float)
+        shown = np.nan_to_num(v, nan=0.0)
+        peak = max(peak, float(shown.max()) if len(shown) else 0.0)
+        pos = y - 0.4 + height * (s + 0.5)
+        ax.barh(pos, shown, height=height * 0.9, color=COLOURS[s % 10], label=_plain(label) if label else None)
+        for yy, value in zip(pos, v):
+            ax.text(0 if np.isnan(value) else value, yy, " —" if np.isnan(value) else f" {value:.3f}",
+                    va="center", fontsize=7)
+    ax.set_yticks(y, [_plain(name) for name in names], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, peak * 1.12 if peak > 0 else 1)
+    ax.set_title(_plain(title), fontsize=9, loc="left")
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.tick_params(axis="x", labelsize=7)
+    if any(label for label, _ in series):
+        ax.legend(fontsize=7, loc="lower right", frameon=False)
+    return _svg(fig, title)

@@ -1,0 +1,96 @@
+"""A run folder as the output contract describes it, read for the report (local or a URI)."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from jobs.core.base import safe_key
+from pipeline.errors import UserError
+from pipeline.store import Store
+from pipeline.writers import SHARDS, SUCCESS
+
+
+class Run:
+    """A run folder as the output contract describes it, and the report being written."""
+
+    def __init__(self, run_dir: Path | str | Store, out: Path):
+        self.store = run_dir if isinstance(run_dir, Store) else Store.open(run_dir)
+        self.out = Path(out)
+        self.name = self.store.display().rstrip("/").rsplit("/", 1)[-1]
+        try:
+            self.info = json.loads(self.store.read_text("run.json"))
+        except FileNotFoundError:
+            raise UserError(f"{self.store.display()}: no run.json; is this the output folder of `convscope run`?"
+                            ) from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{self.store.display('run.json')}: not valid JSON ({e})") from None
+        self.label_names: list[str] | None = (self.info.get("dataset") or {}).get("label_names")
+        self._extracted: dict[str, dict[str, str]] = {}
+
+    @property
+    def analyses(self) -> dict[str, dict]:
+        return self.info.get("analyses") or {}
+
+    def committed(self, entry: str) -> bool:
+        return self.store.is_file(f"{entry}/{SUCCESS}")
+
+    def parts(self, entry: str) -> list[str]:
+        """The entry's Parquet parts (paths relative to the run), partitions included, sorted."""
+        return [f for f in self.store.files(entry, recursive=True)
+                if f.rsplit("/", 1)[-1].startswith("part-") and f.endswith(".parquet")]
+
+    def schema(self, part: str):
+        with self.store.open_input(part) as f:
+            return pq.read_schema(f)
+
+    def table(self, entry: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        frames = []
+        for f in self.parts(entry):
+            t = self.store.read_table(f, columns=list(columns) if columns else None)
+            df = t.to_pandas()
+            # Hive partitions (features/layer=layer3/...) as columns.
+            for part in f[len(entry) + 1:].split("/")[:-1]:
+                if "=" in part:
+                    key, value = part.split("=", 1)
+                    df[key] = value
+            frames.append(df)
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def label(self, value: Any) -> str:
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            return "unlabelled"
+        i = int(value)
+        if self.label_names and 0 <= i < len(self.label_names):
+            return self.label_names[i]
+        return str(i)
+
+    def images(self, entry: str) -> dict[str, str]:
+        """{key: path relative to the report} of the entry's rendered images, copied out once."""
+        if entry not in self._extracted:
+            found: dict[str, str] = {}
+            folder = self.out / "img" / safe_key(entry)
+            for shard in [f for f in self.store.files(f"{entry}/{SHARDS}") if f.endswith(".tar")]:
+                with self.store.open_input(shard) as handle, tarfile.open(fileobj=handle) as tar:
+                    for member in tar:
+                        name = Path(member.name).name
+                        # Only plain PNG files with safe names; anything else in a tar is ignored.
+                        if not member.isfile() or not name.endswith(".png") or safe_key(name[:-4]) != name[:-4]:
+                            continue
+                        folder.mkdir(parents=True, exist_ok=True)
+                        data = tar.extractfile(member)
+                        if data is not None:
+                            (folder / name).write_bytes(data.read())
+                            found[name[:-4]] = f"img/{safe_key(entry)}/{name}"
+            self._extracted[entry] = found
+        return self._extracted[entry]
+
+    def image(self, entry: str, key: Any) -> str | None:
+        return None if key is None or (isinstance(key, float) and np.isnan(key)) else self.images(entry).get(str(key))

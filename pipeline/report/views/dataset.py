@@ -1,0 +1,139 @@
+"""Pages of the dataset family: predictions, features, activation statistics, top patches,
+neighbours, embeddings, probes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+from markupsafe import Markup
+
+from jobs.core.base import safe_key
+from pipeline.report.charts import bar_chart
+from pipeline.report.html import esc, figure, num, render, script_json, table_html
+from pipeline.report.run import Run
+from pipeline.report.views.base import Page, view
+
+
+def predictions_body(run: Run, entry: str) -> Markup:
+    """Accuracy, per-class accuracy and the confusion matrix of a ``predictions`` table."""
+    df = run.table(entry, ["label", "pred", "prob"])
+    labelled = df[df.label.notna()]
+    if not len(labelled):
+        return render("predictions.html", labelled=0, total=len(df))
+    y, p = labelled.label.astype(int).to_numpy(), labelled.pred.astype(int).to_numpy()
+    k = int(max(y.max(), p.max())) + 1
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (y, p), 1)
+    names = [run.label(i) for i in range(k)]
+    per_class = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
+    shares = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    bars = bar_chart([(names[i], float(per_class[i])) for i in range(k)], "per-class accuracy")
+    return render("predictions.html", labelled=len(labelled), total=len(df), accuracy=float((y == p).mean()),
+                  names=names, counts=confusion.tolist(), shares=shares.tolist(), bars=bars)
+
+
+@view("predictions")
+def predictions(page: Page) -> Markup:
+    return predictions_body(page.run, page.entry)
+
+
+@view("probes")
+def probes(page: Page) -> Markup:
+    df = page.run.table(page.entry)
+    chart = bar_chart([(f"{r.layer} ({r.classifier})", r.test_accuracy) for r in df.itertuples()],
+                      "linear probe accuracy per layer",
+                      series=[("test", list(df.test_accuracy)), ("train", list(df.train_accuracy))])
+    return render("cards.html", sections=[("", chart + table_html(df))])
+
+
+@view("activation_stats")
+def activation_stats(page: Page) -> Markup:
+    df = page.run.table(page.entry)
+    per_layer = df.groupby("layer", sort=False).agg(channels=("channel", "size"), dead=("dead", "sum"),
+                                                    mean=("mean", "mean"), zero_fraction=("zero_fraction", "mean"))
+    return render("cards.html", sections=[("Per layer", table_html(per_layer.reset_index())),
+                                          ("Per channel", table_html(df, limit=2000))])
+
+
+@view("features")
+def features(page: Page) -> Markup:
+    run, entry = page.run, page.entry
+    rows = []
+    by_partition: dict[str, list[str]] = {}
+    for f in run.parts(entry):
+        by_partition.setdefault("/".join(f[len(entry) + 1:].split("/")[:-1]), []).append(f)
+    for partition, files in sorted(by_partition.items()):
+        count, dims = 0, 0
+        for i, f in enumerate(files):
+            with run.store.open_input(f) as handle:
+                meta = pq.ParquetFile(handle)
+                count += meta.metadata.num_rows
+                if i == 0:
+                    first = meta.read_row_group(0, columns=["vector"]).column("vector")
+                    dims = len(first[0].as_py()) if len(first) else 0
+        rows.append({"partition": partition, "rows": count, "dims": dims})
+    return render("features.html", entry=entry, table=table_html(pd.DataFrame(rows)))
+
+
+@view("neighbours")
+def neighbours(page: Page) -> Markup:
+    run, entry = page.run, page.entry
+    df = run.table(entry)
+    strips = df.drop_duplicates(["image_id", "space"])
+    items = []
+    for image_id, group in strips.groupby("image_id", sort=True):
+        by_space = {r.space: r for r in group.itertuples()}
+        label = run.label(group.label.iloc[0])
+        figs = Markup("").join(figure(run.image(entry, by_space[s].key), f"{esc(s)} space", paged=True)
+                               for s in ("pixel", "feature") if s in by_space)
+        items.append(Markup(f'<h3>{esc(image_id)} <small>{esc(label)}</small></h3>'
+                            f'<div class="pair">{figs}</div>'))
+    return render("neighbours.html", items=items)
+
+
+@view("embedding")
+def embedding(page: Page) -> Markup:
+    run, entry = page.run, page.entry
+    df = run.table(entry)
+    thumbs = run.images(entry)
+    names = run.label_names or []
+    plots = []
+    for (layer, method), group in df.groupby(["layer", "method"], sort=False):
+        name = safe_key(f"{entry}-{layer}-{method}")
+        labels = group.label.to_numpy()
+        points = [[round(float(x), 4), round(float(y), 4), int(lab) if lab == lab and lab is not None else -1, i,
+                   thumbs.get(str(t)) if t is not None else None]
+                  for x, y, lab, i, t in zip(group.x, group.y, labels, group.image_id,
+                                             group["thumb_key"] if "thumb_key" in group else [None] * len(group))]
+        count = int(np.nanmax(pd.to_numeric(labels, errors="coerce"))) + 1 if len(labels) else 0
+        data = {"title": f"{layer} · {method}", "labels": names or [str(i) for i in range(count)], "points": points}
+        (page.data_dir / f"{name}.js").write_text(
+            f"(window.CONVSCOPE_DATA = window.CONVSCOPE_DATA || {{}})[{script_json(name)}] = {script_json(data)};\n")
+        atlas = run.image(entry, group["atlas_key"].iloc[0]) if "atlas_key" in group else None
+        plots.append({"name": name, "atlas": figure(atlas, "atlas: the image nearest each cell")})
+    return render("embedding.html", plots=plots)
+
+
+@view("top_patches")
+def top_patches(page: Page) -> Markup:
+    run, entry = page.run, page.entry
+    df = run.table(entry)
+    layers = []
+    for layer, group in df.groupby("layer", sort=False):
+        items = []
+        for channel, rows in group.groupby("channel", sort=True):
+            sub = f"{safe_key(entry)}--{safe_key(layer)}--c{int(channel)}.html"
+            grid_img = run.image(entry, rows.grid_key.iloc[0]) if "grid_key" in rows else None
+            top = rows.sort_values("rank")
+            caption = f"channel {int(channel)} · max {num(top.activation.iloc[0])}"
+            items.append(Markup(f'<a href="{sub}">{figure(grid_img, caption, paged=True)}</a>'))
+            crops = [figure(run.image(entry, r.key),
+                            f"#{int(r.rank)} · {num(r.activation)}<br>{esc(r.image_id)}<br>"
+                            f"box {esc(list(r.box) if r.box is not None else None)}")
+                     for r in top.itertuples()]
+            page.write(sub, f"{entry}: {layer} channel {int(channel)}",
+                       render("top_patches_channel.html", back=f"{safe_key(entry)}.html", crops=crops,
+                              table=table_html(top[["rank", "image_id", "activation", "y", "x"]])))
+        layers.append({"name": layer, "items": items, "k": int(group["rank"].max())})
+    return render("top_patches.html", layers=layers)

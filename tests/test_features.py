@@ -55,5 +55,5 @@ def test_registry_names_match_modules():
     # The manifest key, the module and the registered name are one word.
     for name, cls in REGISTRY.items():
         assert cls.name == name
-        assert cls.__module__ == f"jobs.{name}"
+        assert cls.__module__ == f"jobs.{cls.family}.{name}"
         assert cls.Params.model_fields["type"].default == name

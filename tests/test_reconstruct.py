@@ -139,15 +139,19 @@ def test_invert_rows_independent_of_batch(demo_cnn, shapes):
         target = features(normalize(shapes[:3]))
     kwargs = dict(steps=100, jitter=2, seed=5)
     batch = invert(features, target, normalize, (32, 32), seeds=[7, 8, 9], reference=shapes[:3], **kwargs)
+    # The same image and seed at another position, among other images and seeds: a coupling of
+    # rows (a per-row jitter draw, a batch-wide normalisation, seeds by position) would move it.
+    moved = invert(features, target[[1, 2, 0]], normalize, (32, 32), seeds=[8, 3, 4],
+                   reference=shapes[[1, 2, 0]], **kwargs)
+    assert torch.equal(batch.images[1], moved.images[0])
+    assert torch.equal(batch.history[1], moved.history[0])
+    assert torch.equal(batch.feature_error[1], moved.feature_error[0])
+    assert torch.equal(batch.pixel_error[1], moved.pixel_error[0])
+    # Alone (a batch of one) it starts the same and ends near: convolutions round differently for
+    # another batch size (~1e-7), which 100 steps through ReLUs sitting at 0 amplify (measured:
+    # up to 2e-4 with one torch build, 0.06 with another; another seed moves it by 0.1 or more).
     alone = invert(features, target[1:2], normalize, (32, 32), seeds=[8], reference=shapes[1:2], **kwargs)
-    # Convolutions round differently for different batch sizes (~1e-7), and a ReLU sitting at 0
-    # can pass that on to a few pixels for a while (seen: 2e-4 at some step counts); a coupling
-    # of rows (a per-row jitter draw, a batch-wide normalisation, seeds by position) moves
-    # pixels by far more than 1e-3.
-    assert torch.allclose(batch.images[1], alone.images[0], atol=1e-3)
-    assert torch.allclose(batch.history[1], alone.history[0], atol=1e-4)
-    assert torch.allclose(batch.feature_error[1], alone.feature_error[0], atol=1e-4)
-    assert torch.allclose(batch.pixel_error[1], alone.pixel_error[0], atol=1e-4)
+    assert torch.allclose(batch.history[1, 0], alone.history[0, 0], atol=1e-5)
     # The seed decides the start: another seed gives another result.
     other = invert(features, target[1:2], normalize, (32, 32), seeds=[3], **kwargs)
     assert not torch.allclose(other.images[0], alone.images[0], atol=1e-3)

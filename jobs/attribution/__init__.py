@@ -1,12 +1,7 @@
 """Attribution maps per image and their scores: gradients, backprop rules, CAMs, occlusion."""
 
-from jobs.attribution import (  # noqa: F401  (importing registers them)
-    attribution_summary,
-    cam,
-    deconvnet,
-    grad_cam,
-    guided_backprop,
-    guided_grad_cam,
-    occlusion,
-    saliency,
-)
+from jobs.core.base import import_family
+
+# Every module of the family, imported in name order: its analyses register themselves, so a
+# new analysis is its own file and nothing else.
+MODULES = import_family(__name__, __path__)

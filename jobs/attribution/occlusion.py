@@ -97,9 +97,13 @@ def occluded_batch(x: torch.Tensor, source: torch.Tensor, flat: torch.Tensor, nx
     return torch.where(inside[:, None], source[img], x[img])
 
 
-def _feature_hook(feature: tuple[str, int], sink: list[torch.Tensor]) -> dict[str, Hook]:
+def _feature_hook(model: nn.Module, feature: tuple[str, int], sink: list[torch.Tensor]) -> dict[str, Hook]:
     """A hook on ``feature``'s layer that appends each forward's per-image channel total to ``sink``."""
     layer, channel = feature
+    modules = dict(model.named_modules())
+    if layer not in modules:
+        names = ", ".join(repr(n) for n in modules if n)
+        raise ValueError(f"no layer {layer!r} in the model; valid layers: {names}")
     if channel < 0:
         raise ValueError(f"feature channel must be >= 0, got {channel}")
 
@@ -153,7 +157,7 @@ def occlusion_sweep(model: nn.Module, x: torch.Tensor, targets: torch.Tensor | S
     model.eval()
 
     feats: list[torch.Tensor] = []
-    hooks = _feature_hook(feature, feats) if feature is not None else {}
+    hooks = _feature_hook(model, feature, feats) if feature is not None else {}
     clean, probs, labels = [], [], []
     with forward_hooks(model, hooks), torch.inference_mode():
         source = fill_source(x, fill, window, blur_sigma)

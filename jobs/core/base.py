@@ -32,7 +32,9 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+import pkgutil
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -387,6 +389,15 @@ def unit_seed(seed: int, unit: Any) -> int:
 
 
 REGISTRY: dict[str, type[Analysis]] = {}
+
+
+def import_family(package: str, path: Iterable[str]) -> list[str]:
+    """Import every module of a family package (``jobs.attribution``, ...), in name order, so
+    that each analysis registers itself; returns their names."""
+    names = sorted(m.name for m in pkgutil.iter_modules(list(path)))
+    for name in names:
+        importlib.import_module(f"{package}.{name}")
+    return names
 
 
 def register(cls: type[Analysis]) -> type[Analysis]:

@@ -1,11 +1,7 @@
 """Analyses over the dataset's images and their features: per-image tables and dataset-wide reductions."""
 
-from jobs.dataset import (  # noqa: F401  (importing registers them)
-    activation_stats,
-    embedding,
-    features,
-    neighbours,
-    predictions,
-    probes,
-    top_patches,
-)
+from jobs.core.base import import_family
+
+# Every module of the family, imported in name order: its analyses register themselves, so a
+# new analysis is its own file and nothing else.
+MODULES = import_family(__name__, __path__)

@@ -1,11 +1,7 @@
 """Analyses of the model itself: pictures of its filters and units, gradient ascent, inversion, dreams."""
 
-from jobs.model import (  # noqa: F401  (importing registers them)
-    activation_maps,
-    class_model,
-    deepdream,
-    filters,
-    invariance,
-    inversion,
-    neuron_ascent,
-)
+from jobs.core.base import import_family
+
+# Every module of the family, imported in name order: its analyses register themselves, so a
+# new analysis is its own file and nothing else.
+MODULES = import_family(__name__, __path__)

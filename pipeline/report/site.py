@@ -1,24 +1,5 @@
-"""``convscope report RUN_DIR``: a static HTML site over a run, from its output contract only.
-
-Reads ``run.json``, ``manifest.resolved.yaml``, ``errors.parquet``, ``images.parquet`` and
-each committed entry's Parquet table and image shards -- nothing else, so a report can be
-built for a run made on another machine. Writes ``RUN_DIR/report/``::
-
-    index.html            run summary: manifest, model, dataset, every analysis' status
-    <entry>.html          a page per committed analysis entry (its view: pipeline.report.views)
-    <entry>--*.html       sub-pages (a top_patches channel)
-    img/<entry>/<key>.png the entry's rendered images, copied out of its shards
-    data/*.js             scatter points (a script, so it loads from file:// too)
-    assets/report.{css,js}
-
-Self-contained: no network, no CDN; it opens from a file or any static web server. Large
-lists are paged in the browser and their images load only when shown; index.html holds the
-summary only, so its weight does not grow with the dataset. Every string from the data is
-escaped (``html.escape``; JSON for scripts with ``<`` escaped).
-
-The report is built in a staging folder and renamed into place: a crash never leaves a
-half-written report that looks complete.
-"""
+"""The whole report: a page per committed entry (or per family with a page of its own), the run
+summary, written in a staging folder and renamed into place (see :mod:`pipeline.report`)."""
 
 from __future__ import annotations
 

@@ -85,10 +85,9 @@ def neighbours(page: Page) -> Markup:
     for image_id, group in strips.groupby("image_id", sort=True):
         by_space = {r.space: r for r in group.itertuples()}
         label = run.label(group.label.iloc[0])
-        figs = Markup("").join(figure(run.image(entry, by_space[s].key), f"{esc(s)} space", paged=True)
-                               for s in ("pixel", "feature") if s in by_space)
-        items.append(Markup(f'<h3>{esc(image_id)} <small>{esc(label)}</small></h3>'
-                            f'<div class="pair">{figs}</div>'))
+        figs = [figure(run.image(entry, by_space[s].key), f"{esc(s)} space", paged=True)
+                for s in ("pixel", "feature") if s in by_space]
+        items.append(render("image_row.html", title=image_id, subtitle=label, cls="pair", figures=figs))
     return render("neighbours.html", items=items)
 
 
@@ -135,5 +134,5 @@ def top_patches(page: Page) -> Markup:
             page.write(sub, f"{entry}: {layer} channel {int(channel)}",
                        render("top_patches_channel.html", back=f"{safe_key(entry)}.html", crops=crops,
                               table=table_html(top[["rank", "image_id", "activation", "y", "x"]])))
-        layers.append({"name": layer, "items": items, "k": int(group["rank"].max())})
+        layers.append({"name": layer, "channels": items, "k": int(group["rank"].max())})
     return render("top_patches.html", layers=layers)

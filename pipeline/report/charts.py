@@ -68,5 +68,5 @@ def bar_chart(values: Sequence[tuple[str, float]], title: str, top: float = 1.0,
     ax.spines[["top", "right"]].set_visible(False)
     ax.tick_params(axis="x", labelsize=7)
     if any(label for label, _ in series):
-        ax.legend(fontsize=7, loc="lower right", frameon=False)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     return _svg(fig, title)

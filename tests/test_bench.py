@@ -67,3 +67,14 @@ def test_bench_model_times_batched_against_one_unit_at_a_time(tmp_path):
     assert result["entries"]["class_model"]["units"] == 4 and result["entries"]["inversion"]["units"] == 3
     assert all(e["batched_s"] > 0 and e["one_at_a_time_s"] > 0 for e in result["entries"].values())
     assert (tmp_path / "b.json").is_file()
+
+
+def test_bench_reduce_fits_both_solvers_alike():
+    from scripts.bench_reduce import fit_one
+
+    rows = [fit_one(solver, 3000, 16, 5) for solver in ("sklearn", "torch")]
+    for row in rows:
+        keys = {"analysis", "solver", "n", "d", "classes", "peak_task_rss_bytes", "seconds", "test_accuracy"}
+        assert keys <= set(row)
+        assert row["peak_task_rss_bytes"] > 0 and row["seconds"] >= 0
+    assert abs(rows[0]["test_accuracy"] - rows[1]["test_accuracy"]) <= 0.01, rows

@@ -51,3 +51,19 @@ def test_cifar10_probes_rise_with_depth(ray_session, tmp_path):
     assert acc["layer1"] < acc["layer2"] < acc["layer3"], acc.to_dict()
     assert acc["layer3"] > 0.7  # near the network's own 81%: its last block is nearly linearly separable
     assert (probes.n_train + probes.n_test == 10_000).all() and (probes.n_test == 2_500).all()
+
+
+@needs_shared
+def test_cifar10_torch_probes_agree_with_scikit_learn(ray_session, tmp_path):
+    """The minibatch torch solver and scikit-learn's lbfgs, the reference, on the same CIFAR-10
+    features and split: test accuracy within half a point at every layer."""
+    manifest = load_manifest(ROOT / "manifests" / "cifar10.yaml", output=tmp_path / "probes")
+    probes = next(a for a in manifest.analyses if a.type == "probes")
+    manifest.analyses = [probes.model_copy(update={"solver": "sklearn"}),
+                         probes.model_copy(update={"solver": "torch", "name": "probes_torch"})]
+    result = run_manifest(manifest, log=lambda m: None)
+    assert result.ok, result.analyses
+    reference = pd.read_parquet(tmp_path / "probes" / "probes").set_index("layer").test_accuracy
+    fitted = pd.read_parquet(tmp_path / "probes" / "probes_torch").set_index("layer").test_accuracy
+    assert (abs(fitted - reference) <= 0.005).all(), pd.DataFrame({"sklearn": reference, "torch": fitted})
+    assert result.analyses["probes_torch"]["solver"] == {layer: "torch" for layer in probes.layers}

@@ -14,7 +14,7 @@ from sklearn.svm import LinearSVC
 from torch import nn
 
 from jobs import LocalContext, TableInputs
-from jobs.dataset.probes import Probes, ProbesParams
+from jobs.dataset.probes import Probes, ProbesParams, TorchLogistic, choose_solver, make_classifier
 from pipeline.writers import to_arrow
 from tests.harness import as_table, run_local
 from tests.test_embedding import tiny_cnn, tiny_dataset
@@ -145,3 +145,34 @@ def test_convergence_warnings_go_to_the_log():
     inputs = TableInputs({"layer=l": _table([f"i{i:03d}" for i in range(150)], labels, x)})
     Probes(ProbesParams(layers=["l"], max_iter=1)).reduce(inputs, ctx)
     assert any("ConvergenceWarning" in m and "'l'" in m for m in ctx.messages)
+
+
+def _objective(model_w: np.ndarray, model_b: np.ndarray, z: np.ndarray, y: np.ndarray, C: float) -> float:
+    """scikit-learn's multinomial logistic objective divided by C n, computed here in float64."""
+    logits = z @ model_w.T + model_b
+    logits -= logits.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(logits).sum(axis=1))
+    return float((lse - logits[np.arange(len(y)), y]).mean() + (model_w ** 2).sum() / (2 * C * len(y)))
+
+
+@pytest.mark.parametrize("batch_size", [32, 4096])
+def test_the_torch_solver_reaches_scikit_learns_optimum(batch_size):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(600, 12)) * rng.uniform(0.5, 5, size=12) + rng.normal(size=12)
+    y = (x @ rng.normal(size=(12, 4)) + rng.normal(scale=2.0, size=(600, 4))).argmax(axis=1)
+    sk = make_classifier("logistic", 0.5, 10_000, 0, True).fit(x, y)
+    fitted = TorchLogistic(C=0.5, batch_size=batch_size, seed=0).fit(x, y)
+    z = (x - x.mean(axis=0)) / x.std(axis=0)
+    ours = _objective(fitted.linear.weight.detach().double().numpy(), fitted.linear.bias.detach().double().numpy(),
+                      z, y, 0.5)
+    reference = _objective(sk[-1].coef_, sk[-1].intercept_, z, y, 0.5)
+    assert abs(ours - reference) <= 1e-4 * reference, (ours, reference)
+    assert (fitted.predict(x) == sk.predict(x)).mean() >= 0.99
+
+
+def test_solver_choice_and_refusal():
+    assert choose_solver("auto", "logistic", 7_500, 64) == "sklearn"
+    assert choose_solver("auto", "logistic", 960_000, 2_048) == "torch"
+    assert choose_solver("auto", "linear_svm", 960_000, 2_048) == "sklearn"
+    with pytest.raises(ValueError, match="solver 'torch' fits the logistic probe only"):
+        ProbesParams(layers=["l"], classifier="linear_svm", solver="torch")

@@ -171,8 +171,12 @@ def test_the_torch_solver_reaches_scikit_learns_optimum(batch_size):
 
 
 def test_solver_choice_and_refusal():
-    assert choose_solver("auto", "logistic", 7_500, 64) == "sklearn"
-    assert choose_solver("auto", "logistic", 960_000, 2_048) == "torch"
-    assert choose_solver("auto", "linear_svm", 960_000, 2_048) == "sklearn"
+    memory = 24 * 2**30
+    assert choose_solver("auto", "logistic", 7_500, 64, "cpu", memory) == "sklearn"
+    assert choose_solver("auto", "logistic", 960_000, 256, "cpu", memory) == "sklearn"  # 2 GB in float64
+    assert choose_solver("auto", "logistic", 960_000, 2_048, "cpu", memory) == "torch"  # 16 GB in float64
+    assert choose_solver("auto", "logistic", 7_500, 64, "cuda", memory) == "torch"
+    assert choose_solver("auto", "linear_svm", 960_000, 2_048, "cpu", memory) == "sklearn"
+    assert choose_solver("sklearn", "logistic", 960_000, 2_048, "cuda", memory) == "sklearn"
     with pytest.raises(ValueError, match="solver 'torch' fits the logistic probe only"):
         ProbesParams(layers=["l"], classifier="linear_svm", solver="torch")

@@ -15,8 +15,8 @@ L-BFGS steps over the whole split in chunks (bounded memory), so it reaches scik
 optimum and scales to ImageNet-sized feature sets where scikit-learn takes hours. On CIFAR-10
 (ResNet-20, 7,500 training images) the two reach the same objective to 5 digits and test
 accuracies within 0.05 points.
-``solver: auto`` takes scikit-learn while the training matrix is small (``n_train * d`` at most
-``SKLEARN_LIMIT``) and torch beyond.
+``solver: auto`` takes torch on a GPU or when scikit-learn's float64 copy of the features would
+not fit comfortably in memory, and scikit-learn, the faster on CPU cores, otherwise.
 
 Example manifest entry::
 
@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -122,9 +123,12 @@ def split(labels: np.ndarray, test_size: float, seed: int = 0,
     return train, test
 
 
-# solver: auto takes scikit-learn up to this many training values (n_train x d): CIFAR-10's
-# 7,500 x 64 is far below; ImageNet's 960k x 2,048 far above.
-SKLEARN_LIMIT = 20_000_000
+def physical_memory() -> int:
+    """Bytes of RAM on this machine (0 when the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 class TorchLogistic:
@@ -252,14 +256,30 @@ class TorchLogistic:
         return float((self.predict(x) == np.asarray(y)).mean()) if len(y) else float("nan")
 
 
-def choose_solver(solver: str, classifier: str, n_train: int, d: int) -> str:
-    """The solver a probe uses: ``sklearn`` or ``torch`` (logistic only)."""
+def choose_solver(solver: str, classifier: str, n_train: int, d: int, device: str | torch.device = "cpu",
+                  memory: int | None = None) -> str:
+    """The solver a probe uses: ``sklearn`` or ``torch`` (logistic only).
+
+    ``auto`` takes torch for the logistic probe on a GPU, or when scikit-learn's float64 copy of
+    the training features (``8 n_train d`` bytes) would take more than a quarter of ``memory``
+    (default: this machine's RAM); else scikit-learn, the faster of the two on CPU cores
+    (``scripts/bench_reduce.py``).
+
+    >>> choose_solver("auto", "logistic", 7_500, 64, memory=2**34)
+    'sklearn'
+    >>> choose_solver("auto", "logistic", 960_000, 2_048, memory=2**34)
+    'torch'
+    """
     if solver == "torch" and classifier != "logistic":
         raise ValueError(f"probes: solver 'torch' fits the logistic probe only, not {classifier!r}; "
                          "use solver: sklearn (or auto) for linear_svm")
-    if solver == "auto":
-        return "torch" if classifier == "logistic" and n_train * d > SKLEARN_LIMIT else "sklearn"
-    return solver
+    if solver != "auto":
+        return solver
+    if classifier != "logistic":
+        return "sklearn"
+    memory = physical_memory() if memory is None else memory
+    too_big = memory > 0 and 8 * n_train * d > memory // 4
+    return "torch" if torch.device(device).type == "cuda" or too_big else "sklearn"
 
 
 def make_classifier(kind: str, C: float, max_iter: int, seed: int, standardize: bool):
@@ -308,7 +328,7 @@ class Probes(ReduceAnalysis):
             elif len(ids) != len(first_ids) or (ids != first_ids).any():
                 raise ValueError(f"probes: layer {layer!r} has other images than layer {p.layers[0]!r}")
             train, test = split(labels, p.test_size, p.seed, ctx.label_names)
-            solver = choose_solver(p.solver, p.classifier, len(train), features.shape[1])
+            solver = choose_solver(p.solver, p.classifier, len(train), features.shape[1], ctx.device)
             model: TorchLogistic | Any
             if solver == "torch":
                 model = TorchLogistic(C=p.C, max_epochs=p.max_iter, batch_size=p.batch_size, seed=p.seed,

@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 
 from jobs import REGISTRY, AnalysisParams, MapBatch, MapOutput
-from jobs.core.kernels import pixels_to_inputs
+from jobs.core.pixels import pixels_to_inputs
 from pipeline.plan import Stage
 from pipeline.store import Store
 from pipeline.writers import BlockRecord, BlockWriter, labels_to_arrow, to_arrow

@@ -15,7 +15,7 @@ import torch
 
 from jobs import LocalContext, MapBatch, ReduceOutput, TableInputs
 from jobs.core.base import Analysis, Rows
-from jobs.core.kernels import pixels_to_inputs
+from jobs.core.pixels import pixels_to_inputs
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 

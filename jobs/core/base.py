@@ -47,6 +47,7 @@ from PIL import Image
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.fields import FieldInfo
 
+from jobs.core.pixels import normalize
 from jobs.core.views import Block
 
 Stage = Literal["map", "reduce", "model"]
@@ -449,8 +450,6 @@ class ModelContext:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] (N, 3, H, W) -> model inputs."""
-        from jobs.core.kernels import normalize  # kernels imports this module
-
         return normalize(x, self.mean, self.std)
 
     def label(self, image_id: str) -> int | None:

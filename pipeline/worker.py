@@ -24,11 +24,6 @@ from pipeline.store import Store
 from pipeline.writers import BlockRecord, BlockWriter, labels_to_arrow, to_arrow
 
 
-def normalize(pixels: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 ``(x / 255 - mean) / std``, on the pixels' device."""
-    return pixels_to_inputs(pixels, mean, std)
-
-
 def autocast(device: torch.device, precision: str):
     """``execution.precision`` as a context: nothing for float32, else autocast to bf16/fp16."""
     if precision == "float32":
@@ -111,7 +106,7 @@ class ModelWorker:
                 # copy is a DMA; normalising happens on the device.
                 x = x.pin_memory()
             x = x.to(self.device, non_blocking=True)
-            x = normalize(x, self.preprocess.mean, self.preprocess.std)
+            x = pixels_to_inputs(x, self.preprocess.mean, self.preprocess.std)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), self._autocast(), capture(self.model, self.layers) as acts:

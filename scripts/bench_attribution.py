@@ -55,10 +55,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     from jobs import REGISTRY, MapBatch
     from jobs.attribution.base import ATTRIBUTION
+    from jobs.core.pixels import pixels_to_inputs
     from pipeline.datasets import list_dataset
     from pipeline.manifest import load_manifest
     from pipeline.models import load_model
-    from pipeline.worker import normalize
 
     manifest = load_manifest(args.manifest, args.overrides)
     entries = [a for a in manifest.analyses if a.type in ATTRIBUTION and (not args.only or a.entry_name in args.only)]
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
         ids, pixels, labels, boxes = data
         for s in range(0, len(ids), bs):
             px = pixels[s:s + bs]
-            x = normalize(torch.from_numpy(np.array(px)), pre.mean, pre.std)
+            x = pixels_to_inputs(torch.from_numpy(np.array(px)), pre.mean, pre.std)
             yield ids[s:s + bs], px, torch.from_numpy(labels[s:s + bs].astype(np.int64)), x, \
                 None if boxes is None else boxes[s:s + bs]
 

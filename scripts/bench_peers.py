@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from jobs.core.hooks import layer_module
+from jobs.core.pixels import pixels_to_inputs
 from pipeline.decode import decode_image
 from pipeline.models import capture
-from pipeline.worker import autocast, normalize
+from pipeline.worker import autocast
 
 
 @dataclass
@@ -54,7 +55,7 @@ class Loop:
             num_workers=self.loader_workers, pin_memory=self.device.type == "cuda",
             persistent_workers=False)
         for pixels in loader:
-            x = normalize(pixels.to(self.device, non_blocking=True), pre.mean, pre.std)
+            x = pixels_to_inputs(pixels.to(self.device, non_blocking=True), pre.mean, pre.std)
             yield x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def autocast(self):

@@ -11,6 +11,7 @@ from torch import nn
 
 from jobs.core.hooks import forward_to
 from jobs.core.kernels import gaussian_blur
+from jobs.core.pixels import normalize
 from jobs.model.ascent import (
     AscentSettings,
     FourierImage,
@@ -25,12 +26,9 @@ from jobs.model.ascent import (
 )
 from pipeline.manifest import IMAGENET_MEAN, IMAGENET_STD
 
-MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-
 
 def imagenet(x: torch.Tensor) -> torch.Tensor:
-    return (x - MEAN.to(x.device)) / STD.to(x.device)
+    return normalize(x, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def gen(seed: int) -> torch.Generator:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from jobs.core import pixels
 from jobs.core.hooks import forward_to
 from jobs.model.reconstruct import dream, invert, octave_sizes, total_variation
 from pipeline.demo import render
@@ -19,9 +20,7 @@ LAYERS = ["relu1", "relu2", "relu4"]
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return pixels.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def layer(model: torch.nn.Module, name: str):

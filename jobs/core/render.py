@@ -31,6 +31,15 @@ SEQUENTIAL = matplotlib.colormaps["inferno"]
 DIVERGING = matplotlib.colormaps["RdBu_r"]
 
 
+def plain_text(text: object) -> str:
+    """Text matplotlib draws as it is: a ``$`` would start mathtext.
+
+    >>> print(plain_text("$5 off"))
+    \\$5 off
+    """
+    return str(text).replace("$", r"\$")
+
+
 def _picture(fig: Figure) -> Image.Image:
     """A matplotlib figure drawn on an Agg canvas, as an RGB image."""
     canvas = FigureCanvasAgg(fig)
@@ -106,7 +115,7 @@ def scatter(xy: np.ndarray, labels: np.ndarray, names: Sequence[str] | None = No
     for c in classes:
         name = names[c] if names is not None and c < len(names) else str(c)
         ax.scatter(xy[labels == c, 0], xy[labels == c, 1], s=area, color=np.array(PALETTE[c % len(PALETTE)]) / 255,
-                   linewidths=0, label=str(name)[:18].replace("$", r"\$") if c in classes[:40] else None)
+                   linewidths=0, label=plain_text(str(name)[:18]) if c in classes[:40] else None)
     ax.set_xticks([])
     ax.set_yticks([])
     if classes:

@@ -16,16 +16,12 @@ from markupsafe import Markup
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-COLOURS = [matplotlib.colormaps["tab10"](i) for i in range(10)]
+from jobs.core.render import PALETTE, plain_text
+
 _PROLOGUE = re.compile(r"^.*?(?=<svg)", re.S)  # the XML declaration and DOCTYPE before <svg
 # Inline SVG in HTML needs no namespaces or RDF metadata (and the report names no URL).
 _NAMESPACES = re.compile(r'\s+xmlns(:\w+)?="[^"]*"')
 _METADATA = re.compile(r"<metadata>.*?</metadata>\s*", re.S)
-
-
-def _plain(text: str) -> str:
-    """Text matplotlib draws as it is: a ``$`` would start mathtext."""
-    return str(text).replace("$", r"\$")
 
 
 def _svg(fig: Figure, title: str) -> Markup:
@@ -57,14 +53,15 @@ def bar_chart(values: Sequence[tuple[str, float]], title: str, top: float = 1.0,
         shown = np.nan_to_num(v, nan=0.0)
         peak = max(peak, float(shown.max()) if len(shown) else 0.0)
         pos = y - 0.4 + height * (s + 0.5)
-        ax.barh(pos, shown, height=height * 0.9, color=COLOURS[s % 10], label=_plain(label) if label else None)
+        ax.barh(pos, shown, height=height * 0.9, color=np.array(PALETTE[s % len(PALETTE)]) / 255,
+                label=plain_text(label) if label else None)
         for yy, value in zip(pos, v):
             ax.text(0 if np.isnan(value) else value, yy, " —" if np.isnan(value) else f" {value:.3f}",
                     va="center", fontsize=7)
-    ax.set_yticks(y, [_plain(name) for name in names], fontsize=8)
+    ax.set_yticks(y, [plain_text(name) for name in names], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, peak * 1.12 if peak > 0 else 1)
-    ax.set_title(_plain(title), fontsize=9, loc="left")
+    ax.set_title(plain_text(title), fontsize=9, loc="left")
     ax.spines[["top", "right"]].set_visible(False)
     ax.tick_params(axis="x", labelsize=7)
     if any(label for label, _ in series):

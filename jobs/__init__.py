@@ -17,6 +17,7 @@ from jobs.core.base import (
     MapAnalysis,
     MapBatch,
     MapOutput,
+    MemoryPlan,
     ModelAnalysis,
     ModelContext,
     ReduceAnalysis,
@@ -28,5 +29,5 @@ from jobs.core.base import (
 )
 
 __all__ = ["REGISTRY", "Analysis", "AnalysisParams", "LocalContext", "MapAnalysis", "MapBatch", "MapOutput",
-           "ModelAnalysis", "ModelContext", "ReduceAnalysis",
+           "MemoryPlan", "ModelAnalysis", "ModelContext", "ReduceAnalysis",
            "ReduceContext", "ReduceInputs", "ReduceOutput", "TableInputs", "register"]

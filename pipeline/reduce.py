@@ -12,9 +12,11 @@ another pass over the dataset. Partials are removed once the entry is committed.
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from jobs import ReduceAnalysis
+from jobs import ReduceAnalysis, ReduceInputs
 from pipeline.datasets import DatasetIndex
 from pipeline.decode import decode_batch
 from pipeline.manifest import Manifest, ParquetDataset
@@ -63,6 +65,41 @@ class ParquetInputs:
                 yield from pq.ParquetFile(handle).iter_batches(batch_size=self.batch_rows,
                                                                columns=list(columns) if columns else None)
 
+    def rows(self, partition: str = "") -> int:
+        total = 0
+        for f in self._files(partition):
+            with self.store.open_input(f) as handle:
+                total += pq.ParquetFile(handle).metadata.num_rows
+        return total
+
+    def width(self, partition: str, column: str) -> int:
+        for f in self._files(partition):
+            with self.store.open_input(f) as handle:
+                for rb in pq.ParquetFile(handle).iter_batches(batch_size=1, columns=[column]):
+                    if rb.num_rows:
+                        return len(rb.column(0)[0].as_py() or [])
+        return 0
+
+    def split(self, partition: str, parts: int) -> list[ReduceInputs]:
+        files = self._files(partition)
+        step = max(1, -(-len(files) // max(1, parts)))
+        return [FileInputs(self.store, {partition: files[s:s + step]}, self.batch_rows)
+                for s in range(0, len(files), step)]
+
+
+class FileInputs(ParquetInputs):
+    """:class:`jobs.ReduceInputs` over chosen part files (a piece of a partition, for one task)."""
+
+    def __init__(self, store: Store, files: dict[str, list[str]], batch_rows: int = 65536):
+        super().__init__(store, "", batch_rows)
+        self.files = files
+
+    def partitions(self) -> list[str]:
+        return list(self.files)
+
+    def _files(self, partition: str, required: bool = True) -> list[str]:
+        return self.files.get(partition, [])
+
 
 class EntryInputs(ParquetInputs):
     """:class:`jobs.ReduceInputs` over other entries' committed tables: one partition per entry."""
@@ -85,8 +122,29 @@ class EntryInputs(ParquetInputs):
         return files
 
 
+def resolve(shared: Any) -> Any:
+    """``shared`` with its object-store handles replaced by their values (see ``RunContext.put``):
+    a handle, or handles (and lists of handles) inside a tuple, list or dict."""
+    import ray
+
+    def one(value: Any) -> Any:
+        if isinstance(value, ray.ObjectRef):
+            return ray.get(value)
+        if isinstance(value, list) and value and all(isinstance(v, ray.ObjectRef) for v in value):
+            return ray.get(value)
+        return value
+
+    if isinstance(shared, tuple):
+        return tuple(one(v) for v in shared)
+    if isinstance(shared, list):
+        return [one(v) for v in shared]
+    if isinstance(shared, dict):
+        return {k: one(v) for k, v in shared.items()}
+    return one(shared)
+
+
 def _apply(fn: Callable[[Any, Any], Any], shared: Any, item: Any) -> Any:
-    return fn(shared, item)
+    return fn(resolve(shared), item)
 
 
 class RunContext:
@@ -139,14 +197,58 @@ class RunContext:
         import ray
 
         if len(items) <= 1:
-            return [fn(shared, item) for item in items]
+            return [fn(resolve(shared), item) for item in items]
         gpus = 1 if self.device.type == "cuda" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
         task = ray.remote(_apply).options(num_cpus=1, num_gpus=gpus)
         ref = ray.put(shared)
         return ray.get([task.remote(fn, ref, item) for item in items])
 
+    def put(self, value: Any) -> Any:
+        """Store ``value`` in the object store once; tasks of ``parallel_map`` read it from there."""
+        import ray
+
+        return ray.put(value)
+
+    def get(self, handle: Any) -> Any:
+        """The value behind a handle of ``put`` (arrays: read-only views of the object store)."""
+        import ray
+
+        return ray.get(handle)
+
     def log(self, message: str) -> None:
         self._log(f"  {message}")
+
+
+def machine_memory() -> int:
+    """This machine's memory in bytes, or its container's limit when that is lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def driver_memory(manifest: Manifest) -> int:
+    """``execution.driver_memory``, or half of the machine's memory when it is not set."""
+    chosen = manifest.execution.driver_memory
+    return int(chosen) if chosen is not None else machine_memory() // 2
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def check_memory(analysis: ReduceAnalysis, inputs: ReduceInputs, budget: int) -> None:
+    """Refuse a reduction whose plan is over ``budget``, naming what it would hold and the fix."""
+    plan = analysis.memory_plan(inputs)
+    if plan is not None and plan.bytes > budget:
+        raise MemoryError(f"{analysis.params.entry_name} would hold about {gib(plan.bytes)} on the driver "
+                          f"({plan.what}), over execution.driver_memory ({gib(budget)}). {plan.fix}; or raise "
+                          "execution.driver_memory if this machine has the memory")
 
 
 def reduce_entry(manifest: Manifest, store: Store, analysis: ReduceAnalysis, ctx: RunContext, key: dict) -> dict:
@@ -162,6 +264,7 @@ def reduce_entry(manifest: Manifest, store: Store, analysis: ReduceAnalysis, ctx
     if record is None:
         sources = analysis.sources(manifest.analyses)
         inputs = EntryInputs(store, sources) if sources else ParquetInputs(store, f"{INPUTS}/{name}")
+        check_memory(analysis, inputs, driver_memory(manifest))
         output = analysis.reduce(inputs, ctx)
         result = Result(tables={p: as_table(t) for p, t in output.tables.items()}, images=output.images,
                         stats=output.stats)

@@ -195,7 +195,7 @@ def test_analysis_matches_brute_force(data, settings):
     assert table.schema.field("label").type == pa.int64() and table.schema.field("rank").type == pa.int32()
     assert table.schema.field("distance").type == pa.float32()
     got = table.to_pydict()
-    if p.queries == "all":
+    if p.queries == "all" or getattr(p.queries, "sample", 0) >= 30:  # the default sample holds them all
         rows = np.arange(30)
     elif isinstance(p.queries, list):
         rows = np.array([ids.index(q) for q in p.queries])
@@ -365,3 +365,75 @@ def test_knn_screen_blocks_do_not_change_the_result(metric, monkeypatch):
         dist, idx = knn(torch.from_numpy(x[rows]), torch.from_numpy(x), 6, metric, exclude=torch.from_numpy(rows))
         assert idx.tolist() == ref_i.tolist()
         np.testing.assert_allclose(dist.numpy(), ref_d, rtol=1e-5, atol=1e-6)
+
+
+class BlockContext(CountingContext):
+    """Hands out copies on put/get, as an object store would: what the tasks see is never the driver's array."""
+
+    def put(self, value):
+        return np.array(value)
+
+    def get(self, handle):
+        view = handle.view()
+        view.flags.writeable = False  # the object store's arrays are read-only
+        return view
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize("batch_rows, workers", [(1000, 1), (7, 1), (7, 3), (16, 2)])
+def test_reduce_equals_float64_brute_force_at_every_block_size_and_worker_count(monkeypatch, metric, batch_rows,
+                                                                               workers):
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(61, 6)).astype(np.float32)
+    x[40:43] = x[2]  # exact duplicates: ties by index across database blocks
+    ids = [f"v{i:03d}" for i in range(61)]
+    tables = {"": pa.table({"image_id": ids, "label": np.arange(61) % 4,
+                            "feature": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 6)})}
+    monkeypatch.setattr(neighbours, "PARALLEL_MIN", 1)
+    monkeypatch.setattr(neighbours, "BLOCK", 5)
+    ctx = BlockContext(model=torch.nn.Identity(), pixels={}, input_size=(1, 1), workers=workers)
+    p = NeighboursParams(spaces=["feature"], layer="x", metric=metric, k=4, queries="all", render=False)
+    out = Neighbours(p).reduce(TableInputs(tables, batch_rows=batch_rows), ctx)
+    got = out.tables[""].to_pydict()
+    ref_d, ref_i = brute_force(x, x, 4, metric, exclude=np.arange(61))
+    assert got["neighbour_id"] == [ids[j] for j in ref_i.reshape(-1)]
+    assert got["image_id"] == [i for i in ids for _ in range(4)]
+    np.testing.assert_allclose(got["distance"], ref_d.reshape(-1), rtol=1e-5, atol=1e-6)
+    assert ctx.calls == (1 if workers > 1 else 0)
+
+
+def test_rowblocks_take_across_blocks_equals_one_matrix():
+    x = torch.arange(40.0).view(10, 4)
+    db = neighbours.RowBlocks([x[:3], x[3:4], x[4:9], x[9:]])
+    index = torch.tensor([[9, 0, 3], [4, 8, 2]])
+    assert torch.equal(db.take(index), x[index]) and len(db) == 10
+    assert [(s, len(c)) for s, c in db.chunks(2)] == [(0, 2), (2, 1), (3, 1), (4, 2), (6, 2), (8, 1), (9, 1)]
+
+
+def test_strips_only_for_a_seeded_sample_of_the_queries(data):
+    model, ids, pixels, labels = data
+    p = NeighboursParams(layer="conv2", k=2, queries="all", strips=4, spaces=["feature"])
+    out = run_local(Neighbours(p), model, ids, pixels, labels, batch_size=8)
+    table = as_table(out).to_pydict()
+    drawn = Neighbours(p).strip_positions(30)
+    assert drawn.tolist() == sorted(np.random.default_rng(0).choice(30, 4, replace=False).tolist())
+    keys = {k for k in table["key"] if k is not None}
+    assert keys == {f"feature-{q:06d}" for q in drawn}
+    assert out.stats["strips"] == 4 and len(table["image_id"]) == 30 * 2  # every query in the table
+    assert NeighboursParams(layer="x").queries == neighbours.QuerySample(sample=1000, seed=0)
+
+
+def test_memory_plan_counts_the_float32_database_and_refuses_over_the_budget():
+    from pipeline.reduce import check_memory
+
+    x = np.zeros((500, 64), np.float32)
+    tables = {"": pa.table({"image_id": [str(i) for i in range(500)], "label": np.zeros(500, np.int64),
+                            "feature": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 64),
+                            "pixel": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(500 * 12, np.float32)),
+                                                                       12)})}
+    analysis = Neighbours(NeighboursParams(layer="x", k=5, queries={"sample": 100}))
+    plan = analysis.memory_plan(TableInputs(tables))
+    assert plan.bytes >= 500 * 64 * 4 and "500 x 64 (feature space)" in plan.what
+    check_memory(analysis, TableInputs(tables), plan.bytes)  # at the budget: runs
+    with pytest.raises(MemoryError, match=r"execution\.driver_memory.*queries: \{sample"):
+        check_memory(analysis, TableInputs(tables), plan.bytes - 1)

@@ -150,3 +150,47 @@ def test_unknown_query_ids_fail_before_ray(resnet20_weights, tmp_path, image_fol
                               dataset={"kind": "image_folder", "root": str(image_folder)},
                               analyses=[{"type": "neighbours", "layer": "layer3", "queries": ["nope.png"]}])
     assert cli(["validate", str(manifest)]) == 2
+
+
+def test_neighbours_spread_over_ray_tasks_equal_brute_force(ray_session, resnet20_weights, tmp_path, image_folder,
+                                                           monkeypatch):
+    from jobs.dataset import neighbours
+
+    from .test_neighbours import brute_force
+
+    monkeypatch.setattr(neighbours, "PARALLEL_MIN", 1)  # tiny: spread anyway, over real tasks
+    manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights,
+                              dataset={"kind": "image_folder", "root": str(image_folder)},
+                              analyses=[{"type": "features", "layers": ["layer3"]},
+                                        {"type": "neighbours", "layer": "layer3", "k": 3, "queries": "all",
+                                         "spaces": ["feature"], "strips": 2}],
+                              execution={"batch_size": 4, "decode_batch_size": 4, "workers": 2})
+    result = run(manifest)
+    assert result.ok, result.analyses
+    out = tmp_path / "out"
+    features = pd.read_parquet(out / "features" / "layer=layer3")
+    x = np.stack(features.vector.to_numpy()).astype(np.float32)
+    ref_d, ref_i = brute_force(x, x, 3, "cosine", exclude=np.arange(len(x)))
+    nb = pd.read_parquet(out / "neighbours")
+    ids = features.image_id.tolist()
+    assert nb.image_id.tolist() == [i for i in ids for _ in range(3)]
+    assert nb.neighbour_id.tolist() == [ids[j] for j in ref_i.reshape(-1)]
+    np.testing.assert_allclose(nb.distance.to_numpy(), ref_d.reshape(-1), rtol=1e-5, atol=1e-6)
+    assert nb.key.notna().sum() == 2 * 3 and result.analyses["neighbours"]["images"] == 2
+
+
+def test_a_reduction_over_the_driver_memory_budget_is_refused_with_the_fix(ray_session, resnet20_weights, tmp_path,
+                                                                           image_folder):
+    manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights,
+                              dataset={"kind": "image_folder", "root": str(image_folder)},
+                              analyses=[{"type": "neighbours", "layer": "layer3", "k": 2}, {"type": "predictions"}],
+                              execution={"batch_size": 8, "decode_batch_size": 8, "driver_memory": "2KiB"})
+    result = run(manifest)
+    entry = result.analyses["neighbours"]
+    assert entry["status"] == "failed" and result.analyses["predictions"]["status"] == "complete"
+    assert "over execution.driver_memory (0.0 GiB)" in entry["error"] and "queries: {sample" in entry["error"]
+    out = tmp_path / "out"
+    assert not (out / "neighbours").exists() and (out / INPUTS / "neighbours").exists()  # partials kept
+    # With the budget raised, the rerun reduces from the kept partials.
+    again = run(manifest, "execution.driver_memory=1GiB")
+    assert again.analyses["neighbours"]["status"] == "complete"

@@ -272,6 +272,19 @@ class ReduceInputs(Protocol):
         """The same rows in bounded record batches, for reductions that stream."""
         ...
 
+    def rows(self, partition: str = "") -> int:
+        """How many rows the partition holds, without reading them."""
+        ...
+
+    def width(self, partition: str, column: str) -> int:
+        """The length of the list column's first vector (0 when the partition has no rows)."""
+        ...
+
+    def split(self, partition: str, parts: int) -> list[ReduceInputs]:
+        """At most ``parts`` disjoint inputs that together hold the partition's rows, in order:
+        pieces a reduction can hand to ``parallel_map`` tasks (each reads only its own)."""
+        ...
+
 
 class ReduceContext(Protocol):
     """What a reduction may use besides its inputs; the runner provides it.
@@ -281,6 +294,10 @@ class ReduceContext(Protocol):
     normalisation (uint8, (H, W, 3)), the frame every box and crop is in;
     ``parallel_map(fn, items, shared)`` returns ``[fn(shared, item) for item in items]``,
     possibly computed on several workers (``fn`` must be a module-level function).
+    ``put(value)`` stores a value once where every task can read it (the object store) and
+    returns a handle; ``shared`` may be a handle, or a tuple/list/dict that holds handles or
+    lists of handles, and each task gets the values; ``get(handle)`` returns the value here.
+    Putting a large array in pieces, each piece as it is read, keeps one copy of it in all.
     """
 
     model: torch.nn.Module
@@ -293,7 +310,24 @@ class ReduceContext(Protocol):
 
     def parallel_map(self, fn: Callable[[Any, Any], Any], items: Sequence[Any], shared: Any = None) -> list: ...
 
+    def put(self, value: Any) -> Any: ...
+
+    def get(self, handle: Any) -> Any: ...
+
     def log(self, message: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What a reduction will hold on the driver at its peak, said before it starts.
+
+    The runner compares ``bytes`` with ``execution.driver_memory`` and, when it is over,
+    fails the entry with ``what`` and ``fix`` (what to change) instead of running out.
+    """
+
+    bytes: int
+    what: str
+    fix: str
 
 
 @dataclass
@@ -324,6 +358,10 @@ class ReduceAnalysis(Analysis):
     def reduce(self, inputs: ReduceInputs, ctx: ReduceContext) -> ReduceOutput:
         raise NotImplementedError
 
+    def memory_plan(self, inputs: ReduceInputs) -> MemoryPlan | None:
+        """The driver memory ``reduce`` will need for these inputs (None: small, not planned)."""
+        return None
+
 
 class TableInputs:
     """:class:`ReduceInputs` over in-memory tables (tests, notebooks)."""
@@ -340,6 +378,19 @@ class TableInputs:
 
     def batches(self, partition: str = "", columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
         yield from self.read(partition, columns).to_batches(max_chunksize=self.batch_rows)
+
+    def rows(self, partition: str = "") -> int:
+        return self.tables[partition].num_rows
+
+    def width(self, partition: str, column: str) -> int:
+        t = self.tables[partition]
+        return len(t.column(column)[0].as_py() or []) if t.num_rows else 0
+
+    def split(self, partition: str, parts: int) -> list[ReduceInputs]:
+        t, parts = self.tables[partition], max(1, parts)
+        step = max(1, -(-t.num_rows // parts))
+        return [TableInputs({partition: t.slice(s, step)}, self.batch_rows) for s in range(0, t.num_rows, step)] \
+            or [TableInputs({partition: t}, self.batch_rows)]
 
 
 @dataclass
@@ -358,6 +409,12 @@ class LocalContext:
 
     def parallel_map(self, fn: Callable[[Any, Any], Any], items: Sequence[Any], shared: Any = None) -> list:
         return [fn(shared, item) for item in items]
+
+    def put(self, value: Any) -> Any:
+        return value  # in one process the value is its own handle
+
+    def get(self, handle: Any) -> Any:
+        return handle
 
     def log(self, message: str) -> None:
         pass

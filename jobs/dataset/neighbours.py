@@ -14,15 +14,22 @@ Example manifest entry::
       pool: avg               # avg | max | grid | none, as in ``features``
       pixel_size: 32          # pixel space: the model input area-averaged down to 32x32 (null: full size)
       k: 5
-      queries: {sample: 100, seed: 0}   # all | {sample, seed} | [image ids]
+      queries: {sample: 1000, seed: 0}  # the default; all | {sample, seed} | [image ids]
+      strips: 1000            # strips drawn per space (a seeded sample of the queries when more)
       index: exact            # exact | faiss (approximate, HNSW; needs convscope[ann])
 
 Table ``neighbours/part-*.parquet``: ``image_id`` (the query), ``label``, ``space``,
 ``rank`` (1..k), ``neighbour_id``, ``distance``, ``key`` and ``shard`` (the strip: the query
-then its neighbours, ``<key>.png`` in that tar). Rows by space, query, rank.
+then its neighbours, ``<key>.png`` in that tar; null for a query whose strip was not drawn).
+Rows by space, query, rank.
 
 Exact search ranks by (float32 distance, database index): equal distances go to the image
 earlier in the dataset, and the result does not depend on block size or worker count.
+
+At scale: the database is read a record batch at a time and each batch goes to the object
+store as it is read, so the driver holds one float32 copy of it and every task reads that
+same copy (no per-task copy, no float64 copy: rows are converted a block at a time). Query
+blocks run as tasks on the workers (on their GPU when they have one).
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from jobs.core.base import (
     LABEL,
     AnalysisParams,
     MapBatch,
+    MemoryPlan,
     ReduceAnalysis,
     ReduceContext,
     ReduceInputs,
@@ -92,10 +100,14 @@ class NeighboursParams(AnalysisParams):
     grid: int = Field(default=2, ge=1, description="cells per side when pool is 'grid'")
     pixel_size: int | None = Field(default=32, ge=1)
     k: int = Field(default=5, ge=1)
-    queries: Literal["all"] | QuerySample | list[str] = "all"
+    queries: Literal["all"] | QuerySample | list[str] = Field(
+        default_factory=lambda: QuerySample(sample=1000),
+        description="the query images: a seeded sample (default 1,000), 'all', or a list of image ids")
     index: Literal["exact", "faiss"] = "exact"
     recall_sample: int = Field(default=1000, ge=1)
     render: bool = True
+    strips: int = Field(default=1000, ge=0, description="queries per space whose strips are drawn (a seeded "
+                                                       "sample of the queries when there are more)")
     thumb: int = Field(default=64, ge=1)
 
     @field_validator("spaces")
@@ -137,14 +149,93 @@ class NeighboursParams(AnalysisParams):
         return self
 
 
-def knn(queries: torch.Tensor, database: torch.Tensor, k: int, metric: str,
-        exclude: torch.Tensor | None = None, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+class RowBlocks:
+    """An (N, D) matrix held as row blocks, read as one: the database of a search.
+
+    The blocks are whatever the rows were read in (record batches of the committed
+    features, each put in the object store as it was read), so no step ever needs the
+    whole matrix in one piece or a second copy of it.
+
+    >>> db = RowBlocks([torch.zeros(2, 3), torch.ones(1, 3)])
+    >>> len(db), db.dim, db.take(torch.tensor([[2, 0]])).sum().item()
+    (3, 3, 3.0)
+    """
+
+    def __init__(self, blocks: Sequence[torch.Tensor]):
+        self.blocks = [b for b in blocks if len(b)]
+        if not self.blocks:
+            raise ValueError("a database needs at least one row")
+        dims = {b.shape[1] for b in self.blocks if b.dim() == 2}
+        if len(dims) != 1 or any(b.dim() != 2 for b in self.blocks):
+            raise ValueError(f"database blocks must be (rows, D) of one D, got shapes "
+                             f"{[tuple(b.shape) for b in self.blocks][:4]}")
+        self.dim = dims.pop()
+        sizes = torch.tensor([len(b) for b in self.blocks])
+        self.starts = torch.cumsum(sizes, 0) - sizes
+        self.device = self.blocks[0].device
+
+    def __len__(self) -> int:
+        return int(self.starts[-1]) + len(self.blocks[-1])
+
+    def to(self, device: torch.device) -> RowBlocks:
+        return RowBlocks([b.to(device) for b in self.blocks])
+
+    def chunks(self, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, view of at most ``rows`` rows), in order, never across two blocks."""
+        for start, b in zip(self.starts.tolist(), self.blocks):
+            for s in range(0, len(b), rows):
+                yield start + s, b[s:s + rows]
+
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        """The rows ``index`` names (any shape), as ``index.shape + (D,)``."""
+        if len(self.blocks) == 1:
+            return self.blocks[0][index]
+        flat = index.reshape(-1).cpu()
+        which = torch.searchsorted(self.starts, flat, right=True) - 1
+        out = torch.empty((len(flat), self.dim), dtype=self.blocks[0].dtype, device=self.device)
+        for b in which.unique().tolist():
+            hit = (which == b).nonzero()[:, 0]
+            out[hit.to(self.device)] = self.blocks[b][(flat[hit] - self.starts[b]).to(self.device)]
+        return out.view(*index.shape, self.dim)
+
+
+def as_rows(database: torch.Tensor | RowBlocks) -> RowBlocks:
+    return database if isinstance(database, RowBlocks) else RowBlocks([database])
+
+
+def unit64(rows: torch.Tensor, metric: str) -> torch.Tensor:
+    """Rows in float64, on the unit sphere for cosine (zero rows stay zero): what distances use."""
+    rows = rows.to(torch.float64)
+    return F.normalize(rows, dim=-1) if metric == "cosine" else rows
+
+
+def unit32(rows: torch.Tensor, metric: str) -> torch.Tensor:
+    """The float32 screen's copy of rows: ``unit64(rows).float()``, a slice at a time (bounded memory)."""
+    if metric != "cosine" and rows.dtype == torch.float32:
+        return rows  # float32 -> float64 -> float32 is the identity
+    out = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
+    for s in range(0, len(rows), CONVERT_ROWS):
+        out[s:s + CONVERT_ROWS] = unit64(rows[s:s + CONVERT_ROWS], metric)
+    return out
+
+
+def squared_norms(db: RowBlocks, metric: str) -> torch.Tensor:
+    """(N,) float64 squared norms of ``unit64`` of every row, a slice at a time."""
+    return torch.cat([unit64(c, metric).pow(2).sum(dim=1) for _, c in db.chunks(CONVERT_ROWS)])
+
+
+def knn(queries: torch.Tensor, database: torch.Tensor | RowBlocks, k: int, metric: str,
+        exclude: torch.Tensor | None = None, block: int = BLOCK,
+        norms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest database rows of every query row: distances (M, k) float32, indices (M, k).
 
     ``metric``: ``cosine`` (1 - cosine similarity; a zero vector is at distance 1 from
     everything) or ``l2`` (Euclidean). ``exclude`` (M,) names one database index per query
     that is never returned (the query itself; -1: none); with it, k is capped at N - 1,
     without it at N. Neighbours are ordered by (float32 distance, database index).
+    ``database`` is an (N, D) tensor or a :class:`RowBlocks` of any float dtype (float32
+    is what a run holds); ``norms`` may give ``squared_norms(database, metric)`` when the
+    same database serves many calls.
 
     Exact, in two passes. A float32 screen (one matrix product per block of at most
     ``SCREEN_QUERIES`` queries x ``SCREEN_ELEMENTS / SCREEN_QUERIES`` database rows, a running
@@ -155,7 +246,9 @@ def knn(queries: torch.Tensor, database: torch.Tensor, k: int, metric: str,
     k-th neighbour by more than the screen's worst-case rounding error (the bound
     ``SCREEN_ERROR * (D + 8) * 2^-24`` times the squared norms); a query that is not (ties
     or near-ties at the cut) is searched again in float64 against the whole database, in
-    blocks of ``block`` x ``block``. Memory is O(SCREEN_ELEMENTS + block^2 + M c), never M x N.
+    blocks of ``block`` x ``block``. Rows are converted to float64 (and normalised, for
+    cosine) a block at a time: memory is the database itself plus O(SCREEN_ELEMENTS +
+    block^2 + M c + N), never M x N and never a float64 copy of the database.
 
     >>> d, i = knn(torch.tensor([[0.0], [1.0], [3.0]]), torch.tensor([[0.0], [1.0], [3.0]]), 1, "l2",
     ...            exclude=torch.tensor([0, 1, 2]))
@@ -164,13 +257,20 @@ def knn(queries: torch.Tensor, database: torch.Tensor, k: int, metric: str,
     """
     if metric not in ("cosine", "l2"):
         raise ValueError(f"unknown metric {metric!r}; expected cosine or l2")
-    if queries.dim() != 2 or database.dim() != 2 or queries.shape[1] != database.shape[1]:
-        raise ValueError(f"knn needs (M, D) queries and (N, D) database, got shapes {tuple(queries.shape)} "
-                         f"and {tuple(database.shape)}")
     if block < 1:
         raise ValueError(f"block must be at least 1, got {block}")
-    m, n = queries.shape[0], database.shape[0]
-    device = database.device
+    if isinstance(database, torch.Tensor) and (database.dim() != 2 or len(database) == 0):
+        if database.dim() == 2 and queries.dim() == 2 and queries.shape[1] == database.shape[1]:
+            m = queries.shape[0]
+            return (torch.zeros((m, 0), dtype=torch.float32), torch.zeros((m, 0), dtype=torch.long))
+        raise ValueError(f"knn needs (M, D) queries and (N, D) database, got shapes {tuple(queries.shape)} "
+                         f"and {tuple(database.shape)}")
+    db = as_rows(database)
+    if queries.dim() != 2 or queries.shape[1] != db.dim:
+        raise ValueError(f"knn needs (M, D) queries and (N, D) database, got shapes {tuple(queries.shape)} "
+                         f"and ({len(db)}, {db.dim})")
+    m, n = queries.shape[0], len(db)
+    device = db.device
     k_eff = max(0, min(k, n - 1 if exclude is not None else n))
     if m == 0 or k_eff == 0:
         return (torch.zeros((m, k_eff), dtype=torch.float32, device=device),
@@ -178,26 +278,23 @@ def knn(queries: torch.Tensor, database: torch.Tensor, k: int, metric: str,
     # One extra candidate per query, so the excluded index can be dropped afterwards: the
     # top k+1 by (distance, index) minus one member is the top k of the rest.
     width = k_eff + 1 if exclude is not None else k_eff
-    q = queries.to(device=device, dtype=torch.float64)
-    x = database.to(dtype=torch.float64)
-    if metric == "cosine":
-        q, x = F.normalize(q, dim=1), F.normalize(x, dim=1)  # zero rows stay zero
-    q_sq, x_sq = (q * q).sum(dim=1), (x * x).sum(dim=1)
+    x_sq = squared_norms(db, metric) if norms is None else norms.to(device=device, dtype=torch.float64)
+    x_sq32, x_sq_max = x_sq.float(), x_sq.max()
     c = min(n, width + SCREEN_EXTRA)
     # Short, wide screen blocks: one top-c over a long row is cheaper than many merges.
     qb = min(block, SCREEN_QUERIES)
     columns = max(qb, SCREEN_ELEMENTS // qb)
-    x32, x_sq32 = x.float(), x_sq.float()
     out_d, out_i = [], []
     for qs in range(0, m, qb):
-        rows = slice(qs, qs + qb)
-        screen, cand = _screen(q[rows], x32, q_sq[rows], x_sq32, c, metric, columns)
-        dist, idx = _best(_exact(q[rows], x, q_sq[rows], x_sq, cand, metric), cand, width)
+        q = unit64(queries[qs:qs + qb].to(device), metric)
+        q_sq = (q * q).sum(dim=1)
+        screen, cand = _screen(q, db, q_sq, x_sq32, c, metric, columns)
+        dist, idx = _best(_exact(q, db, q_sq, x_sq, cand, metric), cand, width)
         if c < n:
             # Every row left out screened at >= the largest kept screen value; its true
             # (squared, for l2) distance is at least that minus the rounding bound.
-            scale = q_sq[rows] + x_sq.max()
-            err = SCREEN_ERROR * (q.shape[1] + 8) * 2.0**-24 * scale
+            scale = q_sq + x_sq_max
+            err = SCREEN_ERROR * (db.dim + 8) * 2.0**-24 * scale
             floor = (screen.amax(dim=1).double() - err).clamp(min=0)
             # A row whose distance could still snap to 0 proves nothing (see ``SNAP``).
             floor = floor.masked_fill(floor <= (scale * SNAP if metric == "l2" else SNAP), 0.0)
@@ -206,10 +303,10 @@ def knn(queries: torch.Tensor, database: torch.Tensor, k: int, metric: str,
             redo = ~(floor > kth * (1 + 2.0**-20) + 2.0**-60)
             if redo.any():
                 r = redo.nonzero()[:, 0]
-                d_all, i_all = exhaustive(q[rows][r], x, q_sq[rows][r], x_sq, width, metric, block)
+                d_all, i_all = exhaustive(q[r], db, q_sq[r], x_sq, width, metric, block, raw=True)
                 dist[r], idx[r] = d_all, i_all
         if exclude is not None:
-            dist, idx = drop_excluded(dist, idx, exclude[rows].to(device))
+            dist, idx = drop_excluded(dist, idx, exclude[qs:qs + qb].to(device))
         out_d.append(dist)
         out_i.append(idx)
     return torch.cat(out_d), torch.cat(out_i)
@@ -223,23 +320,25 @@ SCREEN_ELEMENTS = 2**22
 # Safety factor on the textbook bound (D + 8) u |q| |x| for a float32 dot product and the
 # conversions and sums around it.
 SCREEN_ERROR = 2.0
+# Database rows converted to float64 at once (for D = 2,048: 32 MiB).
+CONVERT_ROWS = 2048
 
 
-def _screen(q: torch.Tensor, x: torch.Tensor, q_sq: torch.Tensor, x_sq: torch.Tensor, c: int, metric: str,
+def _screen(q: torch.Tensor, db: RowBlocks, q_sq: torch.Tensor, x_sq: torch.Tensor, c: int, metric: str,
             block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 distances (squared for l2) and indices of each query's ``c`` screened nearest,
-    ``block`` database rows at a time (``x`` is float32 already)."""
+    ``block`` database rows at a time (``x_sq`` is float32)."""
     q32 = q.float()
     best_v: torch.Tensor | None = None
     best_i: torch.Tensor | None = None
-    for xs in range(0, len(x), block):
-        xb = x[xs:xs + block]
+    for xs, raw in db.chunks(block):
+        xb = unit32(raw, metric)
         # One fused product per block, ranked without the per-query constant: -q.x for
         # cosine, |x|^2 - 2 q.x for l2; the constant is added to the c kept values only.
         if metric == "cosine":
             v = torch.mm(q32, xb.T).neg_()
         else:
-            v = torch.addmm(x_sq[None, xs:xs + block], q32, xb.T, alpha=-2.0)
+            v = torch.addmm(x_sq[None, xs:xs + len(xb)], q32, xb.T, alpha=-2.0)
         v, i = v.topk(min(c, v.shape[1]), dim=1, largest=False, sorted=False)
         i = i + xs
         if best_v is not None and best_i is not None:
@@ -252,14 +351,14 @@ def _screen(q: torch.Tensor, x: torch.Tensor, q_sq: torch.Tensor, x_sq: torch.Te
     return best_v + (1.0 if metric == "cosine" else q_sq.float()[:, None]), best_i
 
 
-def _exact(q: torch.Tensor, x: torch.Tensor, q_sq: torch.Tensor, x_sq: torch.Tensor, cand: torch.Tensor,
+def _exact(q: torch.Tensor, db: RowBlocks, q_sq: torch.Tensor, x_sq: torch.Tensor, cand: torch.Tensor,
            metric: str) -> torch.Tensor:
     """float32 distances of each query to its candidate rows, from float64 products."""
-    per = max(1, 2**22 // max(1, cand.shape[1] * x.shape[1]))  # bounds the gathered (rows, c, D)
+    per = max(1, 2**22 // max(1, cand.shape[1] * db.dim))  # bounds the gathered (rows, c, D)
     out = []
     for s in range(0, len(q), per):
         ci = cand[s:s + per]
-        dot = torch.bmm(x[ci], q[s:s + per, :, None])[..., 0]
+        dot = torch.bmm(unit64(db.take(ci), metric), q[s:s + per, :, None])[..., 0]
         out.append(_distance(dot, q_sq[s:s + per, None], x_sq[ci], metric))
     return torch.cat(out)
 
@@ -285,17 +384,22 @@ def _best(dist: torch.Tensor, idx: torch.Tensor, width: int) -> tuple[torch.Tens
     return dist.gather(1, pick), idx.gather(1, pick)
 
 
-def exhaustive(q: torch.Tensor, x: torch.Tensor, q_sq: torch.Tensor, x_sq: torch.Tensor, width: int,
-                metric: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``width`` nearest by float64 distances to every database row (the screen's fallback)."""
+def exhaustive(q: torch.Tensor, x: torch.Tensor | RowBlocks, q_sq: torch.Tensor, x_sq: torch.Tensor, width: int,
+               metric: str, block: int, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``width`` nearest by float64 distances to every database row (the screen's fallback).
+
+    ``x`` holds ``unit64`` rows already, or, with ``raw``, database rows converted here a block at a time.
+    """
     best_d: torch.Tensor | None = None
     best_i: torch.Tensor | None = None
-    for xs in range(0, len(x), block):
-        dist = _distance(q @ x[xs:xs + block].T, q_sq[:, None], x_sq[None, xs:xs + block], metric)
-        cols = topk_first(dist, width, largest=False)
+    for xs, rows in as_rows(x).chunks(block):
+        xb = unit64(rows, metric) if raw else rows
+        dist = _distance(q @ xb.T, q_sq[:, None], x_sq[None, xs:xs + len(xb)], metric)
+        cols = topk_first(dist, min(width, dist.shape[1]), largest=False)
         cand_d, cand_i = dist.gather(1, cols), cols + xs
         if best_d is not None and best_i is not None:
-            cand_d, cand_i = _best(torch.cat([best_d, cand_d], 1), torch.cat([best_i, cand_i], 1), width)
+            merged = torch.cat([best_d, cand_d], 1)
+            cand_d, cand_i = _best(merged, torch.cat([best_i, cand_i], 1), min(width, merged.shape[1]))
         best_d, best_i = cand_d, cand_i
     if best_d is None or best_i is None:
         raise ValueError("exhaustive needs a non-empty database")
@@ -311,36 +415,65 @@ def drop_excluded(dist: torch.Tensor, idx: torch.Tensor, exclude: torch.Tensor) 
     return dist[keep].view(rows, width - 1), idx[keep].view(rows, width - 1)
 
 
-def knn_rows(shared: tuple[np.ndarray, int, str, int], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``knn`` for the database rows ``rows`` as queries, on the CPU (a ``parallel_map`` task).
-
-    ``shared`` is (database (N, D) float32, k, metric, block).
-    """
-    database, k, metric, block = shared
+def tensors(arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
+    """Arrays as tensors without a copy (the object store's are read-only; knn never writes to them)."""
     with warnings.catch_warnings():
-        # The object store hands out read-only arrays; knn never writes to its inputs.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        x = torch.from_numpy(np.ascontiguousarray(database))
-    r = torch.from_numpy(np.asarray(rows, dtype=np.int64))
-    dist, idx = knn(x[r], x, k, metric, exclude=r, block=block)
-    return dist.numpy(), idx.numpy()
+        return [torch.from_numpy(a) for a in arrays]
 
 
-def search_exact(vectors: np.ndarray, rows: np.ndarray, k: int, metric: str,
-                 ctx: ReduceContext) -> tuple[np.ndarray, np.ndarray]:
-    """Exact neighbours of the database rows ``rows`` among all of ``vectors``, self excluded."""
-    m, n = len(rows), len(vectors)
+def knn_database(db: RowBlocks, rows: np.ndarray, k: int, metric: str, block: int = BLOCK,
+                 norms: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``knn`` of the database rows ``rows`` as queries, self excluded; queries gathered a block at a time."""
+    norms = squared_norms(db, metric) if norms is None else norms
+    out_d, out_i = [], []
+    for s in range(0, len(rows), block):
+        r = torch.from_numpy(np.asarray(rows[s:s + block], dtype=np.int64)).to(db.device)
+        dist, idx = knn(db.take(r), db, k, metric, exclude=r, block=block, norms=norms)
+        out_d.append(dist.cpu().numpy())
+        out_i.append(idx.cpu().numpy())
+    if not out_d:
+        k_eff = max(0, min(k, len(db) - 1))
+        return np.zeros((0, k_eff), np.float32), np.zeros((0, k_eff), np.int64)
+    return np.concatenate(out_d), np.concatenate(out_i)
+
+
+def knn_rows(shared: tuple[list[np.ndarray], int, str, int, str], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``knn_database`` for one block of query rows (a ``parallel_map`` task).
+
+    ``shared`` is (database blocks (rows, D) float32, k, metric, block, device): the blocks
+    arrive once per task from the object store, as read-only views.
+    """
+    blocks, k, metric, block, device = shared
+    db = RowBlocks(tensors(blocks))
+    if device == "cuda" and torch.cuda.is_available():
+        db = db.to(torch.device("cuda"))
+    return knn_database(db, rows, k, metric, block)
+
+
+def search_exact(vectors: np.ndarray | Sequence[np.ndarray], rows: np.ndarray, k: int, metric: str,
+                 ctx: ReduceContext, handles: Sequence[Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact neighbours of the database rows ``rows`` among all of ``vectors``, self excluded.
+
+    ``vectors``: the (N, D) database or its row blocks. ``handles``: the same blocks as
+    ``ctx.put`` handles, which the tasks read when the work is spread over the workers
+    (without them, the blocks are put here).
+    """
+    blocks = [vectors] if isinstance(vectors, np.ndarray) else list(vectors)
+    m, n = len(rows), sum(len(b) for b in blocks)
     workers = int(getattr(ctx, "workers", 1) or 1)
-    # Shipping the database to CPU workers only pays on the CPU; one GPU does it all faster.
-    if workers > 1 and m * n >= PARALLEL_MIN and ctx.device.type == "cpu":
-        chunk = max(1, min(BLOCK, -(-m // workers)))
+    if n == 0:
+        return np.zeros((m, 0), np.float32), np.zeros((m, 0), np.int64)
+    # One task per worker and then some (for balance), each query block against the whole
+    # database; the database goes to the object store once, in its blocks, never as a copy per task.
+    if workers > 1 and m * n >= PARALLEL_MIN:
+        chunk = max(1, min(BLOCK * 8, -(-m // (2 * workers))))
+        refs = list(handles) if handles is not None else [ctx.put(b) for b in blocks]
         parts = ctx.parallel_map(knn_rows, [rows[s:s + chunk] for s in range(0, m, chunk)],
-                                 (vectors, k, metric, BLOCK))
+                                 (refs, k, metric, BLOCK, ctx.device.type))
         return np.concatenate([d for d, _ in parts]), np.concatenate([i for _, i in parts])
-    x = torch.from_numpy(vectors).to(ctx.device)
-    r = torch.from_numpy(rows).to(ctx.device)
-    dist, idx = knn(x[r], x, k, metric, exclude=r, block=BLOCK)
-    return dist.cpu().numpy(), idx.cpu().numpy()
+    db = RowBlocks(tensors(blocks)).to(ctx.device)
+    return knn_database(db, rows, k, metric, BLOCK)
 
 
 def search_faiss(vectors: np.ndarray, rows: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -453,37 +586,82 @@ class Neighbours(ReduceAnalysis):
             raise ValueError(f"queries: {message}")
         return np.array([position[q] for q in queries], dtype=np.int64)
 
+    def strip_positions(self, queries: int) -> np.ndarray:
+        """Positions (in query order) of the queries whose strips are drawn: all of them up to
+        ``strips``, else a seeded sample of that many (the queries' seed), in order."""
+        p = self.params
+        if queries <= p.strips:
+            return np.arange(queries, dtype=np.int64)
+        seed = p.queries.seed if isinstance(p.queries, QuerySample) else 0
+        return np.sort(np.random.default_rng(seed).choice(queries, p.strips, replace=False)).astype(np.int64)
+
+    def memory_plan(self, inputs: ReduceInputs) -> MemoryPlan:
+        """The float32 database of the widest space, one record batch of it being read, the ids,
+        and the result table (k rows per query and space)."""
+        p = self.params
+        n = inputs.rows("")
+        dims = {space: inputs.width("", space) for space in p.spaces}
+        widest = max(dims, key=lambda s: dims[s])
+        queries = len(p.queries) if isinstance(p.queries, list) else (
+            n if p.queries == "all" else min(n, p.queries.sample))
+        database = n * dims[widest] * 4
+        batch = min(n, getattr(inputs, "batch_rows", 65536)) * dims[widest] * 4 * 2
+        table = queries * p.k * len(p.spaces) * 160  # ids, distance, key as Arrow and numpy
+        total = database + batch + n * 120 + table
+        if p.index == "faiss":
+            total += database * 2  # faiss' own copy and graph
+        what = (f"the float32 database of {n:,} x {dims[widest]:,} ({widest} space) and "
+                f"{queries:,} queries x k={p.k} x {len(p.spaces)} space(s) of results")
+        fix = ("reduce the vectors' size (pool: avg on the layer, a smaller pixel_size) or the number of queries "
+               "(queries: {sample: 1000})")
+        return MemoryPlan(int(total), what, fix)
+
+    def database(self, inputs: ReduceInputs, space: str, ctx: ReduceContext) -> tuple[list[np.ndarray], list[Any]]:
+        """One space's vectors, read a record batch at a time, each batch put in the object store
+        as it is read: (the blocks as arrays, their handles). The driver ends with one copy."""
+        blocks, handles = [], []
+        for rb in inputs.batches("", columns=[space]):
+            handle = ctx.put(matrix(rb.column(0)))
+            handles.append(handle)
+            blocks.append(ctx.get(handle))  # a view of the stored block: the read copy is dropped
+        return blocks, handles
+
     def reduce(self, inputs: ReduceInputs, ctx: ReduceContext) -> ReduceOutput:
         p = self.params
         head = inputs.read("", columns=["image_id", "label"])
         ids = np.array(head.column("image_id").to_pylist(), dtype=object)
         labels = head.column("label").fill_null(-1).to_numpy().astype(np.int64)
+        del head
         rows = self.query_rows(ids.tolist())
         found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         recall: dict[str, float] = {}
         for space in p.spaces:
-            vectors = matrix(inputs.read("", columns=[space]).column(space))
+            blocks, handles = self.database(inputs, space, ctx)
             metric = p.metric if space == "feature" else "l2"
             if p.index == "faiss":
-                found[space] = search_faiss(vectors, rows, p.k, metric)
+                found[space] = search_faiss(np.concatenate(blocks), rows, p.k, metric)
                 # Recall against exact search on a seeded sample of the queries.
                 pick = np.sort(np.random.default_rng(0).choice(len(rows), min(p.recall_sample, len(rows)),
                                                                replace=False))
-                _, exact = search_exact(vectors, rows[pick], p.k, metric, ctx)
+                _, exact = search_exact(blocks, rows[pick], p.k, metric, ctx, handles)
                 recall[space] = round(recall_at_k(found[space][1][pick], exact), 6)
             else:
-                found[space] = search_exact(vectors, rows, p.k, metric, ctx)
+                found[space] = search_exact(blocks, rows, p.k, metric, ctx, handles)
+            del blocks, handles
             ctx.log(f"neighbours: {len(rows):,} queries in {space} space against {len(ids):,} images")
-        table = self._table(ids, labels, rows, found)
-        stats: dict[str, Any] = {"queries": int(len(rows)), "database": int(len(ids))}
+        drawn = self.strip_positions(len(rows)) if p.render else np.zeros(0, np.int64)
+        table = self._table(ids, labels, rows, found, drawn)
+        stats: dict[str, Any] = {"queries": int(len(rows)), "database": int(len(ids)), "strips": int(len(drawn))}
         if recall:
             stats["recall_at_k"] = recall
-        images = self._strips(ids, rows, found, ctx) if p.render else iter(())
+        images = self._strips(ids, rows, found, drawn, ctx) if p.render else iter(())
         return ReduceOutput(tables={"": table}, images=images, stats=stats)
 
     def _table(self, ids: np.ndarray, labels: np.ndarray, rows: np.ndarray,
-               found: dict[str, tuple[np.ndarray, np.ndarray]]) -> pa.Table:
+               found: dict[str, tuple[np.ndarray, np.ndarray]], drawn: np.ndarray) -> pa.Table:
         parts = []
+        is_drawn = np.zeros(len(rows), bool)
+        is_drawn[drawn] = True
         for space, (dist, idx) in found.items():
             k_eff = idx.shape[1]
             valid = (idx >= 0).reshape(-1)
@@ -497,22 +675,23 @@ class Neighbours(ReduceAnalysis):
                 "rank": pa.array(np.tile(np.arange(1, k_eff + 1, dtype=np.int32), len(rows))[valid]),
                 "neighbour_id": pa.array(ids[idx.reshape(-1)[valid]].tolist(), pa.string()),
                 "distance": pa.array(dist.reshape(-1)[valid].astype(np.float32)),
-                "key": pa.array([f"{space}-{q:06d}" for q in ordinal], pa.string()),
+                "key": pa.array([f"{space}-{q:06d}" if is_drawn[q] else None for q in ordinal], pa.string()),
             }
             parts.append(pa.table(columns, schema=SCHEMA))
         table = pa.concat_tables(parts) if parts else SCHEMA.empty_table()
         return table if self.params.render else table.drop_columns(["key"])
 
     def _strips(self, ids: np.ndarray, rows: np.ndarray, found: dict[str, tuple[np.ndarray, np.ndarray]],
-                ctx: ReduceContext) -> Iterator[tuple[str, Image.Image]]:
-        """One strip per query and space, the query first; pixels fetched a chunk of queries at a time."""
+                drawn: np.ndarray, ctx: ReduceContext) -> Iterator[tuple[str, Image.Image]]:
+        """One strip per drawn query and space, the query first; pixels fetched a chunk of queries at a time."""
         for space, (_, idx) in found.items():
             if idx.shape[1] == 0:
                 continue
-            for start in range(0, len(rows), RENDER_CHUNK):
-                chunk_rows, chunk_idx = rows[start:start + RENDER_CHUNK], idx[start:start + RENDER_CHUNK]
+            for start in range(0, len(drawn), RENDER_CHUNK):
+                positions = drawn[start:start + RENDER_CHUNK]
+                chunk_rows, chunk_idx = rows[positions], idx[positions]
                 wanted = np.concatenate([chunk_rows, chunk_idx[chunk_idx >= 0]])
                 pixels = ctx.images(list(dict.fromkeys(ids[wanted].tolist())))
-                for offset, (q, neighbours) in enumerate(zip(chunk_rows, chunk_idx)):
+                for position, q, neighbours in zip(positions, chunk_rows, chunk_idx):
                     tiles = [pixels.get(ids[j]) for j in [q, *neighbours[neighbours >= 0]]]
-                    yield f"{space}-{start + offset:06d}", strip(tiles, min_side=self.params.thumb)
+                    yield f"{space}-{position:06d}", strip(tiles, min_side=self.params.thumb)

@@ -17,6 +17,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    ByteSize,
     ConfigDict,
     Field,
     PlainValidator,
@@ -373,6 +374,11 @@ class Execution(Strict):
         default="auto", description="images per decode task; auto: about 32 MiB of decoded pixels, "
                                     "64 to 1024 images (fewer, larger blocks cost Ray less per image)")
     rows_per_part: Count = Field(default=100_000, ge=1, description="rows per Parquet part file")
+    driver_memory: ByteSize | None = Field(
+        default=None, description="memory a dataset-wide reduction may plan to hold on the driver, in bytes or "
+                                  "with a unit ('8GiB', '512MB'); each reduction checks its plan against it before "
+                                  "it starts and fails with what to change when it is over; default: half of the "
+                                  "machine's memory")
     max_error_fraction: float = Field(
         default=1.0, ge=0.0, le=1.0,
         description="fail the run (status 'failed', exit code 1) when more than this fraction of the images "

@@ -80,6 +80,8 @@ def features(page: Page) -> Markup:
 def neighbours(page: Page) -> Markup:
     run, entry = page.run, page.entry
     df = run.table(entry)
+    if "key" in df:
+        df = df[df.key.notna()]  # queries beyond the entry's ``strips`` have a table row but no picture
     strips = df.drop_duplicates(["image_id", "space"])
     items = []
     for image_id, group in strips.groupby("image_id", sort=True):

@@ -192,13 +192,14 @@ class RunContext:
         out = decode_batch(batch, pre.resize, pre.crop, column)
         return {str(i): out["pixels"][n] for n, i in enumerate(out["image_id"]) if out["error"][n] == ""}
 
-    def parallel_map(self, fn: Callable[[Any, Any], Any], items: Sequence[Any], shared: Any = None) -> list:
+    def parallel_map(self, fn: Callable[[Any, Any], Any], items: Sequence[Any], shared: Any = None,
+                     gpu: bool = False) -> list:
         """``[fn(shared, item) for item in items]`` as Ray tasks; ``shared`` goes to the object store once."""
         import ray
 
         if len(items) <= 1:
             return [fn(resolve(shared), item) for item in items]
-        gpus = 1 if self.device.type == "cuda" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        gpus = 1 if gpu and self.device.type == "cuda" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
         task = ray.remote(_apply).options(num_cpus=1, num_gpus=gpus)
         ref = ray.put(shared)
         return ray.get([task.remote(fn, ref, item) for item in items])

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import pickle
+from dataclasses import dataclass, field
+
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
+from jobs.core.base import LocalContext, MapBatch, TableInputs
 from jobs.dataset.activation_stats import ActivationStats, ActivationStatsParams, Moments, batch_moments
 from tests.harness import as_table, normalise, run_local
 
@@ -77,3 +82,82 @@ def test_merge_by_hand_and_in_any_grouping():
         assert m.mean[0] == pytest.approx(2.4)
         assert m.m2[0] / 5 == pytest.approx(5.44)
         assert (m.min[0], m.max[0], m.zeros[0]) == (0.0, 6.0, 2)
+
+
+@dataclass
+class TaskContext(LocalContext):
+    """LocalContext whose parallel_map runs every task on pickled copies, as Ray does, and logs its size."""
+
+    tasks: list[int] = field(default_factory=list)
+
+    def parallel_map(self, fn, items, shared=None, gpu=False):
+        self.tasks.append(len(items))
+        fn, shared = pickle.loads(pickle.dumps((fn, shared)))
+        return [pickle.loads(pickle.dumps(fn(shared, pickle.loads(pickle.dumps(item))))) for item in items]
+
+
+def _batch(activations: dict[str, torch.Tensor]) -> MapBatch:
+    n = len(next(iter(activations.values())))
+    return MapBatch(image_ids=[f"i{j}" for j in range(n)], labels=torch.zeros(n, dtype=torch.int64),
+                    images=torch.zeros(n, 3, 2, 2), logits=torch.zeros(n, 2), activations=activations,
+                    model=torch.nn.Identity())
+
+
+def test_tree_merge_equals_the_sequential_merge():
+    rng = np.random.default_rng(3)
+    analysis = ActivationStats(ActivationStatsParams(layers=["a", "b", "a"]))  # "a" twice: merged once
+    raw: dict[str, list[np.ndarray]] = {"a": [], "b": []}
+    partials: dict[str, list[pa.Table]] = {"layer=a": [], "layer=b": []}
+    for n in (1, 3, 2, 5, 1, 4, 2):
+        # Rounded and clipped at 0: exact zeros, and min/max shared by several batches.
+        acts = {"a": np.maximum(np.round(rng.normal(1, 2, (n, 3, 4)), 1), 0).astype(np.float32),
+                "b": (rng.normal(-2, 5, (n, 2)) * 1e3).astype(np.float32)}
+        for layer, a in acts.items():
+            raw[layer].append(a)
+        for partition, rows in analysis.map_batch(_batch({k: torch.from_numpy(v) for k, v in acts.items()})).items():
+            partials[partition].append(pa.table(rows))
+    tables = {p: pa.concat_tables(ts) for p, ts in partials.items()}
+    inputs = TableInputs(tables, batch_rows=2)
+
+    def stats(workers: int, expect_tasks: int):
+        ctx = TaskContext(model=torch.nn.Identity(), pixels={}, input_size=(2, 2), workers=workers)
+        table = as_table(analysis.reduce(inputs, ctx)).to_pandas()
+        assert ctx.tasks == [expect_tasks]
+        return table
+
+    one, three = stats(1, 2 + 2), stats(3, 6 + 5)  # 21 and 14 rows: pieces of at most 4 and 3 rows
+    # The merge as it ran before: every record batch through one Moments, in order.
+    sequential = {}
+    for partition in tables:
+        m = Moments()
+        for rb in inputs.batches(partition):
+            c = {name: rb.column(name).to_numpy() for name in rb.schema.names}
+            m.add(c["channel"].astype(np.int64), c["count"], c["mean"], c["m2"], c["min"], c["max"], c["zeros"])
+        sequential[partition] = m
+    for got in (one, three):
+        assert got.layer.tolist() == ["a"] * 3 + ["b"] * 2 + ["a"] * 3
+        for layer in ("a", "b"):
+            rows = got[got.layer == layer].iloc[:len(sequential[f"layer={layer}"].n)]
+            m = sequential[f"layer={layer}"]
+            values = np.concatenate([a.reshape(a.shape[0], a.shape[1], -1) for a in raw[layer]]).astype(np.float64)
+            values = values.transpose(1, 0, 2).reshape(values.shape[1], -1)  # (C, observations)
+            # Exact: counts, extremes, zeros.
+            assert rows["count"].tolist() == m.n.tolist() == [values.shape[1]] * len(values)
+            assert rows["min"].tolist() == m.min.tolist() == values.min(1).tolist()
+            assert rows["max"].tolist() == m.max.tolist() == values.max(1).tolist()
+            np.testing.assert_array_equal(rows["zero_fraction"], m.zeros / m.n)
+            np.testing.assert_array_equal(rows["zero_fraction"], (values == 0).mean(1))
+            # Up to float64 rounding against the sequential merge; float32 deviations against numpy.
+            np.testing.assert_allclose(rows["mean"], m.mean, rtol=1e-13, atol=1e-13)
+            np.testing.assert_allclose(rows["std"], np.sqrt(m.m2 / m.n), rtol=1e-13, atol=1e-13)
+            np.testing.assert_allclose(rows["mean"], values.mean(1), rtol=1e-6, atol=1e-9)
+            np.testing.assert_allclose(rows["std"], values.std(1), rtol=1e-6, atol=1e-9)
+    assert (one.channel.tolist(), one["count"].tolist()) == (three.channel.tolist(), three["count"].tolist())
+    np.testing.assert_allclose(one["mean"], three["mean"], rtol=1e-13, atol=1e-13)
+
+
+def test_one_piece_merges_in_process():
+    a = batch_moments(torch.tensor([[[0.0, 2.0]]]))  # one row: one piece
+    ctx = TaskContext(model=torch.nn.Identity(), pixels={}, input_size=(2, 2), workers=4)
+    out = ActivationStats(ActivationStatsParams(layers=["x"])).reduce(TableInputs({"layer=x": pa.table(a)}), ctx)
+    assert ctx.tasks == [] and as_table(out).column("mean").to_pylist() == [1.0]

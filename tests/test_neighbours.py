@@ -96,7 +96,7 @@ def test_knn_k_larger_than_database():
 class CountingContext(LocalContext):
     calls: int = 0
 
-    def parallel_map(self, fn, items, shared=None):
+    def parallel_map(self, fn, items, shared=None, gpu=False):
         self.calls += 1
         self.items = len(items)
         return [fn(shared, item) for item in items]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import math
+import pickle
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +15,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
-from jobs.core.base import MapBatch
+from jobs.core.base import LocalContext, MapBatch, TableInputs
 from jobs.core.render import EMPTY
 from jobs.dataset.top_patches import TopPatches, TopPatchesParams, receptive_field
 from pipeline.models import capture
@@ -444,3 +447,78 @@ def test_equals_brute_force_on_the_trained_cifar_model(score):
     params = TopPatchesParams(layers=layers, k=5, score=score, render=False)
     for batch_size in (1, 16):
         assert_same(rows_of(run_local(TopPatches(params), model, ids, pixels, batch_size=batch_size)), want)
+
+
+# --- the tree-wise merge ------------------------------------------------------------------------
+
+@dataclass
+class TaskContext(LocalContext):
+    """LocalContext whose parallel_map runs every task on pickled copies, as Ray does, and logs its size."""
+
+    tasks: list[int] = field(default_factory=list)
+
+    def parallel_map(self, fn, items, shared=None, gpu=False):
+        self.tasks.append(len(items))
+        fn, shared = pickle.loads(pickle.dumps((fn, shared)))
+        return [pickle.loads(pickle.dumps(fn(shared, pickle.loads(pickle.dumps(item))))) for item in items]
+
+
+def tied_partials(n: int, seed: int) -> pa.Table:
+    """Partial rows with few distinct scores (NaN and -inf among them) and repeated (image, y, x)."""
+    rng = np.random.default_rng(seed)
+    return pa.table({
+        "channel": pa.array(rng.integers(0, 3, n), pa.int32()),
+        "activation": pa.array(rng.choice([1.0, 2.0, 2.5, np.nan, -np.inf], n), pa.float32()),
+        "image_id": pa.array([f"im{i}" for i in rng.integers(0, 4, n)], pa.string()),
+        "y": pa.array(rng.integers(0, 2, n), pa.int32()),
+        "x": pa.array(rng.integers(0, 2, n), pa.int32()),
+    })
+
+
+def sequential_top_k(table: pa.Table, layer: str, k: int) -> list[tuple]:
+    """Every partial row sorted in Python by (channel, score desc with NaN as -inf, image_id, y, x, row)."""
+    t = table.to_pydict()
+    rows = list(zip(t["channel"], t["activation"], t["image_id"], t["y"], t["x"]))
+
+    def order(i: int) -> tuple:
+        channel, act, image_id, y, x = rows[i]
+        return channel, -(-math.inf if math.isnan(act) else act), image_id, y, x, i
+
+    out, rank = [], {}
+    for i in sorted(range(len(rows)), key=order):
+        channel, act, image_id, y, x = rows[i]
+        rank[channel] = rank.get(channel, 0) + 1
+        if rank[channel] <= k:
+            out.append((layer, channel, rank[channel], image_id, y, x, "nan" if math.isnan(act) else act))
+    return out
+
+
+def exact_rows(output) -> list[tuple]:
+    return [(*r[:6], "nan" if math.isnan(r[6]) else r[6]) for r in rows_of(output)]
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_tree_merge_equals_the_sequential_merge(k):
+    model = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.ReLU()).eval()  # two 2x2 layers: "0", "1"
+    nan, inf = float("nan"), float("inf")
+    # Rows the total order calls equal (NaN ties -inf) at one (image, y, x), in different pieces:
+    # the earlier row must stay first, as in the sequential merge.
+    by_hand = pa.table({"channel": pa.array([0, 0, 0, 0, 1, 1, 0], pa.int32()),
+                        "activation": pa.array([nan, 1.0, -inf, nan, 2.0, 2.0, -inf], pa.float32()),
+                        "image_id": ["im1", "im0", "im1", "im0", "im0", "im0", "im0"],
+                        "y": pa.array([0, 0, 0, 1, 0, 1, 1], pa.int32()),
+                        "x": pa.array([0, 0, 0, 1, 1, 0, 1], pa.int32())})
+    tables = {"layer=0": tied_partials(40, 0), "layer=1": by_hand}
+    want = sequential_top_k(tables["layer=0"], "0", k) + sequential_top_k(tables["layer=1"], "1", k)
+    params = TopPatchesParams(layers=["0", "1"], k=k, render=False)
+    for workers in (1, 3):
+        ctx = TaskContext(model=model, pixels={}, input_size=(2, 2), workers=workers)
+        out = TopPatches(params).reduce(TableInputs(tables, batch_rows=3), ctx)
+        assert exact_rows(out) == want, workers
+        # 2 x workers pieces per layer (the 7-row layer in pieces of at least two rows), all in one map.
+        assert ctx.tasks == [{1: 2 + 2, 3: 6 + 4}[workers]]
+    # One piece in all merges in-process.
+    ctx = TaskContext(model=model, pixels={}, input_size=(2, 2), workers=3)
+    one = {"layer=0": tables["layer=0"].slice(0, 1)}
+    out = TopPatches(TopPatchesParams(layers=["0", "1"], k=k, render=False)).reduce(TableInputs(one), ctx)
+    assert exact_rows(out) == sequential_top_k(one["layer=0"], "0", k) and ctx.tasks == []

@@ -293,7 +293,8 @@ class ReduceContext(Protocol):
     every model input; ``images(ids)`` returns those images as the model saw them before
     normalisation (uint8, (H, W, 3)), the frame every box and crop is in;
     ``parallel_map(fn, items, shared)`` returns ``[fn(shared, item) for item in items]``,
-    possibly computed on several workers (``fn`` must be a module-level function).
+    possibly computed on several workers (``fn`` must be a module-level function); with
+    ``gpu``, each task holds a GPU when the run has them (leave it off for I/O and merges).
     ``put(value)`` stores a value once where every task can read it (the object store) and
     returns a handle; ``shared`` may be a handle, or a tuple/list/dict that holds handles or
     lists of handles, and each task gets the values; ``get(handle)`` returns the value here.
@@ -308,7 +309,8 @@ class ReduceContext(Protocol):
 
     def images(self, image_ids: Sequence[str]) -> dict[str, np.ndarray]: ...
 
-    def parallel_map(self, fn: Callable[[Any, Any], Any], items: Sequence[Any], shared: Any = None) -> list: ...
+    def parallel_map(self, fn: Callable[[Any, Any], Any], items: Sequence[Any], shared: Any = None,
+                     gpu: bool = False) -> list: ...
 
     def put(self, value: Any) -> Any: ...
 
@@ -407,7 +409,8 @@ class LocalContext:
     def images(self, image_ids: Sequence[str]) -> dict[str, np.ndarray]:
         return {i: self.pixels[i] for i in image_ids}
 
-    def parallel_map(self, fn: Callable[[Any, Any], Any], items: Sequence[Any], shared: Any = None) -> list:
+    def parallel_map(self, fn: Callable[[Any, Any], Any], items: Sequence[Any], shared: Any = None,
+                     gpu: bool = False) -> list:
         return [fn(shared, item) for item in items]
 
     def put(self, value: Any) -> Any:

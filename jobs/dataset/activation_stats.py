@@ -15,7 +15,9 @@ Table ``activation_stats/part-*.parquet``: ``layer``, ``channel``, ``count``, ``
 Each batch is reduced on its worker to per-channel moments (count, mean, sum of squared
 deviations M2, min, max, zeros); the moments are merged exactly by Chan et al.'s pairwise
 formula (1979), streaming, so memory is O(channels) whatever the dataset size and the
-result does not depend on batch size or worker count (up to float64 rounding).
+result does not depend on batch size or worker count (up to float64 rounding). The merge is
+spread over the workers: each piece of a layer's partials is merged in a task, and the driver
+merges the per-piece moments by the same formula.
 """
 
 from __future__ import annotations
@@ -101,13 +103,31 @@ class Moments:
         if not len(channel):
             return
         channels = int(channel.max()) + 1
-        self._grow(channels)
         # Combine the rows of this record batch per channel first (vectorised), ...
         nb = np.bincount(channel, weights=count, minlength=channels)
         safe = np.where(nb > 0, nb, 1)
         mb = np.bincount(channel, weights=count * mean, minlength=channels) / safe
         m2b = np.bincount(channel, weights=m2 + count * (mean - mb[channel]) ** 2, minlength=channels)
-        # ... then merge with what came before (Chan et al.).
+        # ... then merge with what came before.
+        self._fold(nb, mb, m2b)
+        np.minimum.at(self.min, channel, mn)
+        np.maximum.at(self.max, channel, mx)
+        np.add.at(self.zeros, channel, zeros)
+
+    def merge(self, other: Moments) -> None:
+        """Merge the moments of other rows (a piece of the partials), channel by channel."""
+        if other.n is None:
+            return
+        channels = len(other.n)
+        self._fold(other.n.astype(np.float64), other.mean, other.m2)
+        np.minimum(self.min[:channels], other.min, out=self.min[:channels])
+        np.maximum(self.max[:channels], other.max, out=self.max[:channels])
+        self.zeros[:channels] += other.zeros
+
+    def _fold(self, nb: np.ndarray, mb: np.ndarray, m2b: np.ndarray) -> None:
+        """Chan et al.'s pairwise merge of per-channel (count, mean, M2) into the running moments."""
+        channels = len(nb)
+        self._grow(channels)
         n0 = self.n[:channels].astype(np.float64)
         n = n0 + nb
         delta = mb - self.mean[:channels]
@@ -115,9 +135,28 @@ class Moments:
         self.mean[:channels] += delta * ratio
         self.m2[:channels] += m2b + delta ** 2 * n0 * ratio
         self.n[:channels] = n.astype(np.int64)
-        np.minimum.at(self.min, channel, mn)
-        np.maximum.at(self.max, channel, mx)
-        np.add.at(self.zeros, channel, zeros)
+
+
+def _piece_moments(shared: None, item: tuple[str, ReduceInputs]) -> Moments:
+    """The moments of one piece of a partition's partials (a task of the merge)."""
+    partition, piece = item
+    m = Moments()
+    for rb in piece.batches(partition):
+        c = {name: rb.column(name).to_numpy() for name in rb.schema.names}
+        m.add(c["channel"].astype(np.int64), c["count"], c["mean"], c["m2"], c["min"], c["max"], c["zeros"])
+    return m
+
+
+def _merge_moments(inputs: ReduceInputs, partitions: list[str], ctx: ReduceContext) -> dict[str, Moments]:
+    """Each partition's merged moments: per-piece merges as tasks, then a merge of those few here."""
+    parts = max(1, 2 * ctx.workers)
+    items = [(partition, piece) for partition in partitions for piece in inputs.split(partition, parts)]
+    # One piece in all: no task is worth its start-up.
+    found = ctx.parallel_map(_piece_moments, items) if len(items) > 1 else [_piece_moments(None, i) for i in items]
+    merged = {partition: Moments() for partition in partitions}
+    for (partition, _), m in zip(items, found):
+        merged[partition].merge(m)
+    return merged
 
 
 @register
@@ -136,11 +175,10 @@ class ActivationStats(ReduceAnalysis):
     def reduce(self, inputs: ReduceInputs, ctx: ReduceContext) -> ReduceOutput:
         tables = []
         dead = {}
+        # Once per partition: layers may be listed twice here, and each piece must be merged once.
+        merged = _merge_moments(inputs, list(dict.fromkeys(f"layer={layer}" for layer in self.params.layers)), ctx)
         for layer in self.params.layers:
-            m = Moments()
-            for rb in inputs.batches(f"layer={layer}"):
-                c = {name: rb.column(name).to_numpy() for name in rb.schema.names}
-                m.add(c["channel"].astype(np.int64), c["count"], c["mean"], c["m2"], c["min"], c["max"], c["zeros"])
+            m = merged[f"layer={layer}"]
             if m.n is None:
                 raise ValueError(f"activation_stats: no activations were recorded for layer {layer!r}")
             n = np.maximum(m.n, 1)

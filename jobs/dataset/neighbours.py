@@ -470,7 +470,7 @@ def search_exact(vectors: np.ndarray | Sequence[np.ndarray], rows: np.ndarray, k
         chunk = max(1, min(BLOCK * 8, -(-m // (2 * workers))))
         refs = list(handles) if handles is not None else [ctx.put(b) for b in blocks]
         parts = ctx.parallel_map(knn_rows, [rows[s:s + chunk] for s in range(0, m, chunk)],
-                                 (refs, k, metric, BLOCK, ctx.device.type))
+                                 (refs, k, metric, BLOCK, ctx.device.type), gpu=True)
         return np.concatenate([d for d, _ in parts]), np.concatenate([i for _, i in parts])
     db = RowBlocks(tensors(blocks)).to(ctx.device)
     return knn_database(db, rows, k, metric, BLOCK)

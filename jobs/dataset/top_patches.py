@@ -25,6 +25,10 @@ cut part grey. Stats: ``receptive_field`` {layer: [max box height, max box width
 
 Every result follows one total order -- activation descending, then image_id, y, x
 ascending -- so it does not depend on batching, image order or the device.
+
+The merge is spread over the workers: each layer's partials are split into up to twice as
+many pieces as workers, each piece is cut to its k best per channel in a task, and the driver
+merges those few rows (the same rows, in the same order, as one sequential merge).
 """
 
 from __future__ import annotations
@@ -233,6 +237,37 @@ def _merge(kept: pd.DataFrame | None, part: pd.DataFrame, k: int) -> pd.DataFram
     return df.groupby("channel", sort=False).head(k).drop(columns="_order").reset_index(drop=True)
 
 
+def _merge_piece(shared: tuple[list[str], int], item: tuple[str, ReduceInputs]) -> pd.DataFrame | None:
+    """The k best rows per channel of one piece of a partition's partials (a task of the merge)."""
+    columns, k = shared
+    partition, piece = item
+    kept = None
+    for rb in piece.batches(partition, columns):
+        kept = _merge(kept, rb.to_pandas(), k)
+    return kept
+
+
+def _merge_partitions(inputs: ReduceInputs, partitions: Sequence[str], columns: list[str], k: int,
+                      ctx: ReduceContext) -> dict[str, pd.DataFrame | None]:
+    """The k best rows per channel of each partition: per-piece merges as tasks, then a small merge here.
+
+    ``_merge`` is a stable sort on the total order, so among rows it calls equal the earlier
+    partial row wins. Pieces hold the rows in order and the final merge sees them in piece
+    order, so it keeps exactly the rows, in exactly the order, that one sequential merge does.
+    """
+    parts = max(1, 2 * ctx.workers)
+    items = [(partition, piece) for partition in partitions for piece in inputs.split(partition, parts)]
+    shared = (columns, k)
+    # One piece in all: no task is worth its start-up.
+    found = ctx.parallel_map(_merge_piece, items, shared) if len(items) > 1 else \
+        [_merge_piece(shared, item) for item in items]
+    merged: dict[str, pd.DataFrame | None] = {}
+    for partition in partitions:
+        kept = [f for (owner, _), f in zip(items, found) if owner == partition and f is not None and not f.empty]
+        merged[partition] = _merge(None, pd.concat(kept, ignore_index=True), k) if kept else None
+    return merged
+
+
 def _offsets(lo: np.ndarray, hi: np.ndarray, full: int) -> np.ndarray:
     """Where a clipped range sits inside the full field: a range cut at the start sits at its end."""
     length = hi - lo
@@ -305,15 +340,14 @@ class TopPatches(ReduceAnalysis):
         present = set(inputs.partitions())
         columns = ["channel", "activation", "image_id", "y", "x"]
         frames, fields, stats = [], {}, {}
-        for layer in p.layers:
+        for layer in p.layers:  # first: a layer of the wrong kind fails before any merging
             rows, cols = self.receptive_field(ctx.model, layer, ctx.input_size, ctx.device)
             fields[layer] = rows, cols
             stats[layer] = [int((rows[:, 1] - rows[:, 0]).max()), int((cols[:, 1] - cols[:, 0]).max())]
-            partition = f"layer={layer}"
-            kept = None
-            if partition in present:
-                for rb in inputs.batches(partition, columns):
-                    kept = _merge(kept, rb.to_pandas(), p.k)
+        merged = _merge_partitions(inputs, [f"layer={layer}" for layer in p.layers if f"layer={layer}" in present],
+                                   columns, p.k, ctx)
+        for layer, (rows, cols) in fields.items():
+            kept = merged.get(f"layer={layer}")
             if kept is None or kept.empty:
                 continue
             if kept["y"].max() >= len(rows) or kept["x"].max() >= len(cols):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 from scripts import bench
 
@@ -70,11 +72,26 @@ def test_bench_model_times_batched_against_one_unit_at_a_time(tmp_path):
 
 
 def test_bench_reduce_fits_both_solvers_alike():
-    from scripts.bench_reduce import fit_one
+    from scripts.bench_reduce import probes_one
 
-    rows = [fit_one(solver, 3000, 16, 5) for solver in ("sklearn", "torch")]
+    rows = [probes_one(3000, 16, 5, solver) for solver in ("sklearn", "torch")]
     for row in rows:
-        keys = {"analysis", "solver", "n", "d", "classes", "peak_task_rss_bytes", "seconds", "test_accuracy"}
+        keys = {"analysis", "variant", "n", "d", "classes", "peak_driver_rss_bytes", "peak_task_rss_bytes", "seconds",
+                "test_accuracy"}
         assert keys <= set(row)
-        assert row["peak_task_rss_bytes"] > 0 and row["seconds"] >= 0
+        assert row["peak_driver_rss_bytes"] > 0 and row["seconds"] >= 0
     assert abs(rows[0]["test_accuracy"] - rows[1]["test_accuracy"]) <= 0.01, rows
+
+
+def test_bench_reduce_neighbours_before_and_after_agree(tmp_path):
+    from scripts import bench_reduce
+
+    out = tmp_path / "rows.json"
+    subprocess.run([sys.executable, bench_reduce.__file__, "--rows", "neighbours", "--n", "3000", "--d", "8",
+                    "--wide-n", "0", "--queries", "50", "--scratch", str(tmp_path),
+                    "--json", str(out)], check=True, capture_output=True, text=True)
+    rows = json.loads(out.read_text())
+    assert [(r["variant"], r["n"]) for r in rows] == [("before", 3000), ("after", 3000)]
+    for r in rows:
+        assert r["peak_driver_rss_bytes"] > 0 and r["rows"] == 50 * 5 and r["queries"] == 50
+    assert rows[1]["same_as_before"] is True  # ids and distances

@@ -220,3 +220,145 @@ def test_rows_do_not_depend_on_input_order():
     assert chunked.tables["layer=l"].column("feature").num_chunks == 5
     b = as_table(Embedding(p).reduce(chunked, _ctx(30)))
     assert a.equals(b)
+
+
+def _xy(t: pa.Table) -> np.ndarray:
+    return np.stack([t.column("x").to_numpy(), t.column("y").to_numpy()], 1).astype(np.float64)
+
+
+def _svd_scores(x: np.ndarray, k: int = 2) -> np.ndarray:
+    """Scores on the k leading principal components by numpy's SVD, with the documented sign rule."""
+    xc = x.astype(np.float64) - x.astype(np.float64).mean(0)
+    _, _, vt = np.linalg.svd(xc, full_matrices=False)
+    v = vt[:k] * np.sign(vt[np.arange(k), np.abs(vt[:k]).argmax(1)])[:, None]
+    return xc @ v.T
+
+
+class RecordingContext(LocalContext):
+    def images(self, image_ids):
+        self.asked = getattr(self, "asked", set()) | set(image_ids)
+        return super().images(image_ids)
+
+
+def test_max_points_maps_the_seeded_sample_in_id_order():
+    rng = np.random.default_rng(2)
+    n, m, seed = 200, 50, 3
+    x = (rng.normal(size=(n, 12)) * np.linspace(4.0, 0.5, 12)).astype(np.float32)
+    ids = [f"img{i:04d}" for i in range(n)]
+    perm = rng.permutation(n)  # the dataset order is not the id order
+    inputs = _inputs(x[perm], np.arange(n)[perm] % 3, ids=[ids[i] for i in perm])
+    ctx = RecordingContext(model=nn.Identity(), pixels=_ctx(n).pixels, input_size=(8, 8))
+    params = EmbeddingParams(layers=["l"], methods=["pca"], max_points=m, seed=seed, atlas_cells=3, thumb=4)
+    out = Embedding(params).reduce(inputs, ctx)
+    t = as_table(out)
+    # Independent: the seeded draw over the sorted ids, kept in id order (ids are img0000... so index = rank).
+    chosen = np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False))
+    assert t.column("image_id").to_pylist() == [ids[i] for i in chosen]
+    assert t.column("label").to_pylist() == [int(i % 3) for i in chosen]
+    np.testing.assert_allclose(_xy(t), _svd_scores(x[chosen]), atol=1e-4 * np.abs(_svd_scores(x[chosen])).max())
+    assert out.stats["points"] == m and out.stats["layers"]["l"]["points"] == m
+    assert out.stats["layers"]["l"]["total"] == n
+    # Thumbnails and atlas only for the sampled images.
+    drawn = [k for k, _ in out.images]
+    assert len(drawn) == 2 + m and set(drawn[2:]) == set(t.column("thumb_key").to_pylist())
+    assert ctx.asked == {ids[i] for i in chosen}
+    # max_points at or above the count (or None) maps every image.
+    for everything in (n, None):
+        t = as_table(Embedding(EmbeddingParams(layers=["l"], methods=["pca"], max_points=everything,
+                                               render=False)).reduce(inputs, ctx))
+        assert t.column("image_id").to_pylist() == ids
+
+
+def test_results_do_not_depend_on_block_size():
+    x, labels = _blobs(per_class=20, seed=4)
+    p = EmbeddingParams(layers=["l"], methods=["pca", "tsne"], max_points=25, render=False)
+    whole = _inputs(x, labels)
+    blocks = TableInputs(whole.tables, batch_rows=7)
+    assert len(list(blocks.batches("layer=l"))) == 9  # 60 rows, 7 a block
+    a = Embedding(p).reduce(whole, _ctx(60))
+    b = Embedding(p).reduce(blocks, _ctx(60))
+    assert as_table(a).num_rows == 2 * 25
+    assert as_table(a).equals(as_table(b))
+
+
+def test_duplicate_ids_and_ragged_features_fail_clearly():
+    x, labels = _blobs(per_class=3)
+    ids = [f"img{i:04d}" for i in range(9)]
+    twice = _inputs(x, labels, ids=ids[:8] + ["img0001"])
+    with pytest.raises(ValueError, match="listed more than once, e.g. 'img0001'"):
+        Embedding(EmbeddingParams(layers=["l"], methods=["pca"])).reduce(twice, _ctx(9))
+    ragged = TableInputs({"layer=l": pa.table({
+        "image_id": pa.array(ids), "label": pa.array(labels),
+        "feature": pa.array([list(v) for v in x[:8]] + [list(x[8, :5])], pa.list_(pa.float32())),
+    })})
+    with pytest.raises(ValueError, match="different lengths"):
+        Embedding(EmbeddingParams(layers=["l"], methods=["pca"])).reduce(ragged, _ctx(9))
+
+
+def test_memory_plan_follows_max_points_and_its_formula():
+    total, d = 1000, 64
+    inputs = _inputs(np.zeros((total, d), np.float32), np.zeros(total, np.int64))
+
+    def plan(**params):
+        return Embedding(EmbeddingParams(layers=["l"], **params)).memory_plan(inputs)
+
+    small = plan(methods=["pca"], max_points=100)
+    # Written out: features n d 4, scores n k 8 3, the exact SVD's U (n, min(n, d)) and Vt, ids, table rows.
+    n, k = 100, 50
+    expected = n * d * 4 + n * k * 8 * 3 + (n * d + d * d) * 4 + total * embedding.ID_BYTES + n * embedding.ROW_BYTES
+    assert small.bytes == expected
+    assert "100 x 64 sampled images (of 1,000) of l" in small.what and "max_points" in small.fix
+    # t-SNE adds its neighbour graph: 3 x perplexity neighbours per point.
+    with_tsne = plan(methods=["pca", "tsne"], max_points=100)
+    assert with_tsne.bytes == expected + n * 90 * embedding.NEIGHBOUR_BYTES + n * embedding.ROW_BYTES
+    sizes = [plan(methods=["pca"], max_points=m).bytes for m in (100, 400, 1000)]
+    assert sizes[0] < sizes[1] < sizes[2] == plan(methods=["pca"], max_points=None).bytes
+    assert "sampled" not in plan(methods=["pca"], max_points=None).what
+
+
+def test_randomized_pca_agrees_with_the_exact_solver(monkeypatch):
+    rng = np.random.default_rng(7)
+    # Rank 4, well separated spectrum, off-centre; 300 x 60 is not tall enough for the covariance solver.
+    x = (rng.normal(size=(300, 4)) * [9.0, 5.0, 2.0, 1.0]) @ np.linalg.qr(rng.normal(size=(60, 4)))[0].T + 3.0
+    from sklearn.decomposition import PCA
+
+    used = []
+    fit_transform = PCA.fit_transform
+    monkeypatch.setattr(PCA, "fit_transform", lambda self, x: used.append(self.svd_solver) or fit_transform(self, x))
+    exact = _reduce(x, np.zeros(300, np.int64), methods=["pca"], render=False)
+    monkeypatch.setattr(embedding, "RANDOMIZED_MIN_ENTRIES", 1000)
+    fast = _reduce(x, np.zeros(300, np.int64), methods=["pca"], render=False)
+    assert used == ["auto", "randomized"]  # what scikit-learn was asked for, as run.json says
+    assert [r.stats["layers"]["l"]["pca_solver"] for r in (exact, fast)] == used
+    a, b = _xy(as_table(exact)), _xy(as_table(fast))
+    np.testing.assert_allclose(b, a, atol=1e-4 * np.abs(a).max())
+    np.testing.assert_allclose(a, _svd_scores(x.astype(np.float32)), atol=1e-4 * np.abs(a).max())
+
+
+def test_threads_follow_the_point_count(monkeypatch):
+    assert embedding.thread_count("auto", embedding.THREADS_MIN_POINTS - 1) == 1
+    monkeypatch.setattr(embedding.os, "cpu_count", lambda: 6)
+    assert embedding.thread_count("auto", embedding.THREADS_MIN_POINTS) == 6
+    assert embedding.thread_count(3, 10) == 3
+    import openTSNE
+
+    asked = []
+
+    class Recording(openTSNE.TSNE):
+        def __init__(self, **kwargs):
+            asked.append(kwargs["n_jobs"])
+            super().__init__(**kwargs)
+
+    monkeypatch.setattr(openTSNE, "TSNE", Recording)
+    x, labels = _blobs(per_class=5)
+    assert embedding.tsne(x, x[:, :2], 4.0, 0, threads=2).shape == (15, 2) and asked == [2]
+    seen = []
+    monkeypatch.setattr(embedding, "tsne", lambda reduced, start, perplexity, seed, threads: seen.append(threads)
+                        or np.zeros((len(reduced), 2)))
+    monkeypatch.setattr(embedding, "THREADS_MIN_POINTS", 10)
+    out = _reduce(x, labels, methods=["tsne"], render=False)
+    assert seen == [6] and out.stats["layers"]["l"]["threads"] == 6
+    with pytest.raises(ValidationError):
+        EmbeddingParams(layers=["l"], threads=0)
+    with pytest.raises(ValidationError):
+        EmbeddingParams(layers=["l"], max_points=3)

@@ -34,6 +34,10 @@ from pipeline.writers import INPUTS, Result, StagedEntry, as_table, read_success
 
 Log = Callable[[str], None]
 
+# Bytes of one record batch that a reduction streams (Parquet's uncompressed size): wide rows
+# (2,048-dim features) come in fewer rows per batch than narrow ones.
+BATCH_BYTES = 64 * 2**20
+
 
 class ParquetInputs:
     """:class:`jobs.ReduceInputs` over a committed partials folder (Hive-style partitions)."""
@@ -62,8 +66,21 @@ class ParquetInputs:
     def batches(self, partition: str = "", columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
         for f in self._files(partition):
             with self.store.open_input(f) as handle:
-                yield from pq.ParquetFile(handle).iter_batches(batch_size=self.batch_rows,
-                                                               columns=list(columns) if columns else None)
+                parquet = pq.ParquetFile(handle)
+                yield from parquet.iter_batches(batch_size=self.rows_per_batch(parquet, columns),
+                                                columns=list(columns) if columns else None)
+
+    def rows_per_batch(self, parquet: pq.ParquetFile, columns: Sequence[str] | None) -> int:
+        """``batch_rows``, or fewer where rows are wide: a batch holds at most about BATCH_BYTES."""
+        meta = parquet.metadata
+        if meta.num_row_groups == 0 or meta.num_rows == 0:
+            return self.batch_rows
+        group = meta.row_group(0)
+        wanted = set(columns) if columns else None
+        size = sum(group.column(i).total_uncompressed_size for i in range(group.num_columns)
+                   if wanted is None or group.column(i).path_in_schema.split(".")[0] in wanted)
+        per_row = max(1, size // max(1, group.num_rows))
+        return max(1, min(self.batch_rows, BATCH_BYTES // per_row))
 
     def rows(self, partition: str = "") -> int:
         total = 0

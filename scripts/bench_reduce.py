@@ -68,7 +68,8 @@ def write_partials(folder: Path, n: int, d: int, classes: int, column: str = "fe
             "label": pa.array(labels.astype(np.int64)),
             column: pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), d).cast(pa.list_(pa.float32())),
         })
-        pq.write_table(table, folder / f"part-{part:05d}-00000.parquet")
+        # Row groups of a run's decode block or so: the workers write one part per block.
+        pq.write_table(table, folder / f"part-{part:05d}-00000.parquet", row_group_size=1024)
     (folder / "_SUCCESS").write_text("{}")
 
 

@@ -391,6 +391,7 @@ def test_reduce_equals_float64_brute_force_at_every_block_size_and_worker_count(
                             "feature": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 6)})}
     monkeypatch.setattr(neighbours, "PARALLEL_MIN", 1)
     monkeypatch.setattr(neighbours, "BLOCK", 5)
+    monkeypatch.setattr(neighbours, "DATABASE_BLOCK_BYTES", 1)  # each record batch a database block of its own
     ctx = BlockContext(model=torch.nn.Identity(), pixels={}, input_size=(1, 1), workers=workers)
     p = NeighboursParams(spaces=["feature"], layer="x", metric=metric, k=4, queries="all", render=False)
     out = Neighbours(p).reduce(TableInputs(tables, batch_rows=batch_rows), ctx)
@@ -400,6 +401,8 @@ def test_reduce_equals_float64_brute_force_at_every_block_size_and_worker_count(
     assert got["image_id"] == [i for i in ids for _ in range(4)]
     np.testing.assert_allclose(got["distance"], ref_d.reshape(-1), rtol=1e-5, atol=1e-6)
     assert ctx.calls == (1 if workers > 1 else 0)
+    assert len(Neighbours(p).database(TableInputs(tables, batch_rows=batch_rows), "feature", ctx)[0]) == \
+        -(-61 // batch_rows)  # the database really is in that many blocks
 
 
 def test_rowblocks_take_across_blocks_equals_one_matrix():

@@ -73,6 +73,8 @@ PARALLEL_MIN = 2**26
 # dot products (which depends on the matrix shapes BLAS sees) must not separate exact
 # duplicates, and the square root in l2 would magnify it to ~1e-7.
 SNAP = 2.0**-36
+# Bytes of float32 vectors per database block in the object store.
+DATABASE_BLOCK_BYTES = 64 * 2**20
 # Queries whose strips are rendered from one ``ctx.images`` call.
 RENDER_CHUNK = 256
 
@@ -619,11 +621,24 @@ class Neighbours(ReduceAnalysis):
     def database(self, inputs: ReduceInputs, space: str, ctx: ReduceContext) -> tuple[list[np.ndarray], list[Any]]:
         """One space's vectors, read a record batch at a time, each batch put in the object store
         as it is read: (the blocks as arrays, their handles). The driver ends with one copy."""
-        blocks, handles = [], []
+        blocks: list[np.ndarray] = []
+        handles: list[Any] = []
+        pending: list[np.ndarray] = []
+
+        def flush() -> None:
+            if pending:
+                handle = ctx.put(np.concatenate(pending) if len(pending) > 1 else pending[0])
+                handles.append(handle)
+                blocks.append(ctx.get(handle))  # a view of the stored block: the read copies are dropped
+                pending.clear()
+
         for rb in inputs.batches("", columns=[space]):
-            handle = ctx.put(matrix(rb.column(0)))
-            handles.append(handle)
-            blocks.append(ctx.get(handle))  # a view of the stored block: the read copy is dropped
+            pending.append(matrix(rb.column(0)))
+            # Small record batches (a run's many small part files) are joined into blocks of about
+            # DATABASE_BLOCK_BYTES: few blocks make the gathers of the search cheap.
+            if sum(a.nbytes for a in pending) >= DATABASE_BLOCK_BYTES:
+                flush()
+        flush()
         return blocks, handles
 
     def reduce(self, inputs: ReduceInputs, ctx: ReduceContext) -> ReduceOutput:

@@ -217,7 +217,10 @@ class RunContext:
         if len(items) <= 1:
             return [fn(resolve(shared), item) for item in items]
         gpus = 1 if gpu and self.device.type == "cuda" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        task = ray.remote(_apply).options(num_cpus=1, num_gpus=gpus)
+        # Tasks that read the run's store (pieces of partials) need its credentials, as the map workers do.
+        env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "GOOGLE_"))}
+        task = ray.remote(_apply).options(num_cpus=1, num_gpus=gpus,
+                                          **({"runtime_env": {"env_vars": env}} if env else {}))
         ref = ray.put(shared)
         return ray.get([task.remote(fn, ref, item) for item in items])
 

@@ -7,7 +7,9 @@ to compare against brute force.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -99,3 +101,15 @@ def as_table(output: ReduceOutput, partition: str = "") -> pa.Table:
     from pipeline import reduce
 
     return reduce.as_table(output.tables[partition])
+
+
+@dataclass
+class TaskContext(LocalContext):
+    """LocalContext whose parallel_map runs every task on pickled copies, as Ray does, and logs its size."""
+
+    tasks: list[int] = field(default_factory=list)
+
+    def parallel_map(self, fn, items, shared=None, gpu=False):
+        self.tasks.append(len(items))
+        fn, shared = pickle.loads(pickle.dumps((fn, shared)))
+        return [pickle.loads(pickle.dumps(fn(shared, pickle.loads(pickle.dumps(item))))) for item in items]

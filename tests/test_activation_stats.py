@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import pickle
-from dataclasses import dataclass, field
-
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 
-from jobs.core.base import LocalContext, MapBatch, TableInputs
+from jobs.core.base import MapBatch, TableInputs
 from jobs.dataset.activation_stats import ActivationStats, ActivationStatsParams, Moments, batch_moments
-from tests.harness import as_table, normalise, run_local
+from tests.harness import TaskContext, as_table, normalise, run_local
 
 
 def _model() -> torch.nn.Module:
@@ -82,18 +79,6 @@ def test_merge_by_hand_and_in_any_grouping():
         assert m.mean[0] == pytest.approx(2.4)
         assert m.m2[0] / 5 == pytest.approx(5.44)
         assert (m.min[0], m.max[0], m.zeros[0]) == (0.0, 6.0, 2)
-
-
-@dataclass
-class TaskContext(LocalContext):
-    """LocalContext whose parallel_map runs every task on pickled copies, as Ray does, and logs its size."""
-
-    tasks: list[int] = field(default_factory=list)
-
-    def parallel_map(self, fn, items, shared=None, gpu=False):
-        self.tasks.append(len(items))
-        fn, shared = pickle.loads(pickle.dumps((fn, shared)))
-        return [pickle.loads(pickle.dumps(fn(shared, pickle.loads(pickle.dumps(item))))) for item in items]
 
 
 def _batch(activations: dict[str, torch.Tensor]) -> MapBatch:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import pickle
-from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -15,13 +13,13 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
-from jobs.core.base import LocalContext, MapBatch, TableInputs
+from jobs.core.base import MapBatch, TableInputs
 from jobs.core.render import EMPTY
 from jobs.dataset.top_patches import TopPatches, TopPatchesParams, receptive_field
 from pipeline.models import capture
 from pipeline.zoo import CifarResNet, DemoCNN
 from tests.conftest import CIFAR, RESNET20, needs_shared
-from tests.harness import as_table, normalise, run_local
+from tests.harness import TaskContext, as_table, normalise, run_local
 
 SIZE = 16
 
@@ -450,18 +448,6 @@ def test_equals_brute_force_on_the_trained_cifar_model(score):
 
 
 # --- the tree-wise merge ------------------------------------------------------------------------
-
-@dataclass
-class TaskContext(LocalContext):
-    """LocalContext whose parallel_map runs every task on pickled copies, as Ray does, and logs its size."""
-
-    tasks: list[int] = field(default_factory=list)
-
-    def parallel_map(self, fn, items, shared=None, gpu=False):
-        self.tasks.append(len(items))
-        fn, shared = pickle.loads(pickle.dumps((fn, shared)))
-        return [pickle.loads(pickle.dumps(fn(shared, pickle.loads(pickle.dumps(item))))) for item in items]
-
 
 def tied_partials(n: int, seed: int) -> pa.Table:
     """Partial rows with few distinct scores (NaN and -inf among them) and repeated (image, y, x)."""

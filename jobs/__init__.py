@@ -24,10 +24,11 @@ from jobs.core.base import (
     ReduceContext,
     ReduceInputs,
     ReduceOutput,
+    Rendered,
     TableInputs,
     register,
 )
 
 __all__ = ["REGISTRY", "Analysis", "AnalysisParams", "LocalContext", "MapAnalysis", "MapBatch", "MapOutput",
            "MemoryPlan", "ModelAnalysis", "ModelContext", "ReduceAnalysis",
-           "ReduceContext", "ReduceInputs", "ReduceOutput", "TableInputs", "register"]
+           "ReduceContext", "ReduceInputs", "ReduceOutput", "Rendered", "TableInputs", "register"]

@@ -3,8 +3,12 @@
 The map pass commits each reduce entry's partials under ``<output>/.inputs/<entry>`` (Parquet,
 with its own ``_SUCCESS`` and key). Here, per entry, on the driver::
 
-    partials (Parquet) ─► analysis.reduce(inputs, context) ─► Result (tables + rendered images)
-                       ─► <output>/.staging/<entry> (parts, _shards/*.tar) ─► ledger ─► commit
+    partials (Parquet) ─► analysis.reduce(inputs, context) ─► tables + Rendered (items to draw)
+                       ─► render tasks: each decodes its images, writes its shards (blocks 1..n)
+                       ─► the tables with their shard columns (block 0) ─► ledger ─► commit
+
+The driver holds the reduction's result tables and the items to draw (ids, coordinates,
+boxes), never a picture: the images are decoded and drawn where the tasks run.
 
 A reduction that fails leaves its partials in place: the next run reduces again without
 another pass over the dataset. Partials are removed once the entry is committed.
@@ -15,24 +19,38 @@ from __future__ import annotations
 import os
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from jobs import ReduceAnalysis, ReduceInputs
+from jobs import ReduceAnalysis, ReduceInputs, Rendered
+from jobs.core.base import Images
 from pipeline.datasets import DatasetIndex
 from pipeline.decode import decode_batch
 from pipeline.manifest import Manifest, ParquetDataset
 from pipeline.store import Store
-from pipeline.writers import INPUTS, Result, StagedEntry, as_table, read_success, write_result
+from pipeline.writers import (
+    INPUTS,
+    BlockRecord,
+    BlockWriter,
+    Result,
+    StagedEntry,
+    as_table,
+    read_success,
+    write_result,
+)
 
 Log = Callable[[str], None]
+
+# Render tasks per CPU of the cluster: a few, so that a slow item does not hold up the others.
+TASKS_PER_CPU = 2
 
 # Bytes of one record batch that a reduction streams (Parquet's uncompressed size): wide rows
 # (2,048-dim features) come in fewer rows per batch than narrow ones.
@@ -67,8 +85,12 @@ class ParquetInputs:
         for f in self._files(partition):
             with self.store.open_input(f) as handle:
                 parquet = pq.ParquetFile(handle)
-                yield from parquet.iter_batches(batch_size=self.rows_per_batch(parquet, columns),
-                                                columns=list(columns) if columns else None)
+                rows = self.rows_per_batch(parquet, columns)
+                # A few row groups at a time: over a whole file, pyarrow pre-buffers every column
+                # chunk it will read (a 100k x 2,048 part: 0.8 GB held at once).
+                for groups in row_group_runs(parquet.metadata, columns, BATCH_BYTES):
+                    yield from parquet.iter_batches(batch_size=rows, row_groups=groups,
+                                                    columns=list(columns) if columns else None)
 
     def rows_per_batch(self, parquet: pq.ParquetFile, columns: Sequence[str] | None) -> int:
         """``batch_rows``, or fewer where rows are wide: a batch holds at most about BATCH_BYTES."""
@@ -102,6 +124,31 @@ class ParquetInputs:
         step = max(1, -(-len(files) // max(1, parts)))
         return [FileInputs(self.store, {partition: files[s:s + step]}, self.batch_rows)
                 for s in range(0, len(files), step)]
+
+
+def row_group_runs(meta: pq.FileMetaData, columns: Sequence[str] | None, limit: int) -> list[list[int]]:
+    """The file's row groups in consecutive runs of about ``limit`` bytes of the ``columns``
+    read (uncompressed; a group larger than that is a run of its own).
+
+    >>> import io
+    >>> buf = io.BytesIO()
+    >>> pq.write_table(pa.table({"x": list(range(10))}), buf, row_group_size=3)
+    >>> row_group_runs(pq.ParquetFile(buf).metadata, ["x"], limit=250)  # groups of 111, 111, 111, 94 bytes
+    [[0, 1], [2, 3]]
+    """
+    wanted = set(columns) if columns else None
+    runs: list[list[int]] = []
+    size = 0
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        bytes_ = sum(group.column(i).total_uncompressed_size for i in range(group.num_columns)
+                     if wanted is None or group.column(i).path_in_schema.split(".")[0] in wanted)
+        if not runs or size + bytes_ > limit:
+            runs.append([])
+            size = 0
+        runs[-1].append(g)
+        size += bytes_
+    return runs
 
 
 class FileInputs(ParquetInputs):
@@ -164,6 +211,40 @@ def _apply(fn: Callable[[Any, Any], Any], shared: Any, item: Any) -> Any:
     return fn(resolve(shared), item)
 
 
+class ImageSource:
+    """The dataset's images as the model saw them (resized, cropped; uint8 (H, W, 3)), decodable
+    in any process: the listing's rows and the preprocessing. Call it with image ids.
+
+    It pickles as it is (the listing is an Arrow table), so the runner puts it in the object
+    store once and every render task decodes the images it draws itself.
+    """
+
+    def __init__(self, table: pa.Table, resize: Any, crop: Any, column: str | None):
+        self.table, self.resize, self.crop, self.column = table, resize, crop, column
+
+    @classmethod
+    def of(cls, manifest: Manifest, index: DatasetIndex) -> ImageSource:
+        from pipeline.models import preprocess_of
+
+        pre = preprocess_of(manifest.model)
+        column = manifest.dataset.image_column if isinstance(manifest.dataset, ParquetDataset) else "image"
+        return cls(index.table, pre.resize, pre.crop, column)
+
+    def __call__(self, image_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """{id: pixels} of the ids that decode, in the order asked (an id asked twice, once)."""
+        wanted = list(dict.fromkeys(image_ids))
+        if not wanted:
+            return {}
+        # A hash of the few ids asked, probed by the listing's: no lookup of the whole dataset to build.
+        hits = pc.index_in(self.table.column("image_id"), value_set=pa.array(wanted, pa.string()))
+        rows = np.flatnonzero(hits.is_valid().to_numpy(zero_copy_only=False))
+        order = np.asarray(hits.take(pa.array(rows, pa.int64())).to_numpy(zero_copy_only=False))
+        sub = self.table.take(pa.array(rows[np.argsort(order, kind="stable")], pa.int64()))
+        batch = {c: np.asarray(sub.column(c).to_pylist(), dtype=object) for c in sub.column_names}
+        out = decode_batch(batch, self.resize, self.crop, self.column)
+        return {str(i): out["pixels"][n] for n, i in enumerate(out["image_id"]) if out["error"][n] == ""}
+
+
 class RunContext:
     """:class:`jobs.ReduceContext` for a run: the model, decoded images, Ray for parallel work."""
 
@@ -177,8 +258,8 @@ class RunContext:
         self.input_size = input_size_of(manifest.model)
         self.label_names = index.label_names
         self.workers = ex.workers
+        self.source = ImageSource.of(manifest, index)
         self._model: torch.nn.Module | None = None
-        self._rows: dict[str, int] | None = None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -195,19 +276,13 @@ class RunContext:
 
     def images(self, image_ids: Sequence[str]) -> dict[str, np.ndarray]:
         """Decode ``image_ids`` as the model saw them (resized, cropped; uint8 (H, W, 3))."""
-        if self._rows is None:
-            self._rows = {i: n for n, i in enumerate(self.index.table.column("image_id").to_pylist())}
-        rows = [self._rows[i] for i in dict.fromkeys(image_ids)]
-        if not rows:
-            return {}
-        sub = self.index.table.take(pa.array(rows, pa.int64()))
-        batch = {c: np.asarray(sub.column(c).to_pylist(), dtype=object) for c in sub.column_names}
-        from pipeline.models import preprocess_of
+        return self.source(image_ids)
 
-        pre = preprocess_of(self.manifest.model)
-        column = self.manifest.dataset.image_column if isinstance(self.manifest.dataset, ParquetDataset) else "image"
-        out = decode_batch(batch, pre.resize, pre.crop, column)
-        return {str(i): out["pixels"][n] for n, i in enumerate(out["image_id"]) if out["error"][n] == ""}
+    def cpus(self) -> int:
+        """The CPUs of the Ray cluster (1 when Ray is not running)."""
+        import ray
+
+        return max(1, int(ray.cluster_resources().get("CPU", 1))) if ray.is_initialized() else 1
 
     def parallel_map(self, fn: Callable[[Any, Any], Any], items: Sequence[Any], shared: Any = None,
                      gpu: bool = False) -> list:
@@ -272,30 +347,86 @@ def check_memory(analysis: ReduceAnalysis, inputs: ReduceInputs, budget: int) ->
                           "execution.driver_memory if this machine has the memory")
 
 
+def render_block(draw: Callable[[Any, Any, Images], Iterable[tuple[str, Any]]], shared: Any, items: Sequence[Any],
+                 images: Images, folder: Store, block: int, where: str = "") -> dict:
+    """Draw ``items`` and write their shards as block ``block`` of the staged entry ``folder``;
+    return its record (as JSON), with the keys each shard holds."""
+    shared = resolve(shared)
+    writer = BlockWriter(folder, block, where=where)
+    try:
+        writer.add_images(image for item in items for image in draw(shared, item, images))
+        record = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    for key, shard in writer.shards.shards.items():
+        record.keys.setdefault(shard, []).append(key)
+    return record.to_json()
+
+
+def render_blocks(rendered: Rendered, ctx: RunContext, folder: Store, where: str) -> list[BlockRecord]:
+    """Draw a reduction's pictures in Ray tasks (TASKS_PER_CPU per CPU of the cluster), each task a
+    contiguous group of the items written as its own block (1, 2, ...) of the staged entry."""
+    import ray
+
+    items = list(rendered.items)
+    if not items:
+        return []
+    tasks = max(1, min(len(items), TASKS_PER_CPU * ctx.cpus()))
+    step = -(-len(items) // tasks)
+    groups = [items[s:s + step] for s in range(0, len(items), step)]
+    ctx.log(f"{where}: drawing {len(items):,} item(s) of pictures in {len(groups)} task(s)")
+    if len(groups) == 1 or not ray.is_initialized():
+        return [BlockRecord.from_json(render_block(rendered.draw, rendered.shared, group, ctx.source, folder,
+                                                   block, where)) for block, group in enumerate(groups, 1)]
+    task = ray.remote(render_block).options(num_cpus=1, **folder.remote_args())
+    shared, source = ray.put(rendered.shared), ray.put(ctx.source)
+    refs = [task.remote(rendered.draw, shared, group, source, folder, block, where)
+            for block, group in enumerate(groups, 1)]
+    return [BlockRecord.from_json(r) for r in ray.get(refs)]
+
+
 def reduce_entry(manifest: Manifest, store: Store, analysis: ReduceAnalysis, ctx: RunContext, key: dict) -> dict:
     """Reduce one entry from its committed partials and commit it; return its run.json stats.
 
-    The reduction is one block of the entry: once it is recorded, a rerun (after a crash
-    before the commit) commits it without reducing again.
+    The tables are block 0 of the entry, written last; a :class:`jobs.Rendered` output's
+    pictures are blocks 1, 2, ... written by render tasks before it. Once block 0 is
+    recorded, a rerun (after a crash before the commit) commits the entry without reducing
+    again; render blocks recorded without it are drawn again with the next reduction.
     """
     name = analysis.params.entry_name
     start = time.time()
     staged = StagedEntry(store, name, key)
-    record = staged.open().get(0)
-    if record is None:
+    records = staged.open()
+    if 0 not in records:
+        staged.forget(records)  # pictures of a reduction that never wrote its tables
         sources = analysis.sources(manifest.analyses)
         inputs = EntryInputs(store, sources) if sources else ParquetInputs(store, f"{INPUTS}/{name}")
         check_memory(analysis, inputs, driver_memory(manifest))
         output = analysis.reduce(inputs, ctx)
-        result = Result(tables={p: as_table(t) for p, t in output.tables.items()}, images=output.images,
+        images: Iterable[tuple[str, Any]] = output.images
+        records = {}
+        if isinstance(images, Rendered):
+            for drawn in render_blocks(images, ctx, staged.folder, name):
+                staged.record(drawn)
+                records[drawn.block] = drawn
+            images = ()
+        result = Result(tables={p: as_table(t) for p, t in output.tables.items()}, images=images,
                         stats=output.stats)
-        record = write_result(staged.folder, 0, result, rows_per_part=manifest.execution.rows_per_part, where=name)
+        shards: dict[str, list[str]] = {}
+        for drawn in records.values():
+            shards.update(drawn.keys)
+        record = write_result(staged.folder, 0, result, rows_per_part=manifest.execution.rows_per_part, where=name,
+                              shards=shards)
         staged.record(record)
-    staged.commit([record])
+        records[0] = record
+    staged.commit(records.values())
     store.delete(f"{INPUTS}/{name}")
-    stats = {"status": "complete", "rows": record.rows, "reduce_seconds": round(time.time() - start, 3),
-             "images": record.images, "shards": sum(f.final.endswith(".tar") for f in record.files)}
-    stats.update(record.stats)
+    every = list(records.values())
+    stats = {"status": "complete", "rows": records[0].rows, "reduce_seconds": round(time.time() - start, 3),
+             "images": sum(r.images for r in every),
+             "shards": sum(f.final.endswith(".tar") for r in every for f in r.files)}
+    stats.update(records[0].stats)
     return stats
 
 

@@ -158,6 +158,7 @@ class BlockRecord:
     errors: list[dict] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
+    keys: dict[str, list[str]] = field(default_factory=dict)  # image keys by shard: a reduction's render blocks
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -214,10 +215,20 @@ class BlockWriter:
         self.attempt = uuid.uuid4().hex[:12]
         self.shards = ShardWriter(store, stem=f"shard-{block:09d}", attempt=self.attempt)
         self.tables: dict[str, list[pa.Table]] = {}
+        self.elsewhere: dict[str, str] = {}  # key -> shard of images other blocks of the entry wrote
 
     def add_images(self, images: Iterable[tuple[str, Image.Image | bytes]]) -> None:
         for key, png in _encoded(images, self.pool):
             self.shards.add(key, png)
+
+    def add_shards(self, shards: dict[str, list[str]]) -> None:
+        """Name images that other blocks of the entry wrote ({shard: keys}), so that this block's
+        tables get their ``shard`` columns; a key drawn twice is an error."""
+        for shard, keys in shards.items():
+            for key in keys:
+                if key in self.elsewhere or key in self.shards.shards:
+                    raise ValueError(f"{self.where}: image key {key!r} was rendered twice".lstrip(": "))
+                self.elsewhere[key] = shard
 
     def add_tables(self, tables: dict[str, pa.Table]) -> None:
         for partition, table in tables.items():
@@ -236,10 +247,11 @@ class BlockWriter:
         self.shards.close()
         record.files.extend(self.shards.files)
         record.images = self.shards.written
+        shards = {**self.elsewhere, **self.shards.shards}
         for partition in sorted(self.tables):
             table = pa.concat_tables(self.tables[partition])
-            if self.shards.shards:
-                table = add_shard_columns(table, self.shards.shards)
+            if shards:
+                table = add_shard_columns(table, shards)
             folder = f"{partition}/" if partition else ""
             for chunk, start in enumerate(range(0, table.num_rows, self.rows_per_part)):
                 part = table.slice(start, self.rows_per_part)
@@ -257,13 +269,16 @@ class BlockWriter:
 
 
 def write_result(store: Store, block: int, result: Result, schemas: dict[str, pa.Schema] | None = None,
-                 rows_per_part: int = 100_000, pool: Executor | None = None, where: str = "") -> BlockRecord:
+                 rows_per_part: int = 100_000, pool: Executor | None = None, where: str = "",
+                 shards: dict[str, list[str]] | None = None) -> BlockRecord:
     """Write one block of one entry (a whole :class:`Result`) into its staging folder
-    ``store``; return its record. Nothing is written for a failed result."""
+    ``store``; return its record. ``shards`` names the images other blocks of the entry wrote
+    ({shard: keys}) for the tables' ``shard`` columns. Nothing is written for a failed result."""
     if result.error is not None:
         return BlockRecord(block=block, stats=dict(result.stats), error=result.error)
     writer = BlockWriter(store, block, schemas, rows_per_part, pool, where)
     try:
+        writer.add_shards(shards or {})
         writer.add_images(result.images)
         writer.add_tables(result.tables)
         return writer.close(result.stats)

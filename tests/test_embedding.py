@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import inspect
+import pickle
 from collections import OrderedDict
 
 import numpy as np
@@ -12,7 +12,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from jobs import LocalContext, TableInputs
+from jobs import LocalContext, Rendered, TableInputs
 from jobs.dataset import embedding
 from jobs.dataset.embedding import Embedding, EmbeddingParams
 from pipeline.writers import to_arrow
@@ -202,7 +202,9 @@ def test_images_are_drawn_lazily():
     CountingContext.calls = 0
     ctx = CountingContext(model=nn.Identity(), pixels=_ctx(15).pixels, input_size=(8, 8))
     out = Embedding(EmbeddingParams(layers=["l"], methods=["pca"], atlas_cells=3)).reduce(_inputs(x, labels), ctx)
-    assert inspect.isgenerator(out.images) and CountingContext.calls == 0
+    assert isinstance(out.images, Rendered) and CountingContext.calls == 0
+    # What goes to the render tasks names images, never holds their pixels.
+    assert len(pickle.dumps((out.images.items, out.images.shared))) < 20_000
     drawn = [k for k, _ in out.images]
     assert drawn[:2] == ["l-pca-scatter", "l-pca-atlas"] and len(drawn) == 2 + 15  # then the thumbnails
     assert CountingContext.calls == 2  # the atlas' images, then the thumbnails in one chunk

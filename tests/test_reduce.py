@@ -194,3 +194,96 @@ def test_a_reduction_over_the_driver_memory_budget_is_refused_with_the_fix(ray_s
     # With the budget raised, the rerun reduces from the kept partials.
     again = run(manifest, "execution.driver_memory=1GiB")
     assert again.analyses["neighbours"]["status"] == "complete"
+
+
+def _pictures(entry: Path) -> dict[str, bytes]:
+    """Every PNG of an entry's shards, by key (a key in two shards fails)."""
+    found: dict[str, bytes] = {}
+    for shard in sorted((entry / "_shards").iterdir()):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key = member.name.removesuffix(".png")
+                assert key not in found, f"{key} in two shards"
+                found[key] = tar.extractfile(member).read()
+    return found
+
+
+def _keys_resolve(entry: Path, table: pd.DataFrame, pictures: dict[str, bytes]) -> None:
+    """Every ``*key`` of the table is in the shard its ``*shard`` column names."""
+    for column in [c for c in table.columns if c == "key" or c.endswith("_key")]:
+        shard_column = column[:-3] + "shard"
+        pairs = table[[column, shard_column]].dropna().drop_duplicates()
+        assert len(pairs), column
+        for shard, keys in pairs.groupby(shard_column)[column]:
+            with tarfile.open(entry / shard) as tar:
+                assert {f"{k}.png" for k in keys} <= set(tar.getnames())
+
+
+RENDERING = [{"type": "top_patches", "layers": ["layer1", "layer3"], "k": 3, "channels": "0:6"},
+             {"type": "neighbours", "layer": "layer3", "k": 2, "queries": "all", "strips": 7},
+             {"type": "embedding", "layers": ["layer3"], "methods": ["pca"], "atlas_cells": 3, "thumb": 8}]
+
+
+def test_pictures_are_drawn_in_tasks_as_one_driver_side_drawing_would(ray_session, resnet20_weights, tmp_path,
+                                                                      image_folder, monkeypatch):
+    from jobs.dataset import embedding, neighbours, top_patches
+    from pipeline import reduce
+
+    # Small items, so that a tiny dataset still makes several of them, drawn in several tasks.
+    monkeypatch.setattr(top_patches, "FETCH_CHUNK", 5)
+    monkeypatch.setattr(neighbours, "RENDER_CHUNK", 3)
+    monkeypatch.setattr(embedding, "THUMB_CHUNK", 4)
+    runs = {}
+    for name, per_cpu in [("tasks", 2), ("driver", 0)]:  # 0: one group, drawn here
+        monkeypatch.setattr(reduce, "TASKS_PER_CPU", per_cpu)
+        manifest = write_manifest(tmp_path / f"{name}.yaml", weights=resnet20_weights, output=str(tmp_path / name),
+                                  dataset={"kind": "image_folder", "root": str(image_folder)}, analyses=RENDERING)
+        logs: list[str] = []
+        result = run(manifest, log=logs.append)
+        assert result.ok, result.analyses
+        runs[name] = logs
+    for entry in ("top_patches", "neighbours", "embedding"):
+        drawn = [m for m in runs["tasks"] if m.strip().startswith(f"{entry}: drawing")]
+        assert drawn and not drawn[0].endswith(" in 1 task(s)"), drawn  # several tasks: several blocks
+        tables, pictures = {}, {}
+        for name in runs:
+            folder = tmp_path / name / entry
+            tables[name] = pd.read_parquet(folder)
+            pictures[name] = _pictures(folder)
+            _keys_resolve(folder, tables[name], pictures[name])
+        assert len({shard.name for shard in (tmp_path / "tasks" / entry / "_shards").iterdir()}) > 1
+        # The same pictures, byte for byte, and the same tables but for which shard holds what.
+        assert pictures["tasks"] == pictures["driver"] and len(pictures["tasks"]) > 0
+        keys = [c for c in tables["tasks"].columns if not c.endswith("shard")]
+        pd.testing.assert_frame_equal(tables["tasks"][keys], tables["driver"][keys])
+
+
+def test_a_crash_before_the_tables_draws_the_pictures_again(ray_session, resnet20_weights, tmp_path, image_folder,
+                                                            monkeypatch):
+    from jobs.dataset import top_patches
+    from pipeline import reduce
+
+    monkeypatch.setattr(top_patches, "FETCH_CHUNK", 5)
+    manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights,
+                              dataset={"kind": "image_folder", "root": str(image_folder)}, analyses=RENDERING[:1])
+    original = reduce.write_result
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("driver killed after the pictures")
+
+    monkeypatch.setattr(reduce, "write_result", crash)
+    result = run(manifest)
+    assert result.analyses["top_patches"]["status"] == "failed"
+    out = tmp_path / "out"
+    ledger = out / ".staging" / "top_patches" / "_ledger"
+    assert len(list(ledger.iterdir())) > 1  # the render blocks were recorded, the tables were not
+
+    monkeypatch.setattr(reduce, "write_result", original)
+    result = run(manifest)
+    assert result.ok, result.analyses
+    table = pd.read_parquet(out / "top_patches")
+    pictures = _pictures(out / "top_patches")
+    _keys_resolve(out / "top_patches", table, pictures)
+    # Exactly the pictures the table names: none of the first attempt's files is left behind.
+    assert set(pictures) == set(table.key) | set(table.grid_key)
+    assert result.analyses["top_patches"]["images"] == len(pictures)

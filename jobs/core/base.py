@@ -332,6 +332,40 @@ class MemoryPlan:
     fix: str
 
 
+# Decodes dataset images as the model saw them: ids -> {id: uint8 (H, W, 3)} (ReduceContext.images).
+Images = Callable[[Sequence[str]], dict[str, np.ndarray]]
+
+
+@dataclass
+class Rendered:
+    """Pictures a reduction draws, as independent items the runner spreads over tasks.
+
+    ``draw(shared, item, images)`` yields the (key, image) pairs of one item, decoding the
+    dataset images it shows with ``images(ids)``. ``draw`` must be a module-level function
+    and ``items``/``shared`` small and picklable (ids, coordinates, boxes; never pixels): the
+    runner hands groups of items to Ray tasks, each decoding its own images and writing its
+    own shards, so no picture passes through the driver. Iterating draws every item here, in
+    order, with ``images`` (what tests and notebooks do).
+
+    Example::
+
+        def draw(size, ids, images):
+            for image_id, px in images(ids).items():
+                yield image_key(image_id), Image.fromarray(px).resize((size, size))
+
+        Rendered(draw, items=[ids[s:s + 512] for s in range(0, len(ids), 512)], shared=64, images=ctx.images)
+    """
+
+    draw: Callable[[Any, Any, Images], Iterable[tuple[str, Image.Image]]]
+    items: Sequence[Any]
+    shared: Any
+    images: Images
+
+    def __iter__(self) -> Iterator[tuple[str, Image.Image]]:
+        for item in self.items:
+            yield from self.draw(self.shared, item, self.images)
+
+
 @dataclass
 class ReduceOutput:
     """A reduction's result.
@@ -339,8 +373,8 @@ class ReduceOutput:
     ``tables``: {partition: table}, a ``pa.Table`` or {column: array}. A column named
     ``key`` (or ``<prefix>_key``) names a rendered image; the runner adds the matching
     ``shard`` (``<prefix>_shard``) column: the tar file, relative to the entry folder, that
-    holds ``<key>.png``. ``images``: (key, image) pairs, consumed lazily, so a reduction can
-    render thousands without holding them all. ``stats``: extra numbers for run.json.
+    holds ``<key>.png``. ``images``: a :class:`Rendered` (drawn in tasks, on the workers), or
+    (key, image) pairs consumed lazily on the driver. ``stats``: extra numbers for run.json.
     """
 
     tables: dict[str, pa.Table | dict[str, Any]]

@@ -81,12 +81,14 @@ from pydantic import Field, field_validator
 from jobs.core.base import (
     AnalysisParams,
     DistinctLayers,
+    Images,
     MapBatch,
     MemoryPlan,
     ReduceAnalysis,
     ReduceContext,
     ReduceInputs,
     ReduceOutput,
+    Rendered,
     Rows,
     image_key,
     listed_twice,
@@ -481,31 +483,41 @@ class Embedding(ReduceAnalysis):
         images = self._render(maps, ctx) if p.render else ()
         return ReduceOutput(tables={"": pa.table(table)}, images=images, stats=stats)
 
-    def _render(self, maps: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
-                ctx: ReduceContext) -> Iterator[tuple[str, Image.Image]]:
-        """Scatter plot and atlas of every (layer, method), drawn only as the runner asks for them."""
+    def _render(self, maps: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], ctx: ReduceContext) -> Rendered:
+        """Scatter plot and atlas of every (layer, method), then one thumbnail per mapped image:
+        items the runner draws in tasks (a map's ids, labels and coordinates; a chunk of ids)."""
         p = self.params
-        for prefix, ids, labels, xy in maps:
-            yield f"{prefix}-scatter", scatter(xy, labels, ctx.label_names)
-            chosen = atlas_cells(xy, p.atlas_cells)
-            pixels = ctx.images([ids[i] for i in chosen.values()])
-            # An image that no longer decodes leaves its cell empty rather than failing the atlas.
-            thumbs = {cell: pixels[ids[i]] for cell, i in chosen.items() if ids[i] in pixels}
-            yield f"{prefix}-atlas", atlas(thumbs, p.atlas_cells, cell=p.thumb)
+        items: list[tuple] = [("map", prefix, ids, labels, xy) for prefix, ids, labels, xy in maps]
         if p.thumbs and maps:
             # One thumbnail per mapped image: every image some layer's map (hence a table row) shows.
-            yield from _thumbnails(sorted(set().union(*(ids for _, ids, _, _ in maps))), p.thumb, ctx)
+            ids = sorted(set().union(*(ids for _, ids, _, _ in maps)))
+            items += [("thumbs", ids[s:s + THUMB_CHUNK]) for s in range(0, len(ids), THUMB_CHUNK)]
+        return Rendered(draw_maps, items, (ctx.label_names, p.atlas_cells, p.thumb), ctx.images)
+
+
+# Thumbnails decoded and drawn together.
+THUMB_CHUNK = 512
 
 
 def thumb_key(image_id: str) -> str:
     return image_key(image_id, "thumb")
 
 
-def _thumbnails(ids: list[str], side: int, ctx: ReduceContext, chunk: int = 512) -> Iterator[tuple[str, Image.Image]]:
-    """Every image at ``side`` px (its longer side), decoded a chunk at a time."""
-    for start in range(0, len(ids), chunk):
-        pixels = ctx.images(ids[start:start + chunk])
-        for image_id, px in pixels.items():
-            image = Image.fromarray(px)
-            image.thumbnail((side, side))
-            yield thumb_key(image_id), image
+def draw_maps(shared: tuple[list[str] | None, int, int], item: tuple, images: Images
+              ) -> Iterator[tuple[str, Image.Image]]:
+    """One item: ("map", prefix, ids, labels, xy) draws that map's scatter plot and atlas;
+    ("thumbs", ids) a thumbnail of each image at ``thumb`` px (its longer side)."""
+    label_names, cells, side = shared
+    if item[0] == "map":
+        _, prefix, ids, labels, xy = item
+        yield f"{prefix}-scatter", scatter(xy, labels, label_names)
+        chosen = atlas_cells(xy, cells)
+        pixels = images([ids[i] for i in chosen.values()])
+        # An image that no longer decodes leaves its cell empty rather than failing the atlas.
+        thumbs = {cell: pixels[ids[i]] for cell, i in chosen.items() if ids[i] in pixels}
+        yield f"{prefix}-atlas", atlas(thumbs, cells, cell=side)
+        return
+    for image_id, px in images(item[1]).items():
+        image = Image.fromarray(px)
+        image.thumbnail((side, side))
+        yield thumb_key(image_id), image

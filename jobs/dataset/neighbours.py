@@ -51,12 +51,14 @@ from jobs.core.base import (
     IMAGE_ID,
     LABEL,
     AnalysisParams,
+    Images,
     MapBatch,
     MemoryPlan,
     ReduceAnalysis,
     ReduceContext,
     ReduceInputs,
     ReduceOutput,
+    Rendered,
     Rows,
     listed_twice,
     register,
@@ -669,7 +671,7 @@ class Neighbours(ReduceAnalysis):
         stats: dict[str, Any] = {"queries": int(len(rows)), "database": int(len(ids)), "strips": int(len(drawn))}
         if recall:
             stats["recall_at_k"] = recall
-        images = self._strips(ids, rows, found, drawn, ctx) if p.render else iter(())
+        images = self._strips(ids, rows, found, drawn, ctx) if p.render else ()
         return ReduceOutput(tables={"": table}, images=images, stats=stats)
 
     def _table(self, ids: np.ndarray, labels: np.ndarray, rows: np.ndarray,
@@ -697,16 +699,24 @@ class Neighbours(ReduceAnalysis):
         return table if self.params.render else table.drop_columns(["key"])
 
     def _strips(self, ids: np.ndarray, rows: np.ndarray, found: dict[str, tuple[np.ndarray, np.ndarray]],
-                drawn: np.ndarray, ctx: ReduceContext) -> Iterator[tuple[str, Image.Image]]:
-        """One strip per drawn query and space, the query first; pixels fetched a chunk of queries at a time."""
+                drawn: np.ndarray, ctx: ReduceContext) -> Rendered:
+        """One strip per drawn query and space, the query first: items of RENDER_CHUNK queries,
+        each naming the ids it shows (the pixels are decoded where the item is drawn)."""
+        items: list[tuple[str, list[tuple[int, list[str]]]]] = []
         for space, (_, idx) in found.items():
             if idx.shape[1] == 0:
                 continue
             for start in range(0, len(drawn), RENDER_CHUNK):
                 positions = drawn[start:start + RENDER_CHUNK]
-                chunk_rows, chunk_idx = rows[positions], idx[positions]
-                wanted = np.concatenate([chunk_rows, chunk_idx[chunk_idx >= 0]])
-                pixels = ctx.images(list(dict.fromkeys(ids[wanted].tolist())))
-                for position, q, neighbours in zip(positions, chunk_rows, chunk_idx):
-                    tiles = [pixels.get(ids[j]) for j in [q, *neighbours[neighbours >= 0]]]
-                    yield f"{space}-{position:06d}", strip(tiles, min_side=self.params.thumb)
+                items.append((space, [(int(position), ids[[q, *neighbours[neighbours >= 0]]].tolist())
+                                      for position, q, neighbours in zip(positions, rows[positions], idx[positions])]))
+        return Rendered(draw_strips, items, self.params.thumb, ctx.images)
+
+
+def draw_strips(thumb: int, item: tuple[str, list[tuple[int, list[str]]]], images: Images
+                ) -> Iterator[tuple[str, Image.Image]]:
+    """The strips of one item: (space, [(query position, [query id, neighbour ids...])])."""
+    space, strips = item
+    pixels = images(list(dict.fromkeys(i for _, members in strips for i in members)))
+    for position, members in strips:
+        yield f"{space}-{position:06d}", strip([pixels.get(i) for i in members], min_side=thumb)

@@ -49,11 +49,13 @@ from jobs.core.base import (
     IMAGE_ID,
     AnalysisParams,
     DistinctLayers,
+    Images,
     MapBatch,
     ReduceAnalysis,
     ReduceContext,
     ReduceInputs,
     ReduceOutput,
+    Rendered,
     Rows,
     by_layer,
     register,
@@ -374,7 +376,7 @@ class TopPatches(ReduceAnalysis):
             "x": pa.array(x.astype(np.int32)),
             "box": pa.array(box.tolist(), pa.list_(pa.int32())),
         }
-        images: Iterator[tuple[str, Image.Image]] | tuple = ()
+        images: Rendered | tuple = ()
         if p.render:
             base = [f"{safe_key(layer)}-c{c:04d}" for layer, c in zip(df["layer"], df["channel"].to_numpy())]
             table["key"] = pa.array([f"{b}-r{r:02d}" for b, r in zip(base, df["rank"].to_numpy())], pa.string())
@@ -383,45 +385,54 @@ class TopPatches(ReduceAnalysis):
         return ReduceOutput(tables={"": pa.table(table)}, images=images, stats={"receptive_field": stats})
 
     def _render(self, df: pd.DataFrame, box: np.ndarray, sizes: dict[str, list[int]],
-                ctx: ReduceContext) -> Iterator[tuple[str, Image.Image]]:
-        """Each entry's crop, then its channel's grid; pixels fetched a few hundred images at a time."""
+                ctx: ReduceContext) -> Rendered:
+        """Each entry's crop, then its channel's grid: items of whole channels, about FETCH_CHUNK
+        images each, naming the ids and boxes they show."""
         p = self.params
         ids = df["image_id"].to_numpy(object)
         ranks = df["rank"].to_numpy()
         # Row spans of each (layer, channel), in table order.
         layer_channel = list(zip(df["layer"], df["channel"].to_numpy()))
         starts = [i for i in range(len(df)) if i == 0 or layer_channel[i] != layer_channel[i - 1]]
-        spans = list(zip(starts, starts[1:] + [len(df)]))
-
-        def emit(group: Sequence[tuple[int, int]]) -> Iterator[tuple[str, Image.Image]]:
-            wanted = list(dict.fromkeys(ids[i] for a, b in group for i in range(a, b)))
-            pixels: dict[str, np.ndarray] = {}
-            for s in range(0, len(wanted), FETCH_CHUNK):
-                pixels.update(ctx.images(wanted[s:s + FETCH_CHUNK]))
-            for a, b in group:
-                layer, channel = layer_channel[a]
-                full_h, full_w = sizes[layer]  # the layer's largest box: an unclipped field
-                full = (full_h, full_w)
-                base = f"{safe_key(layer)}-c{channel:04d}"
-                x0, y0, x1, y1 = box[a:b].T
-                dy, dx = _offsets(y0, y1, full[0]), _offsets(x0, x1, full[1])
-                tiles = []
-                for j, i in enumerate(range(a, b)):
-                    crop = np.asarray(pixels[ids[i]], np.uint8)[y0[j]:y1[j], x0[j]:x1[j]]
-                    yield f"{base}-r{ranks[i]:02d}", Image.fromarray(np.ascontiguousarray(crop))
-                    tiles.append(enlarge(_tile(crop, full, int(dy[j]), int(dx[j])), p.cell))
-                cell = tiles[0].shape[:2]
-                cells: list[np.ndarray | None] = list(tiles)
-                cells += [None] * (p.k - len(tiles))  # fewer entries than k: empty cells
-                yield f"{base}-grid", grid(cells, cols=math.ceil(math.sqrt(p.k)), cell=cell)
-
-        group: list[tuple[int, int]] = []
+        items: list[list[Span]] = []
+        group: list[Span] = []
         size = 0
-        for span in spans:
-            group.append(span)
-            size += span[1] - span[0]
+        for a, b in zip(starts, starts[1:] + [len(df)]):
+            layer, channel = layer_channel[a]
+            group.append((str(layer), int(channel), ids[a:b].tolist(), ranks[a:b].tolist(), box[a:b].tolist()))
+            size += b - a
             if size >= FETCH_CHUNK:
-                yield from emit(group)
+                items.append(group)
                 group, size = [], 0
         if group:
-            yield from emit(group)
+            items.append(group)
+        return Rendered(draw_patches, items, (sizes, p.k, p.cell), ctx.images)
+
+
+# One channel's rows to draw: (layer, channel, image ids, ranks, boxes [x0, y0, x1, y1]).
+Span = tuple[str, int, list[str], list[int], list[list[int]]]
+
+
+def draw_patches(shared: tuple[dict[str, list[int]], int, int], item: list[Span], images: Images
+                 ) -> Iterator[tuple[str, Image.Image]]:
+    """The crops and grid of each channel of one item; ``shared`` is (each layer's largest
+    box, k, grid cell)."""
+    sizes, k, cell_size = shared
+    wanted = list(dict.fromkeys(i for span in item for i in span[2]))
+    pixels: dict[str, np.ndarray] = {}
+    for s in range(0, len(wanted), FETCH_CHUNK):
+        pixels.update(images(wanted[s:s + FETCH_CHUNK]))
+    for layer, channel, span_ids, span_ranks, boxes in item:
+        full = (sizes[layer][0], sizes[layer][1])  # the layer's largest box: an unclipped field
+        base = f"{safe_key(layer)}-c{channel:04d}"
+        x0, y0, x1, y1 = np.asarray(boxes, np.int64).reshape(-1, 4).T
+        dy, dx = _offsets(y0, y1, full[0]), _offsets(x0, x1, full[1])
+        tiles = []
+        for j, (image_id, rank) in enumerate(zip(span_ids, span_ranks)):
+            crop = np.asarray(pixels[image_id], np.uint8)[y0[j]:y1[j], x0[j]:x1[j]]
+            yield f"{base}-r{rank:02d}", Image.fromarray(np.ascontiguousarray(crop))
+            tiles.append(enlarge(_tile(crop, full, int(dy[j]), int(dx[j])), cell_size))
+        cell = tiles[0].shape[:2]
+        cells: list[np.ndarray | None] = list(tiles)
+        cells += [None] * (k - len(tiles))  # fewer entries than k: empty cells
+        yield f"{base}-grid", grid(cells, cols=math.ceil(math.sqrt(k)), cell=cell)

@@ -233,29 +233,36 @@ def test_pictures_are_drawn_in_tasks_as_one_driver_side_drawing_would(ray_sessio
     monkeypatch.setattr(top_patches, "FETCH_CHUNK", 5)
     monkeypatch.setattr(neighbours, "RENDER_CHUNK", 3)
     monkeypatch.setattr(embedding, "THUMB_CHUNK", 4)
-    runs = {}
-    for name, per_cpu in [("tasks", 2), ("driver", 0)]:  # 0: one group, drawn here
-        monkeypatch.setattr(reduce, "TASKS_PER_CPU", per_cpu)
-        manifest = write_manifest(tmp_path / f"{name}.yaml", weights=resnet20_weights, output=str(tmp_path / name),
-                                  dataset={"kind": "image_folder", "root": str(image_folder)}, analyses=RENDERING)
-        logs: list[str] = []
-        result = run(manifest, log=logs.append)
-        assert result.ok, result.analyses
-        runs[name] = logs
+    # Each analysis twice in one run: "<type>" drawn in tasks, "<type>_here" as one group here.
+    original = reduce.render_blocks
+
+    def render_blocks(rendered, ctx, folder, where):
+        with monkeypatch.context() as m:
+            m.setattr(reduce, "TASKS_PER_CPU", 0 if where.endswith("_here") else 2)
+            return original(rendered, ctx, folder, where)
+
+    monkeypatch.setattr(reduce, "render_blocks", render_blocks)
+    manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights,
+                              dataset={"kind": "image_folder", "root": str(image_folder)},
+                              analyses=RENDERING + [{**a, "name": f"{a['type']}_here"} for a in RENDERING])
+    logs: list[str] = []
+    result = run(manifest, log=logs.append)
+    assert result.ok, result.analyses
+    out = tmp_path / "out"
     for entry in ("top_patches", "neighbours", "embedding"):
-        drawn = [m for m in runs["tasks"] if m.strip().startswith(f"{entry}: drawing")]
-        assert drawn and not drawn[0].endswith(" in 1 task(s)"), drawn  # several tasks: several blocks
+        drawn = [m.strip() for m in logs if m.strip().startswith(f"{entry}: drawing")]
+        assert len(drawn) == 1 and not drawn[0].endswith(" in 1 task(s)"), drawn  # several tasks, several blocks
+        assert [m.strip() for m in logs if m.strip().startswith(f"{entry}_here: drawing")][0].endswith(" 1 task(s)")
         tables, pictures = {}, {}
-        for name in runs:
-            folder = tmp_path / name / entry
-            tables[name] = pd.read_parquet(folder)
-            pictures[name] = _pictures(folder)
-            _keys_resolve(folder, tables[name], pictures[name])
-        assert len({shard.name for shard in (tmp_path / "tasks" / entry / "_shards").iterdir()}) > 1
+        for name in (entry, f"{entry}_here"):
+            tables[name] = pd.read_parquet(out / name)
+            pictures[name] = _pictures(out / name)
+            _keys_resolve(out / name, tables[name], pictures[name])
+        assert len(list((out / entry / "_shards").iterdir())) > 1
         # The same pictures, byte for byte, and the same tables but for which shard holds what.
-        assert pictures["tasks"] == pictures["driver"] and len(pictures["tasks"]) > 0
-        keys = [c for c in tables["tasks"].columns if not c.endswith("shard")]
-        pd.testing.assert_frame_equal(tables["tasks"][keys], tables["driver"][keys])
+        assert pictures[entry] == pictures[f"{entry}_here"] and len(pictures[entry]) > 0
+        keys = [c for c in tables[entry].columns if not c.endswith("shard")]
+        pd.testing.assert_frame_equal(tables[entry][keys], tables[f"{entry}_here"][keys])
 
 
 def test_a_crash_before_the_tables_draws_the_pictures_again(ray_session, resnet20_weights, tmp_path, image_folder,

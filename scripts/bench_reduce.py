@@ -4,8 +4,8 @@ Each row's partials are written as an entry's committed partials (Parquet part f
 ``.inputs/<entry>``, laid out as that analysis' ``map_batch`` writes them), so each reduction
 reads them exactly as in a real run and goes through the runner's ``reduce_entry`` (memory
 check, reduce, staged write, commit) on an embedded Ray. Each row runs in a process of its
-own: ``peak_driver_rss_bytes`` is that process' peak resident set (object-store pages it maps
-included), ``peak_task_rss_bytes`` the largest peak of any Ray worker process of that row's
+own: ``peak_driver_rss_bytes`` is that process' peak resident set (VmHWM; object-store pages
+it maps included), ``peak_task_rss_bytes`` the largest peak of any Ray worker process of that row's
 Ray while it ran (sampled from /proc every 50 ms; other Ray instances on the machine are not
 counted).
 
@@ -140,6 +140,22 @@ def write_candidates(folder: Path, n: int, channels: int, k: int, batch: int, bl
     return written
 
 
+def peak_rss() -> int:
+    """This process' peak resident set in bytes: VmHWM, its own memory's high-water mark.
+
+    Not ``ru_maxrss``: a child's carries its parent's peak over the exec (Linux records the
+    forked memory's high-water mark), so every row would report at least the peak of the
+    process that wrote the partials.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _parent(pid: str) -> str:
     stat = Path(f"/proc/{pid}/stat").read_text()
     return stat[stat.rindex(")") + 2:].split()[1]
@@ -259,7 +275,7 @@ def run_one(spec: dict) -> dict:
     seconds = time.time() - start
     peaks.done.set()
     peaks.join()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = peak_rss()
     return {"analysis": spec["analysis"], "variant": spec["variant"], "n": spec["n"], "d": spec["d"],
             "queries": spec.get("queries"), **spec.get("fields", {}), "peak_driver_rss_bytes": rss,
             "peak_task_rss_bytes": peaks.peak, "seconds": round(seconds, 2), **figures(stats)}
@@ -278,7 +294,7 @@ def probes_one(n: int, d: int, classes: int, solver: str) -> dict:
         model = make_classifier("logistic", 1.0, 1000, 0, True).fit(x[train], labels[train])
     seconds = time.time() - start
     accuracy = float(model.score(x[test], labels[test]))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = peak_rss()
     return {"analysis": "probes_fit", "variant": solver, "n": n, "d": d, "classes": classes, "queries": None,
             "peak_driver_rss_bytes": rss, "peak_task_rss_bytes": 0, "seconds": round(seconds, 2),
             "test_accuracy": round(accuracy, 4)}

@@ -123,3 +123,16 @@ def test_bench_reduce_every_new_row_runs_and_reports(ray_session, tmp_path):
     assert by["probes", None, "after"]["same_as_before"] is True
     assert 0 <= by["probes", None, "after"]["test_accuracy"] <= 1
     assert not any("same_as_before" in r for r in rows if r["analysis"] == "embedding")  # not comparable
+
+
+def test_bench_reduce_driver_peak_is_the_row_process_own():
+    """A row's process reports its own peak, not the larger one of the process that started it."""
+    import numpy as np
+
+    from scripts import bench_reduce
+
+    held = np.ones(2**26)  # 512 MiB resident here, in the parent
+    code = "from scripts.bench_reduce import peak_rss; print(peak_rss())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=bench_reduce.ROOT)
+    assert 0 < int(out.stdout.strip().splitlines()[-1]) < held.nbytes / 2

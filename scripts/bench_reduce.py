@@ -68,10 +68,16 @@ LAYER = "x"
 INPUT_SIZE, STRIDE = 32, 4
 
 
-def features(n: int, d: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` points of ``classes`` overlapping Gaussian clusters in ``d`` dimensions."""
+def features(n: int, d: int, classes: int, seed: int = 0, part: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` points of ``classes`` overlapping Gaussian clusters in ``d`` dimensions.
+
+    ``part``: one part of a larger set, its points drawn apart from the other parts' (seeded by
+    ``seed`` and ``part``) around the same cluster centres (seeded by ``seed``).
+    """
     rng = np.random.default_rng(seed)
     centres = rng.normal(scale=0.12, size=(classes, d)).astype(np.float32)  # overlapping: ~70% accuracy
+    if part is not None:
+        rng = np.random.default_rng([seed, part])
     labels = rng.integers(0, classes, size=n)
     x = rng.standard_normal(size=(n, d), dtype=np.float32)
     x += centres[labels]
@@ -91,7 +97,7 @@ def write_partials(folder: Path, n: int, d: int, classes: int, column: str = "fe
     folder.mkdir(parents=True, exist_ok=True)
     for part, start in enumerate(range(0, n, PART_ROWS)):
         rows = min(PART_ROWS, n - start)
-        x, labels = features(rows, d, classes, seed=part)
+        x, labels = features(rows, d, classes, part=part)  # every part around the same centres
         table = pa.table({
             "image_id": pa.array(image_ids(start, start + rows)),
             "label": pa.array(labels.astype(np.int64)),

@@ -136,3 +136,15 @@ def test_bench_reduce_driver_peak_is_the_row_process_own():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=bench_reduce.ROOT)
     assert 0 < int(out.stdout.strip().splitlines()[-1]) < held.nbytes / 2
+
+
+def test_bench_reduce_partials_share_their_classes():
+    """Every part file of the synthetic features draws new points around the same class centres."""
+    import numpy as np
+
+    from scripts.bench_reduce import features
+
+    (x0, l0), (x1, l1) = features(4000, 64, 2, part=0), features(4000, 64, 2, part=1)
+    assert not np.array_equal(x0, x1)
+    gap0, gap1 = (x[labels == 0].mean(0) - x[labels == 1].mean(0) for x, labels in ((x0, l0), (x1, l1)))
+    assert np.corrcoef(gap0, gap1)[0, 1] > 0.8

@@ -95,3 +95,56 @@ def test_bench_reduce_neighbours_before_and_after_agree(tmp_path):
     for r in rows:
         assert r["peak_driver_rss_bytes"] > 0 and r["rows"] == 50 * 5 and r["queries"] == 50
     assert rows[1]["same_as_before"] is True  # ids and distances
+
+
+def test_bench_reduce_every_new_row_runs_and_reports(ray_session, tmp_path):
+    """embedding (pca), tsne, top_patches and probes, before and after, through reduce_entry (rows in this process)."""
+    from scripts import bench_reduce
+
+    out = tmp_path / "rows.json"
+    rows = bench_reduce.main(["--rows", "embedding,tsne,top_patches,probes", "--n", "600", "--d", "8", "--wide-n", "0",
+                              "--tsne-n", "150", "--classes", "3", "--batch", "16", "--block", "64", "--k", "3",
+                              "--scratch", str(tmp_path), "--json", str(out), "--in-process"])
+    assert json.loads(out.read_text()) == rows
+    got = [(r["analysis"], r.get("method"), r["variant"], r["n"]) for r in rows]
+    assert got == [("embedding", "pca", "before", 600), ("embedding", "pca", "after", 600),
+                   ("embedding", "tsne", "before", 150), ("embedding", "tsne", "after", 150),
+                   ("top_patches", None, "before", 600), ("top_patches", None, "after", 600),
+                   ("probes", None, "before", 600), ("probes", None, "after", 600)]
+    for r in rows:
+        assert {"analysis", "n", "d", "peak_driver_rss_bytes", "peak_task_rss_bytes", "seconds"} <= set(r), r
+        assert "failed" not in r and r["d"] == 8 and r["peak_driver_rss_bytes"] > 0 and r["seconds"] >= 0
+    by = {(r["analysis"], r.get("method"), r["variant"]): r for r in rows}
+    assert by["embedding", "pca", "after"]["points"] == 600 and by["embedding", "tsne", "after"]["points"] == 150
+    # 600 images in batches of 16: 3 candidates per channel of each of 38 batches, 8 channels.
+    assert by["top_patches", None, "after"]["candidates"] == 38 * 3 * 8
+    assert by["top_patches", None, "after"]["rows"] == 8 * 3
+    assert by["top_patches", None, "after"]["same_as_before"] is True
+    assert by["probes", None, "after"]["same_as_before"] is True
+    assert 0 <= by["probes", None, "after"]["test_accuracy"] <= 1
+    assert not any("same_as_before" in r for r in rows if r["analysis"] == "embedding")  # not comparable
+
+
+def test_bench_reduce_driver_peak_is_the_row_process_own():
+    """A row's process reports its own peak, not the larger one of the process that started it."""
+    import numpy as np
+
+    from scripts import bench_reduce
+
+    held = np.ones(2**26)  # 512 MiB resident here, in the parent
+    code = "from scripts.bench_reduce import peak_rss; print(peak_rss())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=bench_reduce.ROOT)
+    assert 0 < int(out.stdout.strip().splitlines()[-1]) < held.nbytes / 2
+
+
+def test_bench_reduce_partials_share_their_classes():
+    """Every part file of the synthetic features draws new points around the same class centres."""
+    import numpy as np
+
+    from scripts.bench_reduce import features
+
+    (x0, l0), (x1, l1) = features(4000, 64, 2, part=0), features(4000, 64, 2, part=1)
+    assert not np.array_equal(x0, x1)
+    gap0, gap1 = (x[labels == 0].mean(0) - x[labels == 1].mean(0) for x, labels in ((x0, l0), (x1, l1)))
+    assert np.corrcoef(gap0, gap1)[0, 1] > 0.8

@@ -54,7 +54,7 @@ TASKS_PER_CPU = 2
 
 # Bytes of one record batch that a reduction streams (Parquet's uncompressed size): wide rows
 # (2,048-dim features) come in fewer rows per batch than narrow ones.
-BATCH_BYTES = 64 * 2**20
+BATCH_BYTES = 16 * 2**20
 
 
 class ParquetInputs:

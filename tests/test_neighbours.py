@@ -292,6 +292,12 @@ def test_params_validation(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "faiss" else real(name, *a))
     with pytest.raises(ValidationError, match=r"faiss-cpu package \(pip install 'convscope\[ann\]'\)"):
         NeighboursParams(layer="x", index="faiss")
+    with pytest.raises(ValidationError, match=r"index 'faiss_ivf' needs the faiss-cpu package"):
+        NeighboursParams(layer="x", index="faiss_ivf")
+    with pytest.raises(ValidationError, match="nlist"):
+        NeighboursParams(layer="x", nlist=0)
+    with pytest.raises(ValidationError, match="nprobe"):
+        NeighboursParams(layer="x", nprobe=0)
 
 
 def test_faiss_recall_on_clustered_data():
@@ -440,3 +446,70 @@ def test_memory_plan_counts_the_float32_database_and_refuses_over_the_budget():
     check_memory(analysis, TableInputs(tables), plan.bytes)  # at the budget: runs
     with pytest.raises(MemoryError, match=r"execution\.driver_memory.*queries: \{sample"):
         check_memory(analysis, TableInputs(tables), plan.bytes - 1)
+
+
+def _vectors_table(x: np.ndarray) -> dict[str, pa.Table]:
+    n, d = x.shape
+    return {"": pa.table({"image_id": [f"v{i:04d}" for i in range(n)], "label": np.full(n, -1, np.int64),
+                          "feature": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), d)})}
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_faiss_ivf_probing_every_list_equals_exact_search(metric):
+    pytest.importorskip("faiss")
+    x = np.random.default_rng(11).normal(size=(400, 12)).astype(np.float32)  # no ties
+    tables = _vectors_table(x)
+    ctx = LocalContext(model=torch.nn.Identity(), pixels={}, input_size=(1, 1))
+    p = NeighboursParams(spaces=["feature"], layer="x", metric=metric, k=6, queries="all", index="faiss_ivf",
+                         nlist=8, nprobe=8, recall_sample=100, render=False)
+    out = Neighbours(p).reduce(TableInputs(tables, batch_rows=64), ctx)  # the database in 7 blocks
+    exact = Neighbours(p.model_copy(update={"index": "exact"})).reduce(TableInputs(tables), ctx)
+    got, want = out.tables[""].to_pydict(), exact.tables[""].to_pydict()
+    assert got["image_id"] == want["image_id"] and got["neighbour_id"] == want["neighbour_id"]
+    np.testing.assert_allclose(got["distance"], want["distance"], rtol=1e-4, atol=1e-5)
+    assert out.stats["recall_at_k"] == {"feature": 1.0} and out.stats["ivf"] == {"feature": {"nlist": 8, "nprobe": 8}}
+    assert "ivf" not in exact.stats
+
+
+def test_faiss_ivf_recall_is_recorded_with_the_default_lists():
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(12, 16)) * 10
+    x = (centres[rng.integers(0, 12, 600)] + rng.normal(size=(600, 16))).astype(np.float32)
+    ctx = LocalContext(model=torch.nn.Identity(), pixels={}, input_size=(1, 1))
+    p = NeighboursParams(spaces=["feature"], layer="x", metric="l2", k=5, queries="all", index="faiss_ivf",
+                         nprobe=4, recall_sample=200, render=False)
+    out = Neighbours(p).reduce(TableInputs(_vectors_table(x)), ctx)
+    assert out.stats["ivf"] == {"feature": {"nlist": 98, "nprobe": 4}}  # round(4 sqrt(600)) lists
+    assert 0.5 <= out.stats["recall_at_k"]["feature"] < 1.0  # 4 of 98 lists: approximate, and said so
+    t = out.tables[""].to_pydict()
+    assert len(t["image_id"]) == 600 * 5 and all(a != b for a, b in zip(t["image_id"], t["neighbour_id"]))
+    # The same lists and the same results on a second run (seeded sample and k-means).
+    again = Neighbours(p).reduce(TableInputs(_vectors_table(x), batch_rows=100), ctx)
+    assert again.tables[""].equals(out.tables[""]) and again.stats == out.stats
+
+
+def test_ivf_lists_and_training_rows():
+    assert neighbours.ivf_lists(1_000_000, None) == 4000  # about 4 sqrt(n)
+    assert neighbours.ivf_lists(10**10, None) == neighbours.IVF_MAX_LISTS
+    assert neighbours.ivf_lists(10, None) == 10 and neighbours.ivf_lists(100, 500) == 100  # never more than n
+    assert neighbours.ivf_lists(1_000_000, 1024) == 1024
+    assert neighbours.ivf_train_rows(1_000_000, 4000) == 4000 * neighbours.IVF_TRAIN_PER_LIST
+    assert neighbours.ivf_train_rows(600, 98) == 600
+
+
+def test_memory_plan_allows_for_the_ivf_index():
+    n, d, k, q = 5000, 32, 5, 100
+    tables = _vectors_table(np.zeros((n, d), np.float32))
+
+    def plan(**params):
+        return Neighbours(NeighboursParams(spaces=["feature"], layer="x", k=k, queries={"sample": q},
+                                           **params)).memory_plan(TableInputs(tables)).bytes
+
+    lists = round(4 * 5000 ** 0.5)  # 283
+    train = min(n, neighbours.IVF_TRAIN_PER_LIST * lists)
+    database = n * d * 4
+    # Its copy and ids, centroids and training sample (twice each), a block being added, the queries.
+    allowance = database + n * 8 + 2 * (lists + train) * d * 4 + 2 * database + q * (d * 4 * 2 + (k + 1) * 32)
+    assert plan(index="faiss_ivf") - plan() == allowance
+    assert plan(index="faiss_ivf", nlist=8) < plan(index="faiss_ivf")  # fewer lists train on fewer rows

@@ -14,6 +14,8 @@ from sklearn.svm import LinearSVC
 from torch import nn
 
 from jobs import LocalContext, TableInputs
+from jobs.core.kernels import matrix, read_features
+from jobs.dataset import probes
 from jobs.dataset.probes import Probes, ProbesParams, TorchLogistic, choose_solver, make_classifier
 from pipeline.writers import to_arrow
 from tests.harness import as_table, run_local
@@ -29,10 +31,10 @@ def _table(ids: list[str], labels, features: np.ndarray) -> pa.Table:
     })
 
 
-def _run(layers: dict[str, np.ndarray], labels, ids: list[str] | None = None, **params):
+def _run(layers: dict[str, np.ndarray], labels, ids: list[str] | None = None, batch_rows: int = 65536, **params):
     n = len(labels)
     ids = ids if ids is not None else [f"img{i:04d}" for i in range(n)]
-    inputs = TableInputs({f"layer={name}": _table(ids, labels, f) for name, f in layers.items()})
+    inputs = TableInputs({f"layer={name}": _table(ids, labels, f) for name, f in layers.items()}, batch_rows)
     ctx = LocalContext(model=nn.Identity(), pixels={}, input_size=(8, 8), label_names=["cat", "dog", "eel"])
     return Probes(ProbesParams(layers=list(layers), **params)).reduce(inputs, ctx)
 
@@ -65,13 +67,14 @@ def test_separable_features_give_perfect_accuracy_and_random_labels_chance():
 
 
 @pytest.mark.parametrize("classifier", ["logistic", "linear_svm"])
-def test_equals_a_direct_sklearn_fit_on_the_same_split(classifier):
+@pytest.mark.parametrize("batch_rows", [7, 65536])  # features streamed in many record batches, or one
+def test_equals_a_direct_sklearn_fit_on_the_same_split(classifier, batch_rows):
     x, labels = _noisy()
     labels = labels.copy()
     labels[[3, 17]] = -1  # unlabelled
     labels[5] = -2  # null label
     ids = [f"img{(i * 37) % 150:04d}" for i in range(150)]  # not in id order
-    out = _run({"l": x}, labels, ids=ids, classifier=classifier, seed=4, C=0.5)
+    out = _run({"l": x}, labels, ids=ids, batch_rows=batch_rows, classifier=classifier, seed=4, C=0.5)
     row = as_table(out).to_pylist()[0]
     # Independently: labelled images sorted by id, the stratified split, the scaled classifier.
     keep = labels >= 0
@@ -180,3 +183,69 @@ def test_solver_choice_and_refusal():
     assert choose_solver("sklearn", "logistic", 960_000, 2_048, "cuda", memory) == "sklearn"
     with pytest.raises(ValueError, match="solver 'torch' fits the logistic probe only"):
         ProbesParams(layers=["l"], classifier="linear_svm", solver="torch")
+
+
+def test_read_features_streams_what_a_whole_column_read_gives():
+    x, labels = _noisy(n=61, dims=5)
+    labels[4] = -2  # a null label reads as -1
+    ids = [f"img{(i * 7) % 61:04d}" for i in range(61)]
+    table = _table(ids, labels, x)
+    order = np.argsort(np.array(ids), kind="stable")
+    for batch_rows in (1, 8, 61):
+        got_ids, got_labels, got = read_features(TableInputs({"layer=l": table}, batch_rows), "l")
+        assert got_ids.tolist() == [ids[i] for i in order]
+        assert got_labels.tolist() == [-1 if i == 4 else int(labels[i]) for i in order]
+        assert got.dtype == np.float32 and got.flags.c_contiguous
+        assert got.tobytes() == matrix(table.column("feature"))[order].tobytes()
+
+
+def _plan_inputs(n: int, dims: dict[str, int], classes: int = 3) -> TableInputs:
+    labels = np.arange(n) % classes
+    labels[:2] = -1  # unlabelled: not in the split
+    ids = [f"img{i:04d}" for i in range(n)]
+    return TableInputs({f"layer={name}": _table(ids, labels, np.zeros((n, d))) for name, d in dims.items()})
+
+
+@pytest.mark.parametrize("float64_copy", [False, True])
+def test_memory_plan_counts_the_features_the_split_copies_and_the_read(monkeypatch, float64_copy):
+    monkeypatch.setattr(probes, "lbfgs_copies_float64", lambda: float64_copy)
+    inputs = _plan_inputs(200, {"a": 8, "b": 16}, classes=20)
+    # 198 labelled images: 50 test (rounded up), 148 train; 20 classes. The wider layer needs most.
+    n, d, rows, c = 200, 16, 148, 20
+    features, ids = n * d * 4, n * probes.IMAGE_BYTES
+    read, left = min(3 * n * d * 4, probes.STREAM_BYTES), min(n * d * 2, probes.STREAM_LEFT)
+    split = rows * 4 * d
+    # logistic: the scaled copy (and in older scikit-learn a float64 one) and the loss' arrays,
+    # or StandardScaler's float64 centred copy and NaN mask, whichever is more.
+    logistic = split + rows * max(9 * d, 4 * d + (8 * d if float64_copy else 0) + 12 * c)
+    assert left + logistic > read  # the fit's peak, not the read's
+    plan = Probes(ProbesParams(layers=["a", "b"])).memory_plan(inputs)
+    assert plan is not None and plan.bytes == features + ids + left + logistic
+    assert "200 x 16 of b" in plan.what and "sklearn solver's copies of the 148-image split, 20 classes" in plan.what
+    assert plan.bytes > Probes(ProbesParams(layers=["a"])).memory_plan(inputs).bytes
+    # liblinear: scaled, float64 and (index, value) copies: more than the read.
+    svm = split + rows * (4 * d + 8 * d + 16 * d)
+    assert left + svm > read
+    assert Probes(ProbesParams(layers=["a", "b"], classifier="linear_svm")).memory_plan(inputs).bytes == \
+        features + ids + left + svm
+    torch_fit = rows * (12 * d + 8 * c)  # the split, standardised, and the intermediate while scoring
+    assert Probes(ProbesParams(layers=["b"], solver="torch")).memory_plan(inputs).bytes == \
+        features + ids + left + torch_fit
+    # Few images: streaming the partials is the peak.
+    small = _plan_inputs(200, {"b": 16}, classes=2)
+    assert Probes(ProbesParams(layers=["b"], solver="torch")).memory_plan(small).bytes == features + ids + read
+    assert Probes(ProbesParams(layers=["gone"])).memory_plan(inputs) is None  # no partials: nothing planned
+
+
+def test_memory_plan_refuses_over_the_budget_with_the_fix():
+    from pipeline.reduce import check_memory
+
+    inputs = _plan_inputs(200, {"b": 16})
+    analysis = Probes(ProbesParams(layers=["b"], classifier="linear_svm", pool="none"))
+    plan = analysis.memory_plan(inputs)
+    check_memory(analysis, inputs, plan.bytes)  # at the budget: runs
+    with pytest.raises(MemoryError, match=r"probes would hold .* over execution\.driver_memory") as refused:
+        check_memory(analysis, inputs, plan.bytes - 1)
+    message = str(refused.value)
+    assert "200 x 16 of b" in message and "pool: avg (not none)" in message and "dataset.sample" in message
+    assert "classifier: logistic with solver: torch" in message  # liblinear's copies are the larger

@@ -508,3 +508,83 @@ def test_tree_merge_equals_the_sequential_merge(k):
     one = {"layer=0": tables["layer=0"].slice(0, 1)}
     out = TopPatches(TopPatchesParams(layers=["0", "1"], k=k, render=False)).reduce(TableInputs(one), ctx)
     assert exact_rows(out) == sequential_top_k(one["layer=0"], "0", k) and ctx.tasks == []
+
+
+@pytest.mark.parametrize("batch_size", [3, 20])  # fewer images than k per batch, and more
+def test_partial_channels_counts_the_channels_map_batch_wrote(batch_size):
+    from jobs.dataset.top_patches import partial_channels
+    from tests.harness import gather, map_batches
+
+    ids, pixels = dataset(20)
+    for k in (1, 4):
+        analysis = TopPatches(TopPatchesParams(layers=["conv1", "conv2", "fc"], k=k))
+        inputs = gather(map_batches(analysis, tiny(), ids, pixels, [-1] * 20, batch_size))
+        for rows in (1, 5, 1000):  # record batches that cut the first map batch, or hold it all
+            inputs.batch_rows = rows
+            got = {layer: partial_channels(inputs, f"layer={layer}", k) for layer in ("conv1", "conv2", "fc")}
+            assert got == {"conv1": 6, "conv2": 5, "fc": 3}, (k, rows)
+    # One channel: each batch's run of at most k rows ends where the next batch's starts.
+    one = TableInputs({"layer=l": pa.table({"channel": pa.array([7] * 12, pa.int32())})}, batch_rows=2)
+    assert partial_channels(one, "layer=l", 3) == 1
+    empty = TableInputs({"layer=l": pa.table({"channel": pa.array([], pa.int32())})})
+    assert partial_channels(empty, "layer=l", 3) == 0
+
+
+def _candidates_table(batches: int, channels: int, k: int) -> pa.Table:
+    """Partials as map_batch writes them: per batch, every channel once, ascending, k rows each."""
+    n = batches * channels * k
+    return pa.table({"channel": pa.array(np.tile(np.repeat(np.arange(channels), k), batches), pa.int32()),
+                     "activation": pa.array(np.arange(n, dtype=np.float32)),
+                     "image_id": pa.array([f"im{i % 50}" for i in range(n)]),
+                     "y": pa.array(np.zeros(n, np.int32)), "x": pa.array(np.zeros(n, np.int32))})
+
+
+def test_memory_plan_counts_the_pieces_their_merge_and_the_table():
+    from jobs.dataset import top_patches as tp
+
+    # Two layers of 1,000 partial rows (4 channels x k=2, 125 batches), split into 63 pieces of 16 rows.
+    tables = {"layer=a": _candidates_table(125, 4, 2), "layer=b": _candidates_table(125, 4, 2)}
+    inputs = TableInputs(tables)
+    assert len(inputs.split("layer=a", 2 * tp.PLAN_WORKERS)) == 63
+    candidates, kept = 63 * 4 * 2, 4 * 2  # each piece's k best per channel; the merged k per channel
+    plan = TopPatches(TopPatchesParams(layers=["a", "b", "gone"], k=2)).memory_plan(inputs)
+    assert plan is not None
+    assert plan.bytes == tp.CANDIDATE_BYTES * (2 * candidates + 2 * kept + tp.MERGE_COPIES * candidates) + \
+        tp.ROW_BYTES * 2 * kept
+    assert "16 result rows (2 layer(s), up to 4 channels x k=2)" in plan.what and "1,008 candidates" in plan.what
+    # Chosen channels are counted from the parameters.
+    three = TopPatches(TopPatchesParams(layers=["a"], k=2, channels=[0, 1, 3])).memory_plan(inputs)
+    span = TopPatches(TopPatchesParams(layers=["a"], k=2, channels="1:4")).memory_plan(inputs)
+    assert three.bytes == span.bytes == tp.CANDIDATE_BYTES * (378 + 6 + tp.MERGE_COPIES * 378) + tp.ROW_BYTES * 6
+    # Pieces never return more rows than they hold: 100 rows in 50 pieces of 2.
+    small = TableInputs({"layer=a": _candidates_table(13, 4, 2).slice(0, 100)})
+    assert TopPatches(TopPatchesParams(layers=["a"], k=2)).memory_plan(small).bytes == \
+        tp.CANDIDATE_BYTES * (100 + 8 + tp.MERGE_COPIES * 100) + tp.ROW_BYTES * 8
+    assert TopPatches(TopPatchesParams(layers=["gone"])).memory_plan(inputs) is None
+
+
+def test_memory_plan_of_one_piece_counts_a_record_batch_merged_here(tmp_path):
+    import pyarrow.parquet as pq
+
+    from jobs.dataset import top_patches as tp
+    from pipeline.reduce import ParquetInputs
+    from pipeline.store import Store
+
+    (tmp_path / "layer=a").mkdir()
+    pq.write_table(_candidates_table(10, 4, 3), tmp_path / "layer=a" / "part-0-10.parquet")
+    inputs = ParquetInputs(Store.open(tmp_path), "")
+    plan = TopPatches(TopPatchesParams(layers=["a"], k=3)).memory_plan(inputs)
+    # One file, one piece: merged on the driver, a record batch (all 120 rows here) at a time.
+    assert plan.bytes == tp.CANDIDATE_BYTES * (12 + 12 + tp.MERGE_COPIES * 120 + 120) + tp.ROW_BYTES * 12
+
+
+def test_memory_plan_refuses_over_the_budget_with_the_fix():
+    from pipeline.reduce import check_memory
+
+    inputs = TableInputs({"layer=a": _candidates_table(125, 4, 2)})
+    analysis = TopPatches(TopPatchesParams(layers=["a"], k=2))
+    plan = analysis.memory_plan(inputs)
+    check_memory(analysis, inputs, plan.bytes)  # at the budget: runs
+    with pytest.raises(MemoryError, match=r"top_patches would hold .*over execution\.driver_memory .*"
+                                          r"channels: '0:64'.*smaller k"):
+        check_memory(analysis, inputs, plan.bytes - 1)

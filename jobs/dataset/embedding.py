@@ -74,7 +74,6 @@ from typing import Annotated, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from PIL import Image
 from pydantic import Field, field_validator
 
@@ -95,7 +94,7 @@ from jobs.core.base import (
     register,
     safe_key,
 )
-from jobs.core.kernels import pooled_features, pooled_features_schema, worth_logging
+from jobs.core.kernels import pooled_features, pooled_features_schema, read_sample, worth_logging
 from jobs.core.render import atlas, atlas_cells, scatter
 
 Method = Literal["pca", "tsne", "umap"]
@@ -266,70 +265,6 @@ def check_count(n: int, methods: Sequence[str], layer: str) -> None:
 def kept_count(total: int, max_points: int | None) -> int:
     """How many of a layer's ``total`` images are mapped."""
     return total if max_points is None else min(total, max_points)
-
-
-def sample_positions(ids: pa.ChunkedArray, max_points: int | None, seed: int, layer: str = "") -> np.ndarray:
-    """Dataset positions of the rows to map, in image-id order: all rows, or a seeded sample of ``max_points``.
-
-    The sample is the one :func:`jobs.core.base.sample_ids` draws from the sorted ids with the
-    same size and seed. ValueError when an id is listed twice.
-    """
-    order = pc.sort_indices(ids).to_numpy()
-    if len(order) > 1:
-        # Arrow sorts strings by their UTF-8 bytes, which is code point order: Python's.
-        ranked = ids.take(pa.array(order))
-        same = pc.equal(ranked.slice(1), ranked.slice(0, len(order) - 1))
-        if pc.any(same).as_py():
-            first = pc.index(same, True).as_py()
-            raise ValueError(f"layer {layer!r}: image ids listed more than once, e.g. {ranked[first].as_py()!r}")
-    if max_points is None or len(order) <= max_points:
-        return order
-    picked = np.random.default_rng(seed).choice(len(order), size=max_points, replace=False)
-    return order[np.sort(picked)]
-
-
-def read_sample(inputs: ReduceInputs, layer: str, max_points: int | None,
-                seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """A layer's mapped rows in image-id order: ids (object), labels (int64, -1: none), float32 features (n, D),
-    and how many rows the layer has.
-
-    Reads the ids, then streams the features a block at a time, copying only the kept rows
-    into one preallocated array: memory is the kept rows plus one block, whatever the total.
-    A layer with no partition (an empty dataset) gives empty arrays.
-    """
-    partition = f"layer={layer}"
-    if partition not in inputs.partitions():
-        return np.array([], dtype=object), np.zeros(0, np.int64), np.zeros((0, 0), np.float32), 0
-    total = inputs.rows(partition)
-    id_chunks = [b.column(0) for b in inputs.batches(partition, ["image_id"])]
-    ids = pa.chunked_array(id_chunks, type=id_chunks[0].type if id_chunks else pa.string())
-    kept = sample_positions(ids, max_points, seed, layer)
-    n, d = len(kept), inputs.width(partition, "feature")
-    kept_ids = np.array(ids.take(pa.array(kept)).to_pylist(), dtype=object)
-    del ids
-    labels = np.full(n, -1, np.int64)
-    features = np.empty((n, d), np.float32)
-    # Blocks come in dataset order: find each block's kept rows by their sorted positions.
-    by_position = np.argsort(kept, kind="stable")
-    positions = kept[by_position]
-    start = 0
-    for batch in inputs.batches(partition, ["label", "feature"]):
-        end = start + batch.num_rows
-        lo, hi = np.searchsorted(positions, [start, end])
-        if hi > lo:
-            rows = pa.array(positions[lo:hi] - start)
-            into = by_position[lo:hi]
-            labels[into] = pc.fill_null(batch.column("label").take(rows), -1).to_numpy(zero_copy_only=False)
-            vectors = batch.column("feature").take(rows)
-            lengths = pc.min_max(pc.list_value_length(vectors)).as_py()
-            if lengths["min"] != d or lengths["max"] != d:
-                raise ValueError(f"layer {layer!r}: feature vectors of different lengths in one layer: "
-                                 f"{d} and {lengths['max'] if lengths['max'] != d else lengths['min']}")
-            features[into] = np.asarray(vectors.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(-1, d)
-        start = end
-    if start != total:
-        raise ValueError(f"layer {layer!r}: the partials gave {start} rows, not the {total} they hold")
-    return kept_ids, labels, features, total
 
 
 def planned_bytes(total: int, n: int, d: int, params: EmbeddingParams) -> int:

@@ -16,7 +16,9 @@ Example manifest entry::
       k: 5
       queries: {sample: 1000, seed: 0}  # the default; all | {sample, seed} | [image ids]
       strips: 1000            # strips drawn per space (a seeded sample of the queries when more)
-      index: exact            # exact | faiss (approximate, HNSW; needs convscope[ann])
+      index: exact            # exact | faiss (HNSW) | faiss_ivf (inverted file); approximate, need convscope[ann]
+      # nlist: 4000           # faiss_ivf: k-means lists (default about 4 sqrt(images), at most 16,384)
+      # nprobe: 16            # faiss_ivf: lists each query scans
 
 Table ``neighbours/part-*.parquet``: ``image_id`` (the query), ``label``, ``space``,
 ``rank`` (1..k), ``neighbour_id``, ``distance``, ``key`` and ``shard`` (the strip: the query
@@ -25,6 +27,10 @@ Rows by space, query, rank.
 
 Exact search ranks by (float32 distance, database index): equal distances go to the image
 earlier in the dataset, and the result does not depend on block size or worker count.
+``faiss`` (an HNSW graph) and ``faiss_ivf`` (an inverted file of exact distances: k-means lists
+trained on a seeded sample, ``nprobe`` of them scanned per query; for databases of more than a
+million images, where the graph grows large) are approximate: run.json's ``recall_at_k`` gives
+their recall against exact search on a seeded sample of ``recall_sample`` queries.
 
 At scale: the database is read a record batch at a time and each batch goes to the object
 store as it is read, so the driver holds one float32 copy of it and every task reads that
@@ -35,6 +41,7 @@ blocks run as tasks on the workers (on their GPU when they have one).
 from __future__ import annotations
 
 import importlib.util
+import math
 import warnings
 from collections.abc import Collection, Iterator, Sequence
 from typing import Any, Literal
@@ -79,6 +86,12 @@ SNAP = 2.0**-36
 DATABASE_BLOCK_BYTES = 64 * 2**20
 # Queries whose strips are rendered from one ``ctx.images`` call.
 RENDER_CHUNK = 256
+# faiss_ivf: the most inverted lists by default, the training points per list (a seeded sample
+# of the database, seeded by IVF_SEED, as is k-means), and the queries searched at once.
+IVF_MAX_LISTS = 16_384
+IVF_TRAIN_PER_LIST = 40
+IVF_SEED = 0
+IVF_QUERY_CHUNK = 16_384
 
 Space = Literal["feature", "pixel"]
 
@@ -107,7 +120,11 @@ class NeighboursParams(AnalysisParams):
     queries: Literal["all"] | QuerySample | list[str] = Field(
         default_factory=lambda: QuerySample(sample=1000),
         description="the query images: a seeded sample (default 1,000), 'all', or a list of image ids")
-    index: Literal["exact", "faiss"] = "exact"
+    index: Literal["exact", "faiss", "faiss_ivf"] = Field(
+        default="exact", description="exact search, or approximate: faiss (HNSW) or faiss_ivf (inverted file)")
+    nlist: int | None = Field(default=None, ge=1, description="faiss_ivf: k-means lists; default about "
+                                                             "4 sqrt(images), at most 16,384")
+    nprobe: int = Field(default=16, ge=1, description="faiss_ivf: lists scanned per query (nlist: every list, exact)")
     recall_sample: int = Field(default=1000, ge=1)
     render: bool = True
     strips: int = Field(default=1000, ge=0, description="queries per space whose strips are drawn (a seeded "
@@ -141,8 +158,8 @@ class NeighboursParams(AnalysisParams):
     @field_validator("index")
     @classmethod
     def _faiss_installed(cls, index: str) -> str:
-        if index == "faiss" and importlib.util.find_spec("faiss") is None:
-            raise ValueError("index 'faiss' needs the faiss-cpu package (pip install 'convscope[ann]')")
+        if index != "exact" and importlib.util.find_spec("faiss") is None:
+            raise ValueError(f"index {index!r} needs the faiss-cpu package (pip install 'convscope[ann]')")
         return index
 
     @model_validator(mode="after")
@@ -506,13 +523,91 @@ def search_faiss(vectors: np.ndarray, rows: np.ndarray, k: int, metric: str) -> 
     index.hnsw.efSearch = max(64, 2 * (k_eff + 1))
     index.add(x)
     found, idx = index.search(x[rows], k_eff + 1)
+    return _without_self(found, idx, rows, metric)
+
+
+def _without_self(found: np.ndarray, idx: np.ndarray, rows: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """faiss' k + 1 results per query as distances and indices (-1, inf: none found), the query
+    itself dropped, or the last candidate when the search did not return it."""
+    k_eff = idx.shape[1] - 1
     dist = 1.0 - found if metric == "cosine" else np.sqrt(np.maximum(found, 0.0))
     dist = np.where(idx >= 0, dist, np.inf).astype(np.float32)
-    # Drop the query itself, or the last candidate when the graph did not return it.
     is_self = idx == rows[:, None]
     drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), k_eff)
     keep = np.arange(k_eff + 1)[None, :] != drop[:, None]
     return dist[keep].reshape(len(rows), k_eff), idx[keep].reshape(len(rows), k_eff).astype(np.int64)
+
+
+def ivf_lists(n: int, nlist: int | None) -> int:
+    """Inverted lists for ``n`` rows: ``nlist``, or ``round(4 sqrt(n))`` at most IVF_MAX_LISTS; at most n."""
+    lists = nlist if nlist is not None else min(IVF_MAX_LISTS, round(4 * math.sqrt(n)))
+    return max(1, min(lists, n))
+
+
+def ivf_train_rows(n: int, lists: int) -> int:
+    """Database rows k-means trains the lists on: IVF_TRAIN_PER_LIST per list, at most all."""
+    return min(n, IVF_TRAIN_PER_LIST * lists)
+
+
+def _gather(blocks: Sequence[np.ndarray], rows: np.ndarray, metric: str) -> np.ndarray:
+    """The database rows ``rows`` (float32, on the unit sphere for cosine), from its row blocks."""
+    starts = np.cumsum([0] + [len(b) for b in blocks])
+    which = np.searchsorted(starts, rows, side="right") - 1
+    out = np.empty((len(rows), blocks[0].shape[1]), np.float32)
+    for b in np.unique(which):
+        hit = which == b
+        out[hit] = blocks[b][rows[hit] - starts[b]]
+    return _unit32(out, metric)
+
+
+def _unit32(x: np.ndarray, metric: str) -> np.ndarray:
+    """float32 rows as faiss takes them: divided by their norm for cosine (zero rows stay zero)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if metric != "cosine":
+        return x
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0), dtype=np.float32)
+
+
+def search_ivf(blocks: Sequence[np.ndarray], rows: np.ndarray, k: int, metric: str, nlist: int | None = None,
+               nprobe: int = 16) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Approximate neighbours from an inverted file (``faiss.IndexIVFFlat``; Jegou et al. 2011), and the
+    lists and probes used; -1 where none was found.
+
+    k-means (seeded) on a seeded sample of ``ivf_train_rows`` rows places ``ivf_lists(n, nlist)``
+    centroids; every row is stored, as it is, in its nearest centroid's list, and a query scans
+    its ``nprobe`` nearest lists with exact distances: ``nprobe = nlist`` is exhaustive search.
+    The database is added a block at a time; the index holds its own float32 copy.
+    """
+    import faiss
+
+    blocks = [b for b in blocks if len(b)]
+    n = sum(len(b) for b in blocks)
+    d = blocks[0].shape[1] if blocks else 0
+    k_eff = max(0, min(k, n - 1))
+    lists = ivf_lists(n, nlist) if n else 1
+    probe = min(nprobe, lists)
+    info = {"nlist": lists, "nprobe": probe}
+    if len(rows) == 0 or k_eff == 0:
+        return np.zeros((len(rows), k_eff), np.float32), np.zeros((len(rows), k_eff), np.int64), info
+    kind = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+    quantizer = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
+    index = faiss.IndexIVFFlat(quantizer, d, lists, kind)
+    index.cp.seed = IVF_SEED
+    rng = np.random.default_rng(IVF_SEED)
+    train = np.sort(rng.choice(n, ivf_train_rows(n, lists), replace=False))
+    index.train(_gather(blocks, train, metric))
+    for b in blocks:
+        index.add(_unit32(b, metric))
+    index.nprobe = probe
+    out_d, out_i = [], []
+    for s in range(0, len(rows), IVF_QUERY_CHUNK):
+        chunk = rows[s:s + IVF_QUERY_CHUNK]
+        found, idx = index.search(_gather(blocks, chunk, metric), k_eff + 1)
+        dist, idx = _without_self(found, idx, chunk, metric)
+        out_d.append(dist)
+        out_i.append(idx)
+    return np.concatenate(out_d), np.concatenate(out_i), info
 
 
 def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
@@ -619,6 +714,13 @@ class Neighbours(ReduceAnalysis):
         total = database + batch + n * 120 + table
         if p.index == "faiss":
             total += database * 2  # faiss' own copy and graph
+        elif p.index == "faiss_ivf":
+            # The index's own copy and ids, its centroids (and k-means'), the training sample and its
+            # unit copy, a block being added, a chunk of queries with its results.
+            lists = ivf_lists(n, p.nlist) if n else 0
+            block = min(database, DATABASE_BLOCK_BYTES)
+            total += database + n * 8 + 2 * (lists + ivf_train_rows(n, lists)) * dims[widest] * 4 + 2 * block + \
+                min(queries, IVF_QUERY_CHUNK) * (dims[widest] * 4 * 2 + (p.k + 1) * 32)
         what = (f"the float32 database of {n:,} x {dims[widest]:,} ({widest} space) and "
                 f"{queries:,} queries x k={p.k} x {len(p.spaces)} space(s) of results")
         fix = ("reduce the vectors' size (pool: avg on the layer, a smaller pixel_size) or the number of queries "
@@ -657,11 +759,16 @@ class Neighbours(ReduceAnalysis):
         rows = self.query_rows(ids.tolist())
         found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         recall: dict[str, float] = {}
+        ivf: dict[str, dict[str, int]] = {}
         for space in p.spaces:
             blocks, handles = self.database(inputs, space, ctx)
             metric = p.metric if space == "feature" else "l2"
-            if p.index == "faiss":
-                found[space] = search_faiss(np.concatenate(blocks), rows, p.k, metric)
+            if p.index != "exact":
+                if p.index == "faiss":
+                    found[space] = search_faiss(np.concatenate(blocks), rows, p.k, metric)
+                else:
+                    dist, idx, ivf[space] = search_ivf(blocks, rows, p.k, metric, p.nlist, p.nprobe)
+                    found[space] = (dist, idx)
                 # Recall against exact search on a seeded sample of the queries.
                 pick = np.sort(np.random.default_rng(0).choice(len(rows), min(p.recall_sample, len(rows)),
                                                                replace=False))
@@ -676,6 +783,8 @@ class Neighbours(ReduceAnalysis):
         stats: dict[str, Any] = {"queries": int(len(rows)), "database": int(len(ids)), "strips": int(len(drawn))}
         if recall:
             stats["recall_at_k"] = recall
+        if ivf:
+            stats["ivf"] = ivf
         images = self._strips(ids, rows, found, drawn, ctx) if p.render else ()
         return ReduceOutput(tables={"": table}, images=images, stats=stats)
 

@@ -38,11 +38,16 @@ stats name each layer's solver.
 Unlabelled images are left out. The split is ``train_test_split`` stratified by label with
 ``random_state=seed`` over the labelled images sorted by image id, so it is the same for
 every layer and does not depend on dataset order or batching.
+
+Memory: a layer's features are streamed a record batch at a time into one float32 (images,
+dims) array, the split indexes it, and the layer is dropped before the next is read; the
+solver's copies of the training split come on top (``memory_plan`` says how much first).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import warnings
@@ -58,6 +63,7 @@ from jobs.core.base import (
     AnalysisParams,
     DistinctLayers,
     MapBatch,
+    MemoryPlan,
     ReduceAnalysis,
     ReduceContext,
     ReduceInputs,
@@ -66,6 +72,15 @@ from jobs.core.base import (
     register,
 )
 from jobs.core.kernels import pooled_features, pooled_features_schema, read_features, worth_logging
+
+# Estimates for memory_plan. Per image: its id in Arrow, its sort order and Python string (this
+# layer's and the first layer's, kept to compare), its label.
+IMAGE_BYTES = 160
+# Streaming a layer's partials, beside its array: a record batch (~64 MiB), the part file's
+# columns the Parquet reader pre-buffers, and their decoding (measured: up to ~560 MB).
+STREAM_BYTES = 576 * 2**20
+# What the reader's threads keep in Arrow's pool after it (measured: 55-95 MB).
+STREAM_LEFT = 128 * 2**20
 
 
 class ProbesParams(AnalysisParams):
@@ -282,6 +297,37 @@ def choose_solver(solver: str, classifier: str, n_train: int, d: int, device: st
     return "torch" if torch.device(device).type == "cuda" or too_big else "sklearn"
 
 
+@functools.cache
+def lbfgs_copies_float64() -> bool:
+    """Whether this scikit-learn fits lbfgs on a float64 copy of float32 features (older releases do)."""
+    from sklearn.linear_model import LogisticRegression
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fitted = LogisticRegression(max_iter=1).fit(np.array([[0.0], [1.0]], np.float32), [0, 1])
+    return bool(fitted.coef_.dtype != np.float32)
+
+
+def solver_bytes(solver: str, classifier: str, rows: int, d: int, classes: int, standardize: bool) -> int:
+    """Bytes a probe's fit and scores hold beyond the features, for a split of ``rows`` images, ``c`` classes.
+
+    torch: ``rows (12 d + 8 c)``: the split's float32 copy, standardised into a second with a
+    third intermediate while scoring (``TorchLogistic.predict``), and the logits.
+    sklearn: the split's float32 copy (4 d), then the most of StandardScaler's fit (a float64
+    centred copy and a NaN mask, 9 d) and the classifier's fit: the scaled copy (4 d), a
+    float64 copy (8 d; for lbfgs only in older scikit-learn) and the loss' per-class arrays
+    (12 c), or liblinear's (index, value) node per value (16 d).
+    """
+    if solver == "torch":
+        return rows * (12 * d + 8 * classes)
+    scaler_fit, scaled = (9 * d, 4 * d) if standardize else (0, 0)
+    if classifier == "linear_svm":
+        fit = scaled + 8 * d + 16 * d
+    else:
+        fit = scaled + (8 * d if lbfgs_copies_float64() else 0) + 12 * classes
+    return rows * (4 * d + max(scaler_fit, fit))
+
+
 def make_classifier(kind: str, C: float, max_iter: int, seed: int, standardize: bool):
     """An unfitted scikit-learn estimator: the linear model, after a StandardScaler when asked."""
     from sklearn.linear_model import LogisticRegression
@@ -312,6 +358,47 @@ class Probes(ReduceAnalysis):
     def map_batch(self, batch: MapBatch) -> Rows:
         return pooled_features(batch, self.params.layers, self.params.pool, self.params.grid)
 
+    def memory_plan(self, inputs: ReduceInputs) -> MemoryPlan | None:
+        """The peak of the layer that needs most: ``N d 4 + N IMAGE_BYTES + max(read, left + fit)``.
+
+        ``N`` images of ``d`` float32 features; ``read`` = min(3 N d 4, STREAM_BYTES) while they
+        stream in, ``left`` = min(N d 2, STREAM_LEFT) after; ``fit`` = :func:`solver_bytes` of
+        the larger split side, for the solver :func:`choose_solver` takes on the CPU (on a GPU
+        the torch solver holds less here).
+        """
+        p = self.params
+        present = set(inputs.partitions())
+        layers = [layer for layer in p.layers if f"layer={layer}" in present]
+        if not layers:
+            return None
+        # Every layer has the same images: the labels of one give the split and the classes.
+        labels = inputs.read(f"layer={layers[0]}", ["label"]).column("label").fill_null(-1).to_numpy()
+        labelled = labels[labels >= 0]
+        classes = len(np.unique(labelled))
+        n_test = math.ceil(p.test_size * len(labelled))
+        n_train = len(labelled) - n_test
+        rows = max(n_train, n_test)
+        worst: tuple[int, str, int, int, str, int] | None = None
+        for layer in layers:
+            total, d = inputs.rows(f"layer={layer}"), inputs.width(f"layer={layer}", "feature")
+            solver = choose_solver(p.solver, p.classifier, n_train, d, "cpu")
+            read, left = min(3 * total * d * 4, STREAM_BYTES), min(total * d * 2, STREAM_LEFT)
+            fit = solver_bytes(solver, p.classifier, rows, d, classes, p.standardize)
+            size = total * d * 4 + total * IMAGE_BYTES + max(read, left + fit)
+            if worst is None or size > worst[0]:
+                worst = (size, layer, total, d, solver, fit)
+        if worst is None:
+            return None
+        size, layer, total, d, solver, fit = worst
+        what = (f"the float32 features of {total:,} x {d:,} of {layer} and the {solver} solver's copies of "
+                f"the {rows:,}-image split, {classes} classes")
+        fixes = [f"pool: avg (not {p.pool}) for fewer dimensions"] if p.pool in ("none", "grid") else []
+        fixes.append("a smaller dataset.sample")
+        if solver == "sklearn" and solver_bytes("torch", "logistic", rows, d, classes, p.standardize) < fit:
+            fixes.append("solver: torch" if p.classifier == "logistic" else "classifier: logistic with solver: torch")
+        fix = "Use " + ", or ".join(fixes)
+        return MemoryPlan(bytes=int(size), what=what, fix=fix)
+
     def reduce(self, inputs: ReduceInputs, ctx: ReduceContext) -> ReduceOutput:
         p = self.params
         rows: dict[str, list] = {k: [] for k in ("layer", "train_accuracy", "test_accuracy", "n_train", "n_test")}
@@ -320,14 +407,16 @@ class Probes(ReduceAnalysis):
         first_ids: np.ndarray | None = None
         for layer in p.layers:
             ids, labels, features = read_features(inputs, layer)
-            keep = labels >= 0
-            ids, labels, features = ids[keep], labels[keep], features[keep]
+            # Rows of the labelled images: the split indexes them (no copy of the features).
+            labelled = np.flatnonzero(labels >= 0)
+            ids, labels = ids[labelled], labels[labelled]
             # Every layer sees the same images, hence the same split; say so if not.
             if first_ids is None:
                 first_ids = ids
             elif len(ids) != len(first_ids) or (ids != first_ids).any():
                 raise ValueError(f"probes: layer {layer!r} has other images than layer {p.layers[0]!r}")
             train, test = split(labels, p.test_size, p.seed, ctx.label_names)
+            x_train, x_test = labelled[train], labelled[test]
             solver = choose_solver(p.solver, p.classifier, len(train), features.shape[1], ctx.device)
             model: TorchLogistic | Any
             if solver == "torch":
@@ -338,19 +427,20 @@ class Probes(ReduceAnalysis):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 if isinstance(model, TorchLogistic):
-                    model.fit(features[train], labels[train], inplace=True)  # features[train] is a copy of our own
+                    model.fit(features[x_train], labels[train], inplace=True)  # features[x_train] is a copy of our own
                 else:
-                    model.fit(features[train], labels[train])
+                    model.fit(features[x_train], labels[train])
             # E.g. not converged within max_iter: worth knowing, not fatal.
             for message in dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught if worth_logging(w)):
                 ctx.log(f"probes: layer {layer!r}: {message}")
             rows["layer"].append(layer)
             solvers[layer] = solver
-            rows["train_accuracy"].append(float(model.score(features[train], labels[train])))
-            rows["test_accuracy"].append(float(model.score(features[test], labels[test])))
+            rows["train_accuracy"].append(float(model.score(features[x_train], labels[train])))
+            rows["test_accuracy"].append(float(model.score(features[x_test], labels[test])))
             rows["n_train"].append(len(train))
             rows["n_test"].append(len(test))
             accuracy[layer] = rows["test_accuracy"][-1]
+            del features, model  # before the next layer's are read
         table = pa.table({
             "layer": pa.array(rows["layer"], pa.string()),
             "classifier": pa.array([p.classifier] * len(rows["layer"]), pa.string()),

@@ -29,6 +29,8 @@ ascending -- so it does not depend on batching, image order or the device.
 The merge is spread over the workers: each layer's partials are split into up to twice as
 many pieces as workers, each piece is cut to its k best per channel in a task, and the driver
 merges those few rows (the same rows, in the same order, as one sequential merge).
+``memory_plan`` bounds what the driver holds: every piece's k best per channel, their merge and
+the table (pieces counted for up to PLAN_WORKERS workers).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from jobs.core.base import (
     DistinctLayers,
     Images,
     MapBatch,
+    MemoryPlan,
     ReduceAnalysis,
     ReduceContext,
     ReduceInputs,
@@ -71,6 +74,19 @@ _SPAN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 PROBE_CHUNK = 64
 # Unique images fetched at once while rendering.
 FETCH_CHUNK = 256
+
+# Estimates for memory_plan, per row (measured). A candidate in a pandas frame on the driver:
+# channel, activation, y, x and its image id (Arrow strings of ~40 characters).
+CANDIDATE_BYTES = 104
+# A row of the result: the frame with layer and rank, its box, the Arrow table, the keys and
+# what rendering lists per row.
+ROW_BYTES = 512
+# Candidates' frames a merge holds per row it sorts: the concatenation and the sorted copy.
+MERGE_COPIES = 2
+# Workers memory_plan allows for: a partition is split into up to twice as many pieces.
+PLAN_WORKERS = 32
+# Rows of partials one record batch holds at most (ReduceInputs' batch_rows).
+BATCH_ROWS = 65536
 
 
 class TopPatchesParams(AnalysisParams):
@@ -270,6 +286,26 @@ def _merge_partitions(inputs: ReduceInputs, partitions: Sequence[str], columns: 
     return merged
 
 
+def partial_channels(inputs: ReduceInputs, partition: str, k: int) -> int:
+    """How many channels a layer's partials hold, from their first rows: a ``map_batch`` writes
+    every channel once, ascending, at most ``k`` rows each, before the next batch starts over."""
+    seen: list[np.ndarray] = []
+    for rb in inputs.batches(partition, ["channel"]):
+        seen.append(rb.column(0).to_numpy(zero_copy_only=False))
+        values = np.concatenate(seen)
+        seen = [values]
+        # Where the next batch starts: a channel lower than the one before, or one more than k rows long.
+        ends = np.flatnonzero(values[1:] < values[:-1]) + 1
+        change = np.flatnonzero(values[1:] != values[:-1]) + 1
+        runs = np.concatenate([[0], change])
+        lengths = np.diff(np.concatenate([runs, [len(values)]]))
+        long = runs[lengths > k] + k
+        end = min([*ends[:1], *long[:1]], default=None)
+        if end is not None:
+            return len(np.unique(values[:end]))
+    return len(np.unique(seen[0])) if seen else 0
+
+
 def _offsets(lo: np.ndarray, hi: np.ndarray, full: int) -> np.ndarray:
     """Where a clipped range sits inside the full field: a range cut at the start sits at its end."""
     length = hi - lo
@@ -336,6 +372,49 @@ class TopPatches(ReduceAnalysis):
                 "x": x.reshape(-1).astype(np.int32),
             }
         return rows
+
+    def memory_plan(self, inputs: ReduceInputs) -> MemoryPlan | None:
+        """The driver's peak: every piece's k best per channel at once, their largest merge, the
+        merged rows and the table.
+
+        Per layer ``l`` with ``R`` rows of partials, ``C`` channels and ``P`` pieces (for up to
+        PLAN_WORKERS workers): ``pieces_l = min(R, P C k)`` candidate rows and ``kept_l = min(R, C k)``
+        result rows. Bytes: ``CANDIDATE_BYTES (sum pieces_l + sum kept_l + MERGE_COPIES max merge_l
+        + batch) + ROW_BYTES sum kept_l``, where ``merge_l`` is ``pieces_l``; for a single piece,
+        merged here, ``batch`` is a record batch (at most BATCH_ROWS rows) and ``merge`` that batch
+        plus ``C k``. The pixels rendering fetches (a few hundred images at a time) are not counted.
+        """
+        p = self.params
+        present = set(inputs.partitions())
+        found = []
+        for layer in p.layers:
+            partition = f"layer={layer}"
+            if partition not in present:
+                continue
+            rows = inputs.rows(partition)
+            if p.channels is None:
+                channels = partial_channels(inputs, partition, p.k)
+            elif isinstance(p.channels, str):
+                span = _SPAN.match(p.channels)  # the validator admits only 'start:stop'
+                channels = int(span.group(2)) - int(span.group(1)) if span else 0
+            else:
+                channels = len(p.channels)
+            pieces = len(inputs.split(partition, 2 * PLAN_WORKERS))
+            found.append((layer, rows, channels, pieces))
+        if not found:
+            return None
+        candidates = [min(rows, pieces * channels * p.k) for _, rows, channels, pieces in found]
+        kept = [min(rows, channels * p.k) for _, rows, channels, _ in found]
+        merge, batch = max(candidates), 0
+        if len(found) == 1 and found[0][3] == 1:  # one piece in all: merged here, a record batch at a time
+            batch = min(found[0][1], BATCH_ROWS)
+            merge = min(found[0][1], batch + kept[0])
+        size = CANDIDATE_BYTES * (sum(candidates) + sum(kept) + MERGE_COPIES * merge + batch) + ROW_BYTES * sum(kept)
+        widest = max(found, key=lambda f: f[2])
+        what = (f"{sum(kept):,} result rows ({len(found)} layer(s), up to {widest[2]:,} channels x k={p.k}) and "
+                f"{sum(candidates):,} candidates from the merge's pieces")
+        fix = "Choose fewer channels (e.g. channels: '0:64'), a smaller k, or fewer layers per entry"
+        return MemoryPlan(bytes=int(size), what=what, fix=fix)
 
     def reduce(self, inputs: ReduceInputs, ctx: ReduceContext) -> ReduceOutput:
         p = self.params

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -103,6 +104,19 @@ def image_folder(tmp_path) -> Path:
     root = tmp_path / "images"
     make_images(root)
     return root
+
+
+def smaller(path: Path, fields: dict[str, dict[str, object]]) -> list[str]:
+    """``--set`` overrides for the manifest at ``path``: every analysis whose type is a key of
+    ``fields`` gets those fields (``sample.n``: a dotted path, set only where the entry has
+    ``sample``). Tests run the shipped manifests with smaller samples this way; the manifests
+    stay what a user runs."""
+    overrides = []
+    for i, entry in enumerate(yaml.safe_load(path.read_text())["analyses"]):
+        for key, value in fields.get(entry["type"], {}).items():
+            if "." not in key or key.split(".")[0] in entry:
+                overrides.append(f"analyses[{i}].{key}={json.dumps(value)}")
+    return overrides
 
 
 def write_manifest(path: Path, **sections) -> Path:

@@ -7,18 +7,40 @@ from __future__ import annotations
 
 import pandas as pd
 
+from jobs.attribution.base import ATTRIBUTION
 from pipeline.execute import run_manifest
 from pipeline.manifest import load_manifest
 
-from .conftest import ROOT, needs_shared
+from .conftest import ROOT, needs_shared, smaller
+
+# What test_cifar10_manifest runs smaller than the manifest does. Most of the manifest's time
+# is not its dataset pass but the attribution of 500 images by eight methods (deletion and
+# insertion scoring alone is 34 forwards per map: 136,000 forwards against the pass's 10,000),
+# then t-SNE and UMAP of all 10,000 images. The test runs every analysis on the real data, with
+# attribution on 50 images, 100 neighbour queries, t-SNE and UMAP of a 2,000-image sample, and
+# fewer units of the two views nothing here reads. What the assertions read (the whole
+# pass's predictions and features, the class models, the inversions) is as the manifest has it.
+SAMPLE, QUERIES, EMBEDDED = 50, 100, 2000
+SMALLER = {**{name: {"sample.n": SAMPLE} for name in ATTRIBUTION},
+           "neighbours": {"queries.sample": QUERIES}, "embedding": {"max_points": EMBEDDED},
+           "neuron_ascent": {"channels": [0, 1]}, "deepdream": {"sample.n": 1}}
 
 
 @needs_shared
 def test_cifar10_manifest(ray_session, tmp_path):
     """Accuracy and features, and the model-level views of the trained network."""
-    manifest = load_manifest(ROOT / "manifests" / "cifar10.yaml", output=tmp_path / "cifar10")
+    path = ROOT / "manifests" / "cifar10.yaml"
+    manifest = load_manifest(path, output=tmp_path / "cifar10", overrides=smaller(path, SMALLER))
     result = run_manifest(manifest, log=lambda m: None)
     assert result.ok and result.errors == 0
+    # Every attribution method mapped the same seeded sample, one map per image.
+    methods = [p.entry_name for p in manifest.analyses if p.type in ATTRIBUTION]
+    assert len(methods) == 8
+    samples = {name: set(pd.read_parquet(tmp_path / "cifar10" / name, columns=["image_id"]).image_id)
+               for name in methods}
+    assert all(len(ids) == SAMPLE for ids in samples.values()), {k: len(v) for k, v in samples.items()}
+    assert all(ids == samples[methods[0]] for ids in samples.values())
+    assert result.analyses["embedding"]["points"] == EMBEDDED
     pred = pd.read_parquet(tmp_path / "cifar10" / "predictions")
     assert len(pred) == 10_000 and pred.image_id.is_unique
     accuracy = (pred.pred == pred.label).mean()

@@ -76,8 +76,9 @@ from jobs.core.kernels import pooled_features, pooled_features_schema, read_feat
 # Estimates for memory_plan. Per image: its id in Arrow, its sort order and Python string (this
 # layer's and the first layer's, kept to compare), its label.
 IMAGE_BYTES = 160
-# Streaming a layer's partials, beside its array: a record batch (~64 MiB), the part file's
-# columns the Parquet reader pre-buffers, and their decoding (measured: up to ~560 MB).
+# Streaming a layer's partials, beside its array: a run of row groups the Parquet reader
+# buffers, a record batch and their decoding (an upper bound: ~560 MB was measured when the
+# reader buffered whole part files and batches were 64 MiB; now about 16 MiB at a time).
 STREAM_BYTES = 576 * 2**20
 # What the reader's threads keep in Arrow's pool after it (measured: 55-95 MB).
 STREAM_LEFT = 128 * 2**20

@@ -22,7 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def _decode(manifest, index, ids: list[str]):
+def decode_sample(manifest, index, ids: list[str]):
+    """The images ``ids`` of the manifest's dataset as the map stage decodes them: (ids, pixels,
+    labels, boxes), without the ones that fail to decode."""
     import numpy as np
     import pyarrow as pa
 
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
         chosen = analysis.select(all_ids) or all_ids
         key = tuple(chosen)
         if key not in decoded:
-            decoded[key] = _decode(manifest, index, list(chosen))
+            decoded[key] = decode_sample(manifest, index, list(chosen))
         data = decoded[key]
         forward_floor(data)  # warm-up: first-touch allocations, lazy imports
         floor = forward_floor(data)

@@ -20,10 +20,11 @@ from .conftest import ROOT, needs_shared, smaller
 # attribution on 50 images, 100 neighbour queries, t-SNE and UMAP of a 2,000-image sample, and
 # fewer units of the two views nothing here reads. What the assertions read (the whole
 # pass's predictions and features, the class models, the inversions) is as the manifest has it.
-SAMPLE, QUERIES, EMBEDDED = 50, 100, 2000
+SAMPLE, QUERIES, EMBEDDED, CHECKED = 50, 100, 2000, 8
 SMALLER = {**{name: {"sample.n": SAMPLE} for name in ATTRIBUTION},
            "neighbours": {"queries.sample": QUERIES}, "embedding": {"max_points": EMBEDDED},
-           "neuron_ascent": {"channels": [0, 1]}, "deepdream": {"sample.n": 1}}
+           "neuron_ascent": {"channels": [0, 1]}, "deepdream": {"sample.n": 1},
+           "sanity_checks": {"sample.n": CHECKED}}
 
 
 @needs_shared

@@ -16,10 +16,14 @@ Example manifest entry::
     - type: attribution_summary
       methods: [saliency, grad_cam]   # entry names; default: every attribution entry
 
+      bootstrap: {resamples: 1000, level: 0.95, seed: 0}   # null: no intervals
+
 Table ``attribution_summary/part-*.parquet``, one row per method and class plus one per method
 over all images (``label`` null): ``method``, ``label``, ``label_name``, ``maps``,
 ``images``, ``deletion_auc``, ``insertion_auc``, ``boxed`` (maps with a box),
-``pointing_game``, ``box_energy``. Stats (run.json): the best method by each score.
+``pointing_game``, ``box_energy``; after each score its percentile bootstrap interval
+``<score>_lo``, ``<score>_hi`` over the group's maps (:func:`jobs.core.kernels.bootstrap_interval`,
+the same seed for every group). Stats (run.json): the best method by each score.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from pydantic import Field
 
-from jobs.attribution.base import ATTRIBUTION
+from jobs.attribution.base import Bootstrap, attribution_entries
 from jobs.core.base import AnalysisParams, ReduceAnalysis, ReduceContext, ReduceInputs, ReduceOutput, register
 
 SCORES = {"deletion_auc": "min", "insertion_auc": "max", "pointing_game": "max", "box_energy": "max"}
@@ -39,22 +44,39 @@ COLUMNS = ["image_id", "label", "method", "deletion_auc", "insertion_auc", "poin
 
 class AttributionSummaryParams(AnalysisParams):
     methods: list[str] | None = None
+    bootstrap: Bootstrap | None = Field(default_factory=Bootstrap)
 
 
-def summarise(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean scores of one method's rows; NaN-aware (images without boxes do not count)."""
-    def mean(column: str) -> float:
-        return float(df[column].mean()) if column in df and df[column].notna().any() else float("nan")
+# Each score and the per-map column it averages.
+OF = {"deletion_auc": "deletion_auc", "insertion_auc": "insertion_auc", "pointing_game": "pointing",
+      "box_energy": "box_energy"}
 
-    return pd.Series({
-        "maps": len(df),
-        "images": df["image_id"].nunique(),
-        "deletion_auc": mean("deletion_auc"),
-        "insertion_auc": mean("insertion_auc"),
-        "boxed": int(df["pointing"].notna().sum()) if "pointing" in df else 0,
-        "pointing_game": mean("pointing"),
-        "box_energy": mean("box_energy"),
-    })
+
+def summarise(df: pd.DataFrame, bootstrap: Bootstrap | None = None) -> pd.Series:
+    """Mean scores of one method's rows, with their bootstrap intervals; NaN-aware (images
+    without boxes do not count)."""
+    from jobs.core.kernels import bootstrap_interval
+
+    out: dict[str, float | int] = {"maps": len(df), "images": df["image_id"].nunique(),
+                                   "boxed": int(df["pointing"].notna().sum()) if "pointing" in df else 0}
+    for score, column in OF.items():
+        values = df[column].to_numpy(dtype=np.float64) if column in df else np.zeros(0)
+        values = values[~np.isnan(values)]
+        out[score] = float(values.mean()) if len(values) else float("nan")
+        if bootstrap is not None:
+            out[f"{score}_lo"], out[f"{score}_hi"] = bootstrap_interval(values, bootstrap.resamples, bootstrap.level,
+                                                                        bootstrap.seed)
+    return pd.Series(out)
+
+
+def scores(out: pd.DataFrame, names: Sequence[str]) -> dict[str, pa.Array]:
+    """The float64 columns of ``names``, each followed by its interval when it was computed."""
+    columns = {}
+    for name in names:
+        for column in (name, f"{name}_lo", f"{name}_hi"):
+            if column in out:
+                columns[column] = pa.array(out[column].astype(np.float64))
+    return columns
 
 
 @register
@@ -65,25 +87,7 @@ class AttributionSummary(ReduceAnalysis):
     params: AttributionSummaryParams
 
     def sources(self, entries: Sequence[AnalysisParams]) -> list[str]:
-        by_name = {e.entry_name: e for e in entries}
-        if self.params.methods is None:
-            chosen = [e.entry_name for e in entries if e.type in ATTRIBUTION]
-            if not chosen:
-                raise ValueError(f"attribution_summary needs at least one attribution entry in the manifest "
-                                 f"({', '.join(sorted(ATTRIBUTION))})")
-            return chosen
-        problems = []
-        for name in self.params.methods:
-            if name not in by_name:
-                listed = ", ".join(e.entry_name for e in entries if e.type in ATTRIBUTION) or "none"
-                problems.append(f"methods: {name!r} is not an entry of this manifest "
-                                f"(attribution entries: {listed})")
-            elif by_name[name].type not in ATTRIBUTION:
-                problems.append(f"methods: {name!r} is a {by_name[name].type} entry, not an attribution method "
-                                f"({', '.join(sorted(ATTRIBUTION))})")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return list(dict.fromkeys(self.params.methods))
+        return attribution_entries(self.params.methods, entries)
 
     def reduce(self, inputs: ReduceInputs, ctx: ReduceContext) -> ReduceOutput:
         frames = []
@@ -96,9 +100,9 @@ class AttributionSummary(ReduceAnalysis):
         df = pd.concat(frames, ignore_index=True)
         rows = []
         for method, group in df.groupby("method", sort=False):
-            rows.append({"method": method, "label": None, **summarise(group)})
+            rows.append({"method": method, "label": None, **summarise(group, self.params.bootstrap)})
             for label, by_class in group.dropna(subset=["label"]).groupby("label"):
-                rows.append({"method": method, "label": int(label), **summarise(by_class)})
+                rows.append({"method": method, "label": int(label), **summarise(by_class, self.params.bootstrap)})
         out = pd.DataFrame(rows)
         names = ctx.label_names or []
         out["label_name"] = [names[int(v)] if v is not None and not pd.isna(v) and int(v) < len(names) else None
@@ -116,9 +120,9 @@ class AttributionSummary(ReduceAnalysis):
             "label_name": pa.array(out["label_name"].tolist(), pa.string(), from_pandas=True),
             "maps": pa.array(out["maps"].astype(np.int64)),
             "images": pa.array(out["images"].astype(np.int64)),
-            **{c: pa.array(out[c].astype(np.float64)) for c in ("deletion_auc", "insertion_auc")},
+            **scores(out, ("deletion_auc", "insertion_auc")),
             "boxed": pa.array(out["boxed"].astype(np.int64)),
-            **{c: pa.array(out[c].astype(np.float64)) for c in ("pointing_game", "box_energy")},
+            **scores(out, ("pointing_game", "box_energy")),
         })
         stats = {"best": best, "methods": {m: {k: (None if pd.isna(v) else round(float(v), 4))
                                                for k, v in overall.loc[m, list(SCORES)].items()}

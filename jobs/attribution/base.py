@@ -26,6 +26,7 @@ Example manifest entry (the fields every attribution analysis takes)::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -49,6 +50,38 @@ from jobs.core.base import (
 
 # Registered names of the attribution analyses (``attribution_summary`` reads their tables).
 ATTRIBUTION: set[str] = set()
+
+
+def attribution_entries(methods: list[str] | None, entries: Sequence[AnalysisParams]) -> list[str]:
+    """The attribution entries a summary or check reads: ``methods`` (entry names, each checked
+    to be an attribution entry of the manifest), or all of them when None. Raises ValueError
+    naming what is wrong and listing the attribution entries."""
+    by_name = {e.entry_name: e for e in entries}
+    listed = ", ".join(e.entry_name for e in entries if e.type in ATTRIBUTION) or "none"
+    if methods is None:
+        chosen = [e.entry_name for e in entries if e.type in ATTRIBUTION]
+        if not chosen:
+            raise ValueError(f"needs at least one attribution entry in the manifest ({', '.join(sorted(ATTRIBUTION))})")
+        return chosen
+    problems = []
+    for name in methods:
+        if name not in by_name:
+            problems.append(f"methods: {name!r} is not an entry of this manifest (attribution entries: {listed})")
+        elif by_name[name].type not in ATTRIBUTION:
+            problems.append(f"methods: {name!r} is a {by_name[name].type} entry, not an attribution method "
+                            f"({', '.join(sorted(ATTRIBUTION))})")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return list(dict.fromkeys(methods))
+
+
+class Bootstrap(BaseModel):
+    """A percentile bootstrap interval of each mean (:func:`jobs.core.kernels.bootstrap_interval`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    resamples: int = Field(default=1000, ge=1)
+    level: float = Field(default=0.95, gt=0, lt=1)
+    seed: int = 0
 
 
 class TopTargets(BaseModel):

@@ -240,6 +240,13 @@ class Analysis:
         """
         return None
 
+    def bind(self, entries: Sequence[AnalysisParams]) -> AnalysisParams:
+        """These params with whatever this entry takes from the manifest's other ``entries``
+        filled in (e.g. the params of the attribution entries it checks), when the manifest is
+        read; so its key, and every worker, sees them. Raise ValueError for entries it cannot
+        use; the manifest reports it against this entry. The default takes nothing."""
+        return self.params
+
     def sources(self, entries: Sequence[AnalysisParams]) -> list[str]:
         """Names of the other manifest ``entries`` whose committed tables this entry reduces.
 

@@ -166,7 +166,9 @@ def _entry_problems(entries: list[tuple[int, AnalysisParams]]) -> tuple[list[str
             kept.append(params)
     for params in kept:
         try:
-            REGISTRY[params.type](params).sources(kept)
+            analysis = REGISTRY[params.type](params)
+            analysis.sources(kept)
+            analysis.bind(kept)
         except ValueError as e:
             problems.append(f"{format_loc(('analyses', names[params.entry_name]))}: {e}")
     return problems, kept
@@ -204,6 +206,7 @@ def validate_raw(raw: Any, source: str, base: Path, lines: dict[Loc, int] | None
     problems += _entry_problems(list(enumerate(manifest.analyses)))[0]
     if problems:
         raise ManifestError(source, problems)
+    manifest.analyses = [REGISTRY[p.type](p).bind(manifest.analyses) for p in manifest.analyses]
     return manifest
 
 

@@ -141,6 +141,7 @@ def small_run(tmp_path_factory, demo_cnn_weights):
         {"type": "grad_cam", "layer": "relu3", "sample": {"n": 4}, "steps": 2},
         {"type": "saliency", "sample": {"n": 4}, "steps": 2},
         {"type": "attribution_summary"},
+        {"type": "sanity_checks", "sample": {"n": 3}, "sensitivity": {"samples": 2}, "road": {"percentages": [50]}},
         {"type": "filters"}, {"type": "class_model", "steps": 5},
         {"type": "inversion", "layers": ["relu1", "relu3"], "sample": {"n": 2}, "steps": 5},
         {"type": "deepdream", "layers": ["relu3"], "sample": {"n": 2}, "steps": 2, "octaves": 1},
@@ -166,6 +167,11 @@ def test_report_of_a_small_run_has_a_page_per_analysis(ray_session, small_run):
     assert any(p.startswith("top_patches--relu2--c") for p in pages)
     attribution = (report / "attribution.html").read_text()
     assert attribution.count('<div class="item">') == 4 and "grad_cam" in attribution and "saliency" in attribution
+    # The sanity checks: a randomisation chart per order, the random-logit, sensitivity and ROAD tables.
+    assert "Sanity checks" in attribution and 'aria-label="mprt_cascading: spearman_abs' in attribution
+    assert 'aria-label="mprt_independent: spearman_abs' in attribution
+    assert "Random logit" in attribution and "max_sensitivity" in attribution and "morf_auc" in attribution
+    assert "deletion_auc_lo" not in attribution and " [" in attribution  # scores shown as mean [lo, hi]
     for page in report.glob("*.html"):
         text = page.read_text()
         assert "<img src=x" not in text

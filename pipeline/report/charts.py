@@ -67,3 +67,25 @@ def bar_chart(values: Sequence[tuple[str, float]], title: str, top: float = 1.0,
     if any(label for label, _ in series):
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     return _svg(fig, title)
+
+
+def line_chart(x_labels: Sequence[str], series: Sequence[tuple[str, Sequence[float], Sequence[float], Sequence[float]]],
+               title: str, y_label: str = "") -> Markup:
+    """One line per ``(name, values, lo, hi)`` over the points ``x_labels`` (NaN: no point), with
+    a shaded band from ``lo`` to ``hi``."""
+    fig = Figure(figsize=(6.4, 3.2))
+    ax = fig.add_subplot()
+    x = np.arange(len(x_labels))
+    for s, (name, values, lo, hi) in enumerate(series):
+        colour = np.array(PALETTE[s % len(PALETTE)]) / 255
+        v, low, high = (np.array([np.nan if a is None else float(a) for a in arr], dtype=float)
+                        for arr in (values, lo, hi))
+        ax.fill_between(x, low, high, color=colour, alpha=0.18, linewidth=0)
+        ax.plot(x, v, marker="o", markersize=3, color=colour, label=plain_text(name))
+    ax.set_xticks(x, [plain_text(label) for label in x_labels], fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel(plain_text(y_label), fontsize=8)
+    ax.set_title(plain_text(title), fontsize=9, loc="left")
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    return _svg(fig, title)

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
             results["images_per_s"].setdefault(name, {})[test] = round(n / seconds, 2)
             print(f"{name:>16} {test:>12}: {n} images in {seconds:7.2f} s = {n / seconds:7.2f} images/s", flush=True)
     analysis = SanityChecks(entry)
-    out = analysis.reduce(TableInputs({"": pa.concat_tables(parts)}),
+    out = analysis.reduce(TableInputs({"": pa.concat_tables(parts, promote_options="permissive")}),
                           LocalContext(model=model, pixels={}, input_size=tuple(pixels.shape[1:3])))
     df = out.tables[""].to_pandas() if isinstance(out.tables[""], pa.Table) else pd.DataFrame(out.tables[""])
     agg = df[df.image_id.isna()]

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from jobs.attribution.base import ATTRIBUTION
 from pipeline.demo import train_demo_model
 from pipeline.execute import run_manifest
 from pipeline.manifest import load_manifest
@@ -40,3 +41,9 @@ def test_demo_manifest_end_to_end(ray_session, tmp_path):
     assert (pred.pred == pred.label).mean() > 0.9  # the demo CNN really learnt the task
     images = pd.read_parquet(tmp_path / "demo" / "images.parquet")
     assert images.box.notna().all() and set(images.label_name) == {"circle", "cross", "square", "triangle"}
+    # Every attribution method is sanity-checked; with no block randomised each map is itself.
+    checks = pd.read_parquet(tmp_path / "demo" / "sanity_checks")
+    methods = {p.entry_name for p in manifest.analyses if p.type in ATTRIBUTION}
+    assert set(checks.method) == methods and len(methods) == 8
+    untouched = checks[(checks.test == "mprt_cascading") & (checks.step == 0) & checks.image_id.notna()]
+    assert len(untouched) == 8 * 8 * 4 and (untouched.value == 1.0).all()

@@ -15,7 +15,6 @@ Example manifest entry::
 
     - type: attribution_summary
       methods: [saliency, grad_cam]   # entry names; default: every attribution entry
-
       bootstrap: {resamples: 1000, level: 0.95, seed: 0}   # null: no intervals
 
 Table ``attribution_summary/part-*.parquet``, one row per method and class plus one per method
@@ -37,6 +36,7 @@ from pydantic import Field
 
 from jobs.attribution.base import Bootstrap, attribution_entries
 from jobs.core.base import AnalysisParams, ReduceAnalysis, ReduceContext, ReduceInputs, ReduceOutput, register
+from jobs.core.kernels import bootstrap_interval
 
 SCORES = {"deletion_auc": "min", "insertion_auc": "max", "pointing_game": "max", "box_energy": "max"}
 COLUMNS = ["image_id", "label", "method", "deletion_auc", "insertion_auc", "pointing", "box_energy"]
@@ -55,8 +55,6 @@ OF = {"deletion_auc": "deletion_auc", "insertion_auc": "insertion_auc", "pointin
 def summarise(df: pd.DataFrame, bootstrap: Bootstrap | None = None) -> pd.Series:
     """Mean scores of one method's rows, with their bootstrap intervals; NaN-aware (images
     without boxes do not count)."""
-    from jobs.core.kernels import bootstrap_interval
-
     out: dict[str, float | int] = {"maps": len(df), "images": df["image_id"].nunique(),
                                    "boxed": int(df["pointing"].notna().sum()) if "pointing" in df else 0}
     for score, column in OF.items():

@@ -237,7 +237,7 @@ def bootstrap_interval(values: np.ndarray, resamples: int = 1000, level: float =
     ``np.random.default_rng(seed).integers(0, n, size=(resamples, n))`` (made in blocks of
     rows when it would be large: the same numbers, as the generator fills rows in order); the
     interval is the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles (``np.quantile``,
-    linear) of their means. (nan, nan) without values.
+    linear) of their means, as Python floats: (nan, nan) without values, (v, v) for one value v.
 
     >>> bootstrap_interval(np.array([1.0, 1.0, np.nan]))
     (1.0, 1.0)

@@ -20,12 +20,7 @@ def attribution(run: Run, entries: list[str]) -> Markup:
     kinds = {name: run.analyses[name].get("type") for name in entries}
     reduced = {name for name in entries if REGISTRY[str(kinds[name])].stage == "reduce"}
     summaries = [name for name in entries if kinds[name] == "attribution_summary" and run.parts(name)]
-    overall = per_class = None
-    if summaries:
-        s = with_intervals(run.table(summaries[0]))
-        overall = table_html(s[s.label.isna()].drop(columns=["label", "label_name"]))
-        rows = s[s.label.notna()]
-        per_class = table_html(rows) if len(rows) else None
+    overall, per_class = summary_tables(run.table(summaries[0])) if summaries else (None, None)
     checks = [(name, sanity_section(run.table(name))) for name in entries
               if kinds[name] == "sanity_checks" and run.parts(name)]
     frames = []
@@ -50,6 +45,15 @@ def attribution(run: Run, entries: list[str]) -> Markup:
             items.append(render("image_row.html", title=image_id, subtitle=run.label(group.label.iloc[0]),
                                 cls="grid wide", figures=figs))
     return render("attribution.html", overall=overall, per_class=per_class, checks=checks, items=items)
+
+
+def summary_tables(df: pd.DataFrame) -> tuple[Markup, Markup | None]:
+    """An ``attribution_summary`` table as its overall table (one row per method) and its per-class
+    table (None without classes), each score as ``mean [lo, hi]`` where the run has intervals."""
+    s = with_intervals(df)
+    overall = table_html(s[s.label.isna()].drop(columns=["label", "label_name"], errors="ignore"))
+    rows = s[s.label.notna()]
+    return overall, (table_html(rows) if len(rows) else None)
 
 
 def interval(value: float, lo: float, hi: float) -> str:
@@ -77,36 +81,58 @@ TABLES = {"random_logit": "Random logit: the map of another class (high similari
                   "higher is more faithful"}
 
 
+def cells(rows: pd.DataFrame) -> list[str]:
+    """Each aggregate row's ``value`` with its interval, as :func:`interval` prints it."""
+    return [interval(v, lo, hi) for v, lo, hi in zip(rows.value, rows.lo, rows.hi)]
+
+
+def step_label(step: float, name: str | None) -> str:
+    """An MPRT step as its number and the block randomised at it (step 0: "none")."""
+    return f"{int(step)} {name or 'none'}"
+
+
 def sanity_section(df: pd.DataFrame) -> Markup:
-    """A ``sanity_checks`` table's aggregates: a randomisation chart per MPRT order (mean
-    ``spearman_abs`` with its interval per method and blocks randomised) and the tables."""
-    agg = df[df.image_id.isna()]
+    """A ``sanity_checks`` table's aggregate rows (``image_id`` null): a randomisation chart per
+    MPRT order present (mean ``spearman_abs`` per method and step, shaded between ``lo`` and
+    ``hi``) with the table of every MPRT metric, and the random-logit, sensitivity and ROAD
+    tables (method x metric, ``mean [lo, hi]``; ROAD's curves per percentage folded)."""
+    if not len(df):
+        return Markup("<p>No sanity-check rows.</p>")
+    agg = df[df.image_id.isna()] if "image_id" in df else df
     parts: list[Markup] = []
     for test, order in MPRT.items():
-        rows = agg[agg.test == test]
+        rows = agg[agg.test == test].sort_values("step", kind="stable")
         if not len(rows):
             continue
-        steps = rows.drop_duplicates("step").sort_values("step")
-        labels = [f"{int(r.step)} {r.step_name or 'none'}" for r in steps.itertuples()]
+        steps = rows.drop_duplicates("step")
+        labels = [step_label(r.step, r.step_name) for r in steps.itertuples()]
         series = []
         metric = "spearman_abs" if (rows.metric == "spearman_abs").any() else str(rows.metric.iloc[0])
         for method, group in rows[rows.metric == metric].groupby("method", sort=False):
-            by_step = group.set_index("step").reindex(steps.step)
+            by_step = group.drop_duplicates("step").set_index("step").reindex(steps.step)
             series.append((str(method), list(by_step.value), list(by_step.lo), list(by_step.hi)))
         parts.append(line_chart(labels, series, f"{test}: {metric} to the original map, {order} randomisation",
                                 y_label=metric))
-        wide = rows.assign(cell=[interval(v, lo, hi) for v, lo, hi in zip(rows.value, rows.lo, rows.hi)],
-                           blocks=[f"{int(s)} {b or 'none'}" for s, b in zip(rows.step, rows.step_name)])
+        wide = rows.assign(cell=cells(rows), blocks=[step_label(s, b) for s, b in zip(rows.step, rows.step_name)])
         table = wide.pivot_table(index=["method", "metric"], columns="blocks", values="cell", aggfunc="first",
                                  sort=False)
-        parts.append(Markup("<details><summary>every similarity</summary>") + table_html(table.reset_index())
-                     + Markup("</details>"))
+        parts.append(Markup("<details><summary>{}: every metric by blocks randomised</summary>").format(test)
+                     + table_html(table.reset_index()) + Markup("</details>"))
     for test, caption in TABLES.items():
         rows = agg[(agg.test == test) & ((test != "road") | agg.step.isna())]
         if not len(rows):
             continue
-        cells = rows.assign(cell=[interval(v, lo, hi) for v, lo, hi in zip(rows.value, rows.lo, rows.hi)])
-        table = cells.pivot_table(index="method", columns="metric", values="cell", aggfunc="first", sort=False)
+        table = rows.assign(cell=cells(rows)).pivot_table(index="method", columns="metric", values="cell",
+                                                           aggfunc="first", sort=False)
         parts.append(Markup("<h3>{}</h3>").format(caption) + table_html(table.reset_index()))
-    images = int(agg.n.max()) if len(agg) else 0
-    return Markup(f"<p>{images:,} images; mean [95% bootstrap interval].</p>") + Markup("").join(parts)
+        curve = agg[(agg.test == "road") & agg.step.notna()].sort_values("step", kind="stable")
+        if test == "road" and len(curve):
+            wide = curve.assign(cell=cells(curve), removed=[f"{int(s)}%" for s in curve.step])
+            table = wide.pivot_table(index=["method", "metric"], columns="removed", values="cell", aggfunc="first",
+                                     sort=False)
+            parts.append(Markup("<details><summary>ROAD: the target's probability by percentage removed (morf: "
+                                "most relevant first, lerf: least)</summary>") + table_html(table.reset_index())
+                         + Markup("</details>"))
+    counts = pd.to_numeric(agg.n, errors="coerce").dropna() if "n" in agg else pd.Series(dtype=float)
+    images = f"{int(counts.max()):,} images; " if len(counts) else ""
+    return Markup("<p>{}mean [bootstrap interval of the mean].</p>").format(images) + Markup("").join(parts)

@@ -1,4 +1,4 @@
-"""Map similarity, sensitivity and bootstrap intervals against independent computations."""
+"""Map similarity and sensitivity against independent computations (SciPy, scikit-image, Quantus)."""
 
 from __future__ import annotations
 

@@ -35,8 +35,10 @@ Example manifest entry::
       sample: {n: 100, seed: 0}
       randomisation: {blocks: children}   # children | modules | [linear, layer3, ...]
 
-Table ``sanity_checks/``: per image and per aggregate, ``method``, ``test``, ``step`` (MPRT:
-blocks randomised, 0 = none; ROAD: the percentage removed; else null), ``step_name`` (MPRT: the
+Table ``sanity_checks/``: per image and per aggregate, ``method``, ``test`` (the two
+sensitivity tests are ``sensitivity`` rows with metric ``max_sensitivity`` / ``avg_sensitivity``),
+``step`` (MPRT: blocks randomised, 0 = none; ROAD: the percentage removed, rounded to a whole
+percent, for the ``morf``/``lerf`` curves; else null), ``step_name`` (MPRT: the
 block randomised at that step, "" at step 0), ``image_id``, ``label``, ``target`` (null on
 aggregate rows), ``metric``, ``value``, and on aggregate rows ``n`` (images) with ``lo``/``hi``,
 the bootstrap interval of the mean (:func:`jobs.core.kernels.bootstrap_interval`).

@@ -60,7 +60,6 @@ from torch import nn
 
 from jobs.attribution.base import (
     AttributionAnalysis,
-    AttributionParams,
     Bootstrap,
     attribution_entries,
     choose_targets,
@@ -182,7 +181,6 @@ class Randomiser:
         self.blocks = randomisation_blocks(model, blocks)
         if not self.blocks:
             raise ValueError("randomisation.blocks: the model has no module with parameters to randomise")
-        self.original = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.work = copy.deepcopy(model).eval()
         owners = set(parameter_modules(model)) | {n for n, m in model.named_modules()
                                                   if any(True for _ in m.buffers(recurse=False))}
@@ -197,7 +195,8 @@ class Randomiser:
         return self.random[name]
 
     def _load(self, randomised: Sequence[str]) -> nn.Module:
-        self.work.load_state_dict(self.original)
+        # The model itself is never changed: it is the untouched state each step starts from.
+        self.work.load_state_dict(self.model.state_dict())
         modules = dict(self.work.named_modules())
         with torch.no_grad():
             for block in randomised:
@@ -294,12 +293,9 @@ class SanityChecks(ReduceAnalysis):
         chosen = attribution_entries(self.params.methods, entries)
         by_name = {e.entry_name: e for e in entries}
         resolved = []
-        for name in chosen:
-            params = by_name[name]
-            if not isinstance(params, AttributionParams):
-                raise ValueError(f"methods: {name!r} is not an attribution method")
+        for name in chosen:  # attribution entries only: attribution_entries checked their types
             # What does not change a map stays out, so that it does not change this entry's key.
-            resolved.append(params.model_copy(update={"render": False, "metrics": False, "sample": None})
+            resolved.append(by_name[name].model_copy(update={"render": False, "metrics": False, "sample": None})
                             .model_dump(mode="json"))
         return self.params.model_copy(update={"method_entries": resolved})
 

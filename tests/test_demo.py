@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from jobs.attribution.base import ATTRIBUTION
+from jobs.attribution.base import ATTRIBUTION, neuron_target
 from pipeline.demo import train_demo_model
 from pipeline.execute import run_manifest
 from pipeline.manifest import load_manifest
@@ -45,9 +45,16 @@ def test_demo_manifest_end_to_end(ray_session, tmp_path):
     assert (pred.pred == pred.label).mean() > 0.9  # the demo CNN really learnt the task
     images = pd.read_parquet(tmp_path / "demo" / "images.parquet")
     assert images.box.notna().all() and set(images.label_name) == {"circle", "cross", "square", "triangle"}
-    # Every attribution method is sanity-checked; with no block randomised each map is itself.
+    # Every class-explaining attribution method is sanity-checked; with no block randomised each
+    # map is itself. The unit projections explain no class: the checks leave them out.
     checks = pd.read_parquet(tmp_path / "demo" / "sanity_checks")
-    methods = {p.entry_name for p in manifest.analyses if p.type in ATTRIBUTION}
+    units = {p.entry_name for p in manifest.analyses if neuron_target(p) is not None}
+    methods = {p.entry_name for p in manifest.analyses if p.type in ATTRIBUTION} - units
     assert set(checks.method) == methods and len(methods) == 8
+    assert units == {"neuron_guided_backprop", "neuron_deconvnet"}
+    for name in units:
+        projected = pd.read_parquet(tmp_path / "demo" / name)
+        assert len(projected) == 50 and (projected.neuron_layer == "relu4").all()
+        assert projected.target.isna().all() and (projected.neuron_value >= 0).all()
     untouched = checks[(checks.test == "mprt_cascading") & (checks.step == 0) & checks.image_id.notna()]
     assert len(untouched) == 8 * 8 * 4 and (untouched.value == 1.0).all()

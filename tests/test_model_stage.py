@@ -186,6 +186,17 @@ def test_translate_is_an_exact_shift_with_zero_fill():
     expected = torch.zeros_like(x)
     expected[..., :-2] = x[..., 2:]
     assert torch.equal(left, expected)
+    down = transform_images(x, "translate", 1, axis="y")
+    expected = torch.zeros_like(x)
+    expected[..., 1:, :] = x[..., :-1, :]
+    assert torch.equal(down, expected)
+    up = transform_images(x, "translate", -3, axis="y")
+    expected = torch.zeros_like(x)
+    expected[..., :1, :] = x[..., 3:, :]
+    assert torch.equal(up, expected)
+    # Vertical is horizontal on the transposed image.
+    assert torch.equal(transform_images(x, "translate", 2, axis="y"),
+                       transform_images(x.transpose(-1, -2), "translate", 2).transpose(-1, -2))
     assert torch.allclose(transform_images(x, "rotate", 360.0), x, atol=1e-4)
     assert torch.allclose(transform_images(x, "scale", 1.0), x)
     with pytest.raises(ValueError, match="unknown transform 'shear'"):
@@ -222,7 +233,7 @@ def test_invariance_rows_and_one_plot_per_transform():
     ctx = context(net, n=2)
     a = analysis("invariance", layers=["1"], scale=[], rotate=[0, 90])
     units = a.units(ctx)
-    assert units == ["translate", "rotate"]  # an empty range leaves a transform out
+    assert units == [("translate", "x"), ("rotate", None)]  # an empty range leaves a transform out
     result = run_units(a, units, ctx)
     tables, images = result.tables, result.images
     t = tables[""].to_pandas()
@@ -231,6 +242,26 @@ def test_invariance_rows_and_one_plot_per_transform():
     assert len(t) == 2 * (len(translate) + 2)
     assert set(t["key"]) == {"invariance-translate", "invariance-rotate"}
     assert sorted(key for key, _ in images) == ["invariance-rotate", "invariance-translate"]
+    assert set(t[t["transform"] == "translate"].axis) == {"x"} and t[t["transform"] == "rotate"].axis.isna().all()
+
+
+def test_invariance_vertical_translation_is_its_own_plot():
+    net = tiny_net()
+    ctx = context(net, n=2)
+    both = analysis("invariance", layers=["1"], scale=[], rotate=[], axis=["x", "y"], translate=[0, 2])
+    assert both.units(ctx) == [("translate", "x"), ("translate", "y")]
+    result = run_units(both, both.units(ctx), ctx)
+    t = result.tables[""].to_pandas()
+    assert sorted(key for key, _ in result.images) == ["invariance-translate", "invariance-translate-y"]
+    assert set(zip(t.axis, t.key)) == {("x", "invariance-translate"), ("y", "invariance-translate-y")}
+    # The y rows equal the curves of a vertical shift computed directly.
+    x = ctx.normalize(ctx.images(list(ctx.pixels)))
+    labels = torch.tensor([ctx.labels.get(i, -1) for i in ctx.pixels])
+    direct = invariance_curves(net, x, labels, ["1"], "translate", [0.0, 2.0], axis="y")
+    y_rows = t[(t.axis == "y") & (t.amount == 2.0)].sort_values("image_id")
+    np.testing.assert_allclose(y_rows.distance.to_numpy(), direct["distance"][0, 1].numpy()[
+        np.argsort(list(ctx.pixels))], rtol=1e-6)
+    assert (t[t.amount == 0].distance == 0).all()
 
 
 # ----------------------------------------------------------------------------- through Ray

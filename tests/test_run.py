@@ -318,7 +318,7 @@ def test_every_registered_analysis_runs_end_to_end(ray_session, resnet20_weights
                "neighbours": {"layer": "layer3", "k": 2}, "embedding": {"layers": ["layer3"], "methods": ["pca"]},
                "probes": {"layers": ["layer3"]},
                "saliency": {"smoothgrad": {"samples": 2}, "sample": {"n": 5}, "steps": 2},
-               "guided_backprop": {"sample": {"n": 5}, "steps": 2}, "deconvnet": {"sample": {"n": 5}, "steps": 2},
+               "guided_backprop": {"sample": {"n": 5}, "steps": 2}, "deconvnet": {"sample": {"n": 5}, "target": {"neuron": {"layer": "layer2", "channel": 3}}},
                "cam": {"layer": "layer3", "steps": 2}, "grad_cam": {"layer": "layer2", "target": "label"},
                "guided_grad_cam": {"layer": "layer3", "target": {"top": 2}, "sample": {"n": 5}, "steps": 2},
                "occlusion": {"window": 16, "stride": 16, "feature": {"layer": "layer3", "channel": 1}, "steps": 2},
@@ -331,7 +331,7 @@ def test_every_registered_analysis_runs_end_to_end(ray_session, resnet20_weights
                "inversion": {"layers": ["layer1"], "sample": {"n": 2}, "steps": 3},
                "deepdream": {"layers": ["layer2"], "sample": {"n": 2}, "steps": 2, "octaves": 2},
                "invariance": {"layers": ["layer1"], "sample": {"n": 2}, "scale": [1.0], "rotate": [0, 90],
-                              "translate": [0]}}
+                              "translate": [0, 4], "axis": ["x", "y"]}}
     assert set(minimal) == set(REGISTRY), "add the new analysis to this table"
     entries = [{"type": name, **params} for name, params in minimal.items()]
     manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights,

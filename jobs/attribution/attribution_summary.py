@@ -34,7 +34,7 @@ import pandas as pd
 import pyarrow as pa
 from pydantic import Field
 
-from jobs.attribution.base import Bootstrap, attribution_entries
+from jobs.attribution.base import Bootstrap, attribution_entries, neuron_target
 from jobs.core.base import AnalysisParams, ReduceAnalysis, ReduceContext, ReduceInputs, ReduceOutput, register
 from jobs.core.kernels import bootstrap_interval
 
@@ -85,7 +85,11 @@ class AttributionSummary(ReduceAnalysis):
     params: AttributionSummaryParams
 
     def sources(self, entries: Sequence[AnalysisParams]) -> list[str]:
-        return attribution_entries(self.params.methods, entries)
+        chosen = attribution_entries(self.params.methods, entries)
+        if self.params.methods is None:  # by default the class explanations: a unit's map has no class score
+            by_name = {e.entry_name: e for e in entries}
+            chosen = [name for name in chosen if neuron_target(by_name[name]) is None] or chosen
+        return chosen
 
     def reduce(self, inputs: ReduceInputs, ctx: ReduceContext) -> ReduceOutput:
         frames = []

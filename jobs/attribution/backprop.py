@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from jobs.core.hooks import record_calls
+from jobs.core.hooks import forward_to, record_calls
 
 RULES = ("guided", "deconvnet")
 
@@ -161,6 +161,69 @@ def input_gradients(
         score = _class_score_sum(_forward(model, xg, rule), targets)
         (grad,) = torch.autograd.grad(score, xg)
     return grad.detach().float()
+
+
+def neuron_positions(acts: torch.Tensor, channel: int, at: str | tuple[int, int] | torch.Tensor) -> torch.Tensor:
+    """Where in each image's map of ``channel`` the chosen unit sits, (N, 2) as (y, x).
+
+    ``acts`` is a layer's output (N, K, h, w) (or (N, K): a unit per channel, at (0, 0)).
+    ``at``: ``"max"`` -- the position of the channel's largest value in each image (the first
+    in row-major order on ties); ``"center"`` -- ``(h // 2, w // 2)``; ``(y, x)`` -- that
+    position in every image; an (N, 2) tensor -- given per image.
+    """
+    if acts.dim() == 2:
+        acts = acts[:, :, None, None]
+    if acts.dim() != 4:
+        raise ValueError(f"a neuron target needs a (N, K, h, w) or (N, K) layer output, got {tuple(acts.shape)}")
+    n, k, h, w = acts.shape
+    if not 0 <= channel < k:
+        raise ValueError(f"neuron channel {channel} is out of range: the layer has {k} channels (0..{k - 1})")
+    if isinstance(at, torch.Tensor):
+        pos = at.to("cpu", torch.long).reshape(n, 2)
+    elif at == "max":
+        flat = acts[:, channel].detach().reshape(n, -1).float().argmax(dim=1).cpu()
+        pos = torch.stack([flat // w, flat % w], dim=1)
+    elif at == "center":
+        pos = torch.tensor([[h // 2, w // 2]]).expand(n, 2)
+    else:
+        pos = torch.tensor([list(at)], dtype=torch.long).expand(n, 2)  # type: ignore[arg-type]
+    if len(pos) and not (0 <= int(pos[:, 0].min()) and int(pos[:, 0].max()) < h
+                         and 0 <= int(pos[:, 1].min()) and int(pos[:, 1].max()) < w):
+        raise ValueError(f"neuron position {pos.tolist()[0]} is outside the layer's {h}x{w} map")
+    return pos.contiguous()
+
+
+def neuron_gradients(
+    model: nn.Module, x: torch.Tensor, layer: str, channel: int,
+    at: str | tuple[int, int] | torch.Tensor = "max", rule: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradient of one activation per image w.r.t. its input pixels, under a ReLU ``rule``.
+
+    "Pick a single intermediate neuron and compute the gradient of its value with respect to
+    the image pixels": the unit is ``layer``'s output at ``(channel, y, x)``, the position
+    chosen per image by ``at`` (see :func:`neuron_positions`). With ``rule`` "guided" or
+    "deconvnet" the ReLUs up to the layer (its own included) follow :func:`relu_rule`: the
+    projections of Zeiler & Fergus (ECCV 2014, Fig. 2) and Springenberg et al. (2015).
+    The forward stops at ``layer``.
+
+    Returns ``(grads (N, C, H, W), positions (N, 2) as (y, x), values (N,))``, detached.
+    """
+    _check_rule(rule)
+    with _grad_enabled():
+        xg = _leaf_input(x)
+        if rule is None:
+            acts = forward_to(model, layer, xg)
+        else:
+            with relu_rule(rule):  # type: ignore[arg-type]
+                acts = forward_to(model, layer, xg)
+        pos = neuron_positions(acts, channel, at)
+        a = acts if acts.dim() == 4 else acts[:, :, None, None]
+        rows = torch.arange(len(x), device=a.device)
+        values = a[rows, channel, pos[:, 0].to(a.device), pos[:, 1].to(a.device)]
+        if not values.requires_grad:
+            raise ValueError(f"layer {layer!r} output is not part of the autograd graph")
+        (grad,) = torch.autograd.grad(values.sum(), xg)
+    return grad.detach().float(), pos, values.detach().float().cpu()
 
 
 def _only_call(seen: list[torch.Tensor], layer: str) -> torch.Tensor:

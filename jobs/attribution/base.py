@@ -94,6 +94,24 @@ class TopTargets(BaseModel):
 Target = Literal["predicted", "label"] | Annotated[int, Field(ge=0)] | TopTargets
 
 
+class Neuron(BaseModel):
+    """One unit of a layer: ``channel`` at the position ``at`` of each image's map."""
+
+    model_config = ConfigDict(extra="forbid")
+    layer: str
+    channel: int = Field(ge=0)
+    at: Literal["max", "center"] | tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]] = Field(
+        default="max", description="max: where the channel peaks in each image | center | [y, x]")
+
+
+class NeuronTarget(BaseModel):
+    """``target: {neuron: {layer, channel, at}}``: the map of one activation, not of a class score
+    (:func:`jobs.attribution.backprop.neuron_gradients`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    neuron: Neuron
+
+
 class AttributionParams(AnalysisParams):
     target: Target = "predicted"
     sample: SampleSpec | None = None
@@ -102,6 +120,22 @@ class AttributionParams(AnalysisParams):
     render: bool = True
     cell: int = Field(default=128, ge=8, description="min side in px of each overlay panel")
     chunk: int = Field(default=256, ge=1, description="most model inputs per forward or backward")
+
+
+class NeuronTargetParams(AttributionParams):
+    """Params of a method that also explains single units: ``target`` may name a neuron."""
+
+    target: Target | NeuronTarget = "predicted"  # type: ignore[assignment]
+
+
+NEURON_COLUMNS = [("neuron_layer", pa.string()), ("neuron_channel", pa.int32()), ("neuron_y", pa.int32()),
+                  ("neuron_x", pa.int32()), ("neuron_value", pa.float32())]
+
+
+def neuron_target(params: AttributionParams) -> Neuron | None:
+    """The unit an entry explains, or None when it explains classes."""
+    target = getattr(params, "target", None)
+    return target.neuron if isinstance(target, NeuronTarget) else None
 
 
 @dataclass
@@ -176,12 +210,37 @@ class AttributionAnalysis(MapAnalysis):
         """The raw map columns :meth:`attribute` returns (flattened), with their types."""
         return [("map", FLOATS)]
 
+    def layers(self) -> list[tuple[tuple[str | int, ...], str]]:
+        found = super().layers()
+        neuron = neuron_target(self.params)
+        return found + ([(("target", "neuron", "layer"), neuron.layer)] if neuron is not None else [])
+
+    def check_model(self, model: torch.nn.Module, input_size: tuple[int, int]
+                    ) -> list[tuple[tuple[str | int, ...], str]]:
+        from jobs.attribution.backprop import neuron_positions
+        from jobs.core.hooks import forward_to
+
+        neuron = neuron_target(self.params)
+        if neuron is None or neuron.layer not in dict(model.named_modules()):
+            return []  # an unknown layer is reported by the manifest's layer check
+        with torch.no_grad():
+            acts = forward_to(model, neuron.layer, torch.zeros(1, 3, *input_size,
+                                                                 device=next(model.parameters()).device))
+        try:
+            neuron_positions(acts, neuron.channel, "center" if neuron.at == "max" else neuron.at)
+        except ValueError as e:
+            field = ("channel",) if "channel" in str(e) else ("at",)
+            return [(("target", "neuron", *field), str(e))]
+        return []
+
     def schema(self) -> dict[str, pa.Schema]:
         p = self.params
         f32 = pa.float32()
         fields = [IMAGE_ID, LABEL, ("method", pa.string()), ("target", pa.int64()), ("rank", pa.int64()),
                   ("score", f32), *self.map_columns(),
                   ("channels", pa.int32()), ("height", pa.int32()), ("width", pa.int32())]
+        if neuron_target(p) is not None:
+            fields += NEURON_COLUMNS
         if p.metrics:
             fields += [("deletion_auc", f32), ("insertion_auc", f32)]
         fields += [("pointing", f32), ("box_energy", f32)]
@@ -204,7 +263,12 @@ class AttributionAnalysis(MapAnalysis):
         if logits.dim() != 2:
             raise ValueError(f"{self.name} needs the model to return (N, classes) logits, "
                              f"got shape {tuple(logits.shape)}")
-        rows, targets, ranks = choose_targets(logits, batch.labels, p.target)
+        neuron = neuron_target(p)
+        if neuron is None:
+            rows, targets, ranks = choose_targets(logits, batch.labels, p.target)  # type: ignore[arg-type]
+        else:  # one map per image; the class columns stay empty
+            rows = torch.arange(len(logits))
+            targets, ranks = logits.argmax(dim=1).cpu(), torch.zeros(len(logits), dtype=torch.long)
         if not len(rows):
             return MapOutput(rows={"": {}})
         device = batch.images.device
@@ -223,6 +287,13 @@ class AttributionAnalysis(MapAnalysis):
             "rank": ranks.numpy().astype(np.int64),
             "score": score.numpy().astype(np.float32),
         }
+        if neuron is not None:
+            pos, values = result.extra["neuron_positions"], result.extra["neuron_values"]
+            cols.update(target=np.full(m, None, dtype=object), rank=np.full(m, None, dtype=object),
+                        score=np.full(m, None, dtype=object), neuron_layer=np.full(m, neuron.layer, dtype=object),
+                        neuron_channel=np.full(m, neuron.channel, np.int32),
+                        neuron_y=pos[:, 0].numpy().astype(np.int32), neuron_x=pos[:, 1].numpy().astype(np.int32),
+                        neuron_value=values.numpy().astype(np.float32))
         shape = tuple(result.columns[result.shape_of].shape[1:])
         shape = (1,) * (3 - len(shape)) + shape
         for name, values in result.columns.items():
@@ -231,7 +302,10 @@ class AttributionAnalysis(MapAnalysis):
         cols.update(channels=np.full(m, shape[0], np.int32), height=np.full(m, shape[1], np.int32),
                     width=np.full(m, shape[2], np.int32))
         boxes = None if batch.boxes is None else torch.as_tensor(batch.boxes)[rows]
-        if p.metrics:
+        if p.metrics and neuron is not None:  # the curves score a class; a unit has none
+            cols["deletion_auc"] = np.full(m, np.nan, np.float32)
+            cols["insertion_auc"] = np.full(m, np.nan, np.float32)
+        elif p.metrics:
             curves = deletion_insertion(model, x, heat.to(device), t, steps=p.steps, chunk=p.chunk)
             cols["deletion_auc"] = curves["deletion_auc"].numpy()
             cols["insertion_auc"] = curves["insertion_auc"].numpy()
@@ -253,7 +327,8 @@ class AttributionAnalysis(MapAnalysis):
                 vmin, vmax = torch.minimum(flat.amin(dim=1), torch.zeros(m)), flat.amax(dim=1)
             keys = []
             for j in range(m):
-                key = image_key(cols["image_id"][j], p.entry_name, f"c{int(cols['target'][j])}")
+                unit = f"c{int(targets[j])}" if neuron is None else f"n{neuron.layer}-{neuron.channel}"
+                key = image_key(cols["image_id"][j], p.entry_name, unit)
                 pixels = batch.pixels[int(rows[j])] if batch.pixels is not None else np.zeros((*size, 3), np.uint8)
                 images.append((key, overlay(pixels, heat[j].numpy(), float(vmin[j]), float(vmax[j]),
                                             signed=result.signed, min_side=p.cell)))

@@ -10,6 +10,7 @@ Example manifest entry::
 
     - type: guided_backprop
       signed: false      # true keeps the (3, H, W) signed picture
+      # target: {neuron: {layer: layer2, channel: 5}}   # project one unit (see saliency)
 
 Table columns: see :mod:`jobs.attribution.base`; ``map`` is (1, H, W), ``max_c |R_c|``.
 """
@@ -20,11 +21,11 @@ from typing import ClassVar
 
 import torch
 
-from jobs.attribution.base import Attribution, AttributionAnalysis, AttributionParams, in_chunks
+from jobs.attribution.base import Attribution, AttributionAnalysis, NeuronTargetParams, in_chunks, neuron_target
 from jobs.core.base import MapBatch, register
 
 
-class RuleParams(AttributionParams):
+class RuleParams(NeuronTargetParams):
     """Params of a :class:`RuleAttribution`."""
 
     signed: bool = False
@@ -51,7 +52,12 @@ class RuleAttribution(AttributionAnalysis):
     rule: ClassVar[str]
 
     def attribute(self, batch: MapBatch, x: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor) -> Attribution:
+        from jobs.attribution.saliency import neuron_attribution
+
         p = self.params
+        neuron = neuron_target(p)
+        if neuron is not None:
+            return neuron_attribution(batch, x, rows, neuron, self.rule, p.signed, p.chunk)
         return Attribution.pixels(rule_gradients(batch.model, x, targets, self.rule, p.signed, p.chunk), p.signed)
 
 

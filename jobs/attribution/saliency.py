@@ -12,6 +12,13 @@ Example manifest entry::
     - type: saliency
       signed: false          # true keeps the signed (3, H, W) gradient
       smoothgrad: {samples: 25, sigma: 0.15}
+      # target: {neuron: {layer: layer3, channel: 7, at: max}}   # one unit instead of a class
+
+With a neuron target the map is the gradient of that one activation (the channel's value at
+``at``: ``max`` -- where it peaks in each image, ``center`` or ``[y, x]``); rows leave
+``target``, ``rank`` and ``score`` empty and name the unit in ``neuron_layer``,
+``neuron_channel``, ``neuron_y``, ``neuron_x`` and its value in ``neuron_value``; the
+deletion / insertion scores (which follow a class) are NaN.
 
 Table columns: see :mod:`jobs.attribution.base`; ``map`` is (1, H, W) (or (3, H, W) signed).
 """
@@ -21,7 +28,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from jobs.attribution.base import Attribution, AttributionAnalysis, AttributionParams, in_chunks
+from jobs.attribution.base import Attribution, AttributionAnalysis, Neuron, NeuronTargetParams, in_chunks, neuron_target
 from jobs.core.base import MapBatch, register, unit_seed
 
 
@@ -32,19 +39,22 @@ class SmoothGrad(BaseModel):
     seed: int = 0
 
 
-class SaliencyParams(AttributionParams):
+class SaliencyParams(NeuronTargetParams):
     signed: bool = False
     smoothgrad: SmoothGrad | None = None
 
 
 def smoothgrad(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, seeds: list[int], samples: int,
-               sigma: float, signed: bool, chunk: int) -> torch.Tensor:
+               sigma: float, signed: bool, chunk: int, neuron: tuple[str, int, torch.Tensor] | None = None
+               ) -> torch.Tensor:
     """Mean of the per-sample gradient maps over ``samples`` noisy copies of each image.
 
     Copies are drawn per image from ``torch.Generator().manual_seed(seeds[i])`` on the CPU and
-    pushed through the model ``chunk`` at a time (images x samples never all at once).
+    pushed through the model ``chunk`` at a time (images x samples never all at once). With
+    ``neuron`` = (layer, channel, positions (N, 2)) each copy's map is that unit's gradient,
+    at the image's own position, instead of the class score's.
     """
-    from jobs.attribution.backprop import input_gradients, reduce_channels
+    from jobs.attribution.backprop import input_gradients, neuron_gradients, reduce_channels
 
     total = None
     # One stream of (image, sample) pairs; each image's noise comes from its own generator.
@@ -55,7 +65,11 @@ def smoothgrad(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, s
         idx = torch.tensor([pairs[j][0] for j in range(sl.start, sl.stop)])
         noise = torch.stack([torch.randn(x.shape[1:], generator=noise_rng[int(i)]) for i in idx]).to(x.device)
         noisy = x[idx.to(x.device)] + noise * (sigma * span[idx.to(x.device)]).view(-1, 1, 1, 1)
-        maps = reduce_channels(input_gradients(model, noisy, targets[idx.to(x.device)]), signed)
+        if neuron is None:
+            grads = input_gradients(model, noisy, targets[idx.to(x.device)])
+        else:
+            grads = neuron_gradients(model, noisy, neuron[0], neuron[1], at=neuron[2][idx])[0]
+        maps = reduce_channels(grads, signed)
         if total is None:
             total = torch.zeros((len(x), *maps.shape[1:]), dtype=torch.float32, device=maps.device)
         total.index_add_(0, idx.to(maps.device), maps.float())
@@ -75,6 +89,9 @@ class Saliency(AttributionAnalysis):
         from jobs.attribution.backprop import input_gradients, reduce_channels
 
         p = self.params
+        neuron = neuron_target(p)
+        if neuron is not None:
+            return neuron_attribution(batch, x, rows, neuron, None, p.signed, p.chunk, p.smoothgrad)
         if p.smoothgrad is None:
             maps = torch.cat([reduce_channels(input_gradients(batch.model, x[sl], targets[sl]), p.signed)
                               for sl in in_chunks(len(x), p.chunk)])
@@ -83,3 +100,29 @@ class Saliency(AttributionAnalysis):
             seeds = [unit_seed(sg.seed, batch.image_ids[int(r)]) for r in rows]
             maps = smoothgrad(batch.model, x, targets, seeds, sg.samples, sg.sigma, p.signed, p.chunk)
         return Attribution.pixels(maps, p.signed)
+
+
+def neuron_attribution(batch: MapBatch, x: torch.Tensor, rows: torch.Tensor, neuron: Neuron, rule: str | None,
+                       signed: bool, chunk: int, noise: SmoothGrad | None = None) -> Attribution:
+    """Maps of one unit per image (:func:`jobs.attribution.backprop.neuron_gradients`), with the
+    unit's position and value in ``extra``. With ``noise`` (SmoothGrad) the position is chosen
+    on the clean image and kept for every noisy copy."""
+    from jobs.attribution.backprop import neuron_gradients, reduce_channels
+
+    maps, positions, values = [], [], []
+    for sl in in_chunks(len(x), chunk):
+        grads, pos, val = neuron_gradients(batch.model, x[sl], neuron.layer, neuron.channel, neuron.at, rule)
+        maps.append(reduce_channels(grads, signed))
+        positions.append(pos)
+        values.append(val)
+    pos = torch.cat(positions)
+    if noise is not None:
+        seeds = [unit_seed(noise.seed, batch.image_ids[int(r)]) for r in rows]
+        dummy = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        result = smoothgrad(batch.model, x, dummy, seeds, noise.samples, noise.sigma, signed, chunk,
+                            neuron=(neuron.layer, neuron.channel, pos))
+    else:
+        result = torch.cat(maps)
+    attribution = Attribution.pixels(result, signed)
+    attribution.extra.update(neuron_positions=pos, neuron_values=torch.cat(values))
+    return attribution

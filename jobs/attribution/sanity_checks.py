@@ -64,6 +64,7 @@ from jobs.attribution.base import (
     attribution_entries,
     choose_targets,
     in_chunks,
+    neuron_target,
 )
 from jobs.core.base import (
     IMAGE_ID,
@@ -292,6 +293,14 @@ class SanityChecks(ReduceAnalysis):
     def bind(self, entries: Sequence[AnalysisParams]) -> AnalysisParams:
         chosen = attribution_entries(self.params.methods, entries)
         by_name = {e.entry_name: e for e in entries}
+        # The checks compare explanations of classes; an entry that explains a unit has none.
+        units = [name for name in chosen if neuron_target(by_name[name]) is not None]
+        if units and self.params.methods is not None:
+            raise ValueError(f"methods: {', '.join(map(repr, units))} explain(s) a neuron, not a class; "
+                             "the checks compare class explanations")
+        chosen = [name for name in chosen if name not in units]
+        if not chosen:
+            raise ValueError("needs at least one attribution entry that explains classes (not a neuron target)")
         resolved = []
         for name in chosen:  # attribution entries only: attribution_entries checked their types
             # What does not change a map stays out, so that it does not change this entry's key.

@@ -12,7 +12,8 @@ from pipeline.report.html import esc, figure, num, render, table_html
 from pipeline.report.run import Run
 from pipeline.report.views.base import family_view
 
-COLUMNS = ["image_id", "label", "method", "target", "score", "deletion_auc", "insertion_auc", "pointing", "key"]
+COLUMNS = ["image_id", "label", "method", "target", "score", "deletion_auc", "insertion_auc", "pointing", "key",
+           "neuron_layer", "neuron_channel", "neuron_y", "neuron_x", "neuron_value"]
 
 
 @family_view("attribution", "attribution.html")
@@ -37,14 +38,24 @@ def attribution(run: Run, entries: list[str]) -> Markup:
         for image_id, group in df.groupby("image_id", sort=True):
             figs = []
             for r in group.itertuples():
-                caption = (f"<b>{esc(r.entry)}</b> · class {esc(run.label(r.target))}<br>p {num(r.score, 2)}"
-                           f" · del {num(getattr(r, 'deletion_auc', None), 2)} · ins "
-                           f"{num(getattr(r, 'insertion_auc', None), 2)}")
+                caption = caption_of(r, run)
                 figs.append(figure(run.image(r.entry, getattr(r, "key", None)), caption, paged=True,
                                    pixelated=False))
             items.append(render("image_row.html", title=image_id, subtitle=run.label(group.label.iloc[0]),
                                 cls="grid wide", figures=figs))
     return render("attribution.html", overall=overall, per_class=per_class, checks=checks, items=items)
+
+
+def caption_of(r: object, run: Run) -> str:
+    """A map's caption: its class, probability and scores, or the unit it explains."""
+    layer = getattr(r, "neuron_layer", None)
+    if isinstance(layer, str):
+        return (f"<b>{esc(getattr(r, 'entry'))}</b> · unit {esc(layer)}[{int(getattr(r, 'neuron_channel'))}]"
+                f" at ({int(getattr(r, 'neuron_y'))}, {int(getattr(r, 'neuron_x'))})<br>value "
+                f"{num(getattr(r, 'neuron_value'), 3)}")
+    return (f"<b>{esc(getattr(r, 'entry'))}</b> · class {esc(run.label(getattr(r, 'target')))}<br>p "
+            f"{num(getattr(r, 'score'), 2)} · del {num(getattr(r, 'deletion_auc', None), 2)} · ins "
+            f"{num(getattr(r, 'insertion_auc', None), 2)}")
 
 
 def summary_tables(df: pd.DataFrame) -> tuple[Markup, Markup | None]:

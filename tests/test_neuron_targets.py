@@ -152,3 +152,44 @@ def test_class_only_methods_refuse_neuron_targets():
 
     with pytest.raises(ValidationError):
         GradCam.Params(layer="conv2", target={"neuron": {"layer": "conv2", "channel": 0}})
+
+
+def test_rows_follow_the_declared_schema():
+    model, _ = nets(seed=2)
+    analysis = GuidedBackprop(GuidedBackprop.Params(target={"neuron": {"layer": "conv2", "channel": 1}}, cell=8))
+    table, _ = map_table(analysis, model, ["a", "b"], pixels(n=2))
+    assert table.column_names == analysis.schema()[""].names
+
+
+def test_summary_and_checks_take_class_maps_by_default():
+    from jobs import REGISTRY
+
+    def params(kind: str, **fields):
+        return REGISTRY[kind].Params.model_validate({"type": kind, **fields})
+
+    unit = {"neuron": {"layer": "conv2", "channel": 0}}
+    entries = [params("saliency"), params("guided_backprop", name="unit_gbp", target=unit),
+               params("grad_cam", layer="conv2")]
+    summary = REGISTRY["attribution_summary"](params("attribution_summary"))
+    assert summary.sources(entries) == ["saliency", "grad_cam"]
+    named = REGISTRY["attribution_summary"](params("attribution_summary", methods=["unit_gbp"]))
+    assert named.sources(entries) == ["unit_gbp"]  # a unit's pointing game, asked for by name
+    checks = REGISTRY["sanity_checks"](params("sanity_checks"))
+    bound = checks.bind(entries)
+    assert [e["name"] or e["type"] for e in bound.method_entries] == ["saliency", "grad_cam"]
+    with pytest.raises(ValueError, match="'unit_gbp' explain.*neuron"):
+        REGISTRY["sanity_checks"](params("sanity_checks", methods=["unit_gbp"])).bind(entries)
+
+
+def test_report_caption_names_the_unit():
+    from types import SimpleNamespace
+
+    from pipeline.report.views.attribution import caption_of
+
+    run = SimpleNamespace(label=lambda v: f"class{v}")
+    unit = SimpleNamespace(entry="unit_gbp", neuron_layer="relu4", neuron_channel=3, neuron_y=2, neuron_x=5,
+                           neuron_value=1.25, target=None, score=None)
+    assert "unit relu4[3] at (2, 5)" in caption_of(unit, run) and "1.25" in caption_of(unit, run)
+    cls = SimpleNamespace(entry="saliency", neuron_layer=None, target=1, score=0.5, deletion_auc=0.1,
+                          insertion_auc=0.9)
+    assert "class class1" in caption_of(cls, run)

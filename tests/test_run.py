@@ -318,7 +318,8 @@ def test_every_registered_analysis_runs_end_to_end(ray_session, resnet20_weights
                "neighbours": {"layer": "layer3", "k": 2}, "embedding": {"layers": ["layer3"], "methods": ["pca"]},
                "probes": {"layers": ["layer3"]},
                "saliency": {"smoothgrad": {"samples": 2}, "sample": {"n": 5}, "steps": 2},
-               "guided_backprop": {"sample": {"n": 5}, "steps": 2}, "deconvnet": {"sample": {"n": 5}, "target": {"neuron": {"layer": "layer2", "channel": 3}}},
+               "guided_backprop": {"sample": {"n": 5}, "steps": 2},
+               "deconvnet": {"sample": {"n": 5}, "target": {"neuron": {"layer": "layer2", "channel": 3}}},
                "cam": {"layer": "layer3", "steps": 2}, "grad_cam": {"layer": "layer2", "target": "label"},
                "guided_grad_cam": {"layer": "layer3", "target": {"top": 2}, "sample": {"n": 5}, "steps": 2},
                "occlusion": {"window": 16, "stride": 16, "feature": {"layer": "layer3", "channel": 1}, "steps": 2},
@@ -338,7 +339,7 @@ def test_every_registered_analysis_runs_end_to_end(ray_session, resnet20_weights
                               dataset={"kind": "image_folder", "root": str(image_folder)},
                               analyses=entries)
     result = run(manifest)
-    assert result.ok
+    assert result.ok, [(n, a.get("error")) for n, a in result.analyses.items() if a.get("status") != "complete"]
     for name in minimal:
         assert (tmp_path / "out" / name / "_SUCCESS").exists()
         assert result.analyses[name]["rows"] > 0

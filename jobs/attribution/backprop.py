@@ -186,7 +186,7 @@ def neuron_positions(acts: torch.Tensor, channel: int, at: str | tuple[int, int]
     elif at == "center":
         pos = torch.tensor([[h // 2, w // 2]]).expand(n, 2)
     else:
-        pos = torch.tensor([list(at)], dtype=torch.long).expand(n, 2)  # type: ignore[arg-type]
+        pos = torch.tensor([list(at)], dtype=torch.long).expand(n, 2)
     if len(pos) and not (0 <= int(pos[:, 0].min()) and int(pos[:, 0].max()) < h
                          and 0 <= int(pos[:, 1].min()) and int(pos[:, 1].max()) < w):
         raise ValueError(f"neuron position {pos.tolist()[0]} is outside the layer's {h}x{w} map")

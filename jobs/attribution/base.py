@@ -132,7 +132,7 @@ NEURON_COLUMNS = [("neuron_layer", pa.string()), ("neuron_channel", pa.int32()),
                   ("neuron_x", pa.int32()), ("neuron_value", pa.float32())]
 
 
-def neuron_target(params: AttributionParams) -> Neuron | None:
+def neuron_target(params: AnalysisParams) -> Neuron | None:
     """The unit an entry explains, or None when it explains classes."""
     target = getattr(params, "target", None)
     return target.neuron if isinstance(target, NeuronTarget) else None
@@ -265,7 +265,7 @@ class AttributionAnalysis(MapAnalysis):
                              f"got shape {tuple(logits.shape)}")
         neuron = neuron_target(p)
         if neuron is None:
-            rows, targets, ranks = choose_targets(logits, batch.labels, p.target)  # type: ignore[arg-type]
+            rows, targets, ranks = choose_targets(logits, batch.labels, p.target)
         else:  # one map per image; the class columns stay empty
             rows = torch.arange(len(logits))
             targets, ranks = logits.argmax(dim=1).cpu(), torch.zeros(len(logits), dtype=torch.long)
@@ -287,13 +287,9 @@ class AttributionAnalysis(MapAnalysis):
             "rank": ranks.numpy().astype(np.int64),
             "score": score.numpy().astype(np.float32),
         }
-        if neuron is not None:
-            pos, values = result.extra["neuron_positions"], result.extra["neuron_values"]
+        if neuron is not None:  # a unit's map explains no class
             cols.update(target=np.full(m, None, dtype=object), rank=np.full(m, None, dtype=object),
-                        score=np.full(m, None, dtype=object), neuron_layer=np.full(m, neuron.layer, dtype=object),
-                        neuron_channel=np.full(m, neuron.channel, np.int32),
-                        neuron_y=pos[:, 0].numpy().astype(np.int32), neuron_x=pos[:, 1].numpy().astype(np.int32),
-                        neuron_value=values.numpy().astype(np.float32))
+                        score=np.full(m, None, dtype=object))
         shape = tuple(result.columns[result.shape_of].shape[1:])
         shape = (1,) * (3 - len(shape)) + shape
         for name, values in result.columns.items():
@@ -301,6 +297,12 @@ class AttributionAnalysis(MapAnalysis):
             cols[name] = (v.float() if v.is_floating_point() else v).reshape(m, -1).numpy()
         cols.update(channels=np.full(m, shape[0], np.int32), height=np.full(m, shape[1], np.int32),
                     width=np.full(m, shape[2], np.int32))
+        if neuron is not None:
+            pos, values = result.extra["neuron_positions"], result.extra["neuron_values"]
+            cols.update(neuron_layer=np.full(m, neuron.layer, dtype=object),
+                        neuron_channel=np.full(m, neuron.channel, np.int32),
+                        neuron_y=pos[:, 0].numpy().astype(np.int32), neuron_x=pos[:, 1].numpy().astype(np.int32),
+                        neuron_value=values.numpy().astype(np.float32))
         boxes = None if batch.boxes is None else torch.as_tensor(batch.boxes)[rows]
         if p.metrics and neuron is not None:  # the curves score a class; a unit has none
             cols["deletion_auc"] = np.full(m, np.nan, np.float32)

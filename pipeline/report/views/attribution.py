@@ -3,6 +3,8 @@ faithfulness scores of ``attribution_summary`` with their intervals, and the ``s
 
 from __future__ import annotations
 
+from typing import Any
+
 import pandas as pd
 from markupsafe import Markup
 
@@ -46,16 +48,14 @@ def attribution(run: Run, entries: list[str]) -> Markup:
     return render("attribution.html", overall=overall, per_class=per_class, checks=checks, items=items)
 
 
-def caption_of(r: object, run: Run) -> str:
+def caption_of(r: Any, run: Run) -> str:
     """A map's caption: its class, probability and scores, or the unit it explains."""
     layer = getattr(r, "neuron_layer", None)
     if isinstance(layer, str):
-        return (f"<b>{esc(getattr(r, 'entry'))}</b> · unit {esc(layer)}[{int(getattr(r, 'neuron_channel'))}]"
-                f" at ({int(getattr(r, 'neuron_y'))}, {int(getattr(r, 'neuron_x'))})<br>value "
-                f"{num(getattr(r, 'neuron_value'), 3)}")
-    return (f"<b>{esc(getattr(r, 'entry'))}</b> · class {esc(run.label(getattr(r, 'target')))}<br>p "
-            f"{num(getattr(r, 'score'), 2)} · del {num(getattr(r, 'deletion_auc', None), 2)} · ins "
-            f"{num(getattr(r, 'insertion_auc', None), 2)}")
+        return (f"<b>{esc(r.entry)}</b> · unit {esc(layer)}[{int(r.neuron_channel)}] at ({int(r.neuron_y)}, "
+                f"{int(r.neuron_x)})<br>value {num(r.neuron_value, 3)}")
+    return (f"<b>{esc(r.entry)}</b> · class {esc(run.label(r.target))}<br>p {num(r.score, 2)} · del "
+            f"{num(getattr(r, 'deletion_auc', None), 2)} · ins {num(getattr(r, 'insertion_auc', None), 2)}")
 
 
 def summary_tables(df: pd.DataFrame) -> tuple[Markup, Markup | None]:

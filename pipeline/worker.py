@@ -120,6 +120,8 @@ class ModelWorker:
                 model=self.model,
                 pixels=pixels,
                 boxes=None if boxes is None else np.asarray(boxes, dtype=np.int64),
+                mean=tuple(self.preprocess.mean),
+                std=tuple(self.preprocess.std),
             )
         except Exception as e:  # noqa: BLE001 -- the model failed: every analysis of the batch did
             message = _describe(e, "model forward")

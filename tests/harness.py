@@ -43,7 +43,8 @@ def map_batches(analysis: Analysis, model: torch.nn.Module, ids: Sequence[str], 
         batch = MapBatch(image_ids=list(ids[sl]), labels=torch.tensor(list(labels[sl]), dtype=torch.int64),
                          images=x, logits=logits.float(), activations={k: v.float() for k, v in acts.items()},
                          model=model, pixels=np.ascontiguousarray(pixels[sl]),
-                         boxes=None if boxes is None else np.asarray(boxes[sl], dtype=np.int64))
+                         boxes=None if boxes is None else np.asarray(boxes[sl], dtype=np.int64),
+                         mean=tuple(MEAN), std=tuple(STD))
         out.append(analysis.map_batch(batch))
     return out
 

@@ -140,12 +140,16 @@ def small_run(tmp_path_factory, demo_cnn_weights):
         {"type": "probes", "layers": ["relu2", "relu4"]},
         {"type": "grad_cam", "layer": "relu3", "sample": {"n": 4}, "steps": 2},
         {"type": "saliency", "sample": {"n": 4}, "steps": 2},
+        {"type": "guided_backprop", "name": "unit_gbp", "sample": {"n": 4},
+         "target": {"neuron": {"layer": "relu4", "channel": 0}}},
         {"type": "attribution_summary"},
+        {"type": "adversarial", "sample": {"n": 4}, "epsilons": [0.05, 0.2, 0.5], "steps": 2},
         {"type": "sanity_checks", "sample": {"n": 3}, "sensitivity": {"samples": 2}, "road": {"percentages": [50]}},
         {"type": "filters"}, {"type": "class_model", "steps": 5},
         {"type": "inversion", "layers": ["relu1", "relu3"], "sample": {"n": 2}, "steps": 5},
         {"type": "deepdream", "layers": ["relu3"], "sample": {"n": 2}, "steps": 2, "octaves": 1},
-        {"type": "invariance", "layers": ["relu1"], "sample": {"n": 2}, "rotate": [0, 90], "scale": [1.0]},
+        {"type": "invariance", "layers": ["relu1"], "sample": {"n": 2}, "rotate": [0, 90], "scale": [1.0],
+         "axis": ["x", "y"]},
         {"type": "activation_maps", "layers": ["relu1"], "sample": {"n": 2}},
         {"type": "neuron_ascent", "layer": "relu3", "channels": [0, 1], "steps": 5},
     ]
@@ -162,7 +166,7 @@ def test_report_of_a_small_run_has_a_page_per_analysis(ray_session, small_run):
     pages = {p.name for p in report.glob("*.html")}
     for name in ("index", "predictions", "features", "activation_stats", "neighbours", "embedding", "probes",
                  "attribution", "filters", "class_model", "inversion", "deepdream", "invariance",
-                 "activation_maps", "neuron_ascent"):
+                 "activation_maps", "neuron_ascent", "adversarial"):
         assert f"{name}.html" in pages, name
     assert any(p.startswith("top_patches--relu2--c") for p in pages)
     attribution = (report / "attribution.html").read_text()
@@ -172,6 +176,10 @@ def test_report_of_a_small_run_has_a_page_per_analysis(ray_session, small_run):
     assert 'aria-label="mprt_independent: spearman_abs' in attribution
     assert "Random logit" in attribution and "max_sensitivity" in attribution and "morf_auc" in attribution
     assert "deletion_auc_lo" not in attribution and " [" in attribution  # scores shown as mean [lo, hi]
+    assert "unit_gbp</b> · unit relu4[0] at (" in attribution  # a unit's map names the unit
+    assert "translate y" in (report / "invariance.html").read_text()
+    adversarial = (report / "adversarial.html").read_text()
+    assert "Predictions flipped within the largest step" in adversarial and "clean · adversarial" in adversarial
     for page in report.glob("*.html"):
         text = page.read_text()
         assert "<img src=x" not in text

@@ -324,6 +324,7 @@ def test_every_registered_analysis_runs_end_to_end(ray_session, resnet20_weights
                "guided_grad_cam": {"layer": "layer3", "target": {"top": 2}, "sample": {"n": 5}, "steps": 2},
                "occlusion": {"window": 16, "stride": 16, "feature": {"layer": "layer3", "channel": 1}, "steps": 2},
                "attribution_summary": {},
+               "adversarial": {"sample": {"n": 3}, "epsilons": [0.01, 0.1], "steps": 2},
                "sanity_checks": {"methods": ["saliency", "grad_cam"], "sample": {"n": 2},
                                  "sensitivity": {"samples": 2}, "road": {"percentages": [50]}},
                "filters": {}, "activation_maps": {"layers": ["layer1"], "sample": {"n": 2}},

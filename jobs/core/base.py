@@ -108,6 +108,7 @@ class MapBatch:
     normalisation (uint8 (N, H, W, 3), on the CPU: the frame of every box and overlay), and
     ``boxes`` the object box of each image in that frame ((N, 4) ``[x0, y0, x1, y1]``,
     half-open; a row of -1 where the image has none), when the dataset has boxes.
+    ``mean``/``std``: the normalisation, ``images = (pixels / 255 - mean) / std`` per channel.
     """
 
     image_ids: list[str]
@@ -118,6 +119,8 @@ class MapBatch:
     model: torch.nn.Module
     pixels: np.ndarray | None = None
     boxes: np.ndarray | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -138,6 +141,8 @@ class MapBatch:
             model=self.model,
             pixels=None if self.pixels is None else self.pixels[keep],
             boxes=None if self.boxes is None else self.boxes[keep],
+            mean=self.mean,
+            std=self.std,
         )
 
 

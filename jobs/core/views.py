@@ -4,8 +4,8 @@ An analysis lists ``view = (Gallery(...), Table(...), ...)``; the report (``pipe
 reads the entry's committed table and draws each block in order, so a new analysis gets its
 page without any change to the report. Captions and titles are Jinja2 templates over a row
 ``r`` (autoescaped: values from the data are escaped, the template's own tags are kept), with
-the filters ``num`` (a number as the report prints it) and ``label`` (a class index as its
-name).
+the filter ``num`` (a number as the report prints it) and the function ``label`` (a class
+index as its name: ``{{ label(r.label) }}``).
 
 Example (``class_model``)::
 

@@ -17,6 +17,18 @@ Example::
       classes: all            # or [0, 3, 5]
       restarts: 2
       parameterization: pixel # or fourier
+
+Fooling images (Nguyen, Yosinski & Clune, "Deep Neural Networks are Easily Fooled", CVPR
+2015): the same ascent from seeded noise with every regulariser off -- ``parameterization:
+pixel``, ``l2: 0``, ``blur_every: 0``, ``jitter: 0`` (clipping is off by default) -- reaches
+images the model gives its class with high ``probability`` although no person would see the
+class in them; the page's summary reports the mean probability reached::
+
+    - type: class_model
+      name: fooling_images
+      l2: 0
+      blur_every: 0
+      jitter: 0
 """
 
 from __future__ import annotations

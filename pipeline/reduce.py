@@ -260,6 +260,9 @@ class RunContext:
         self.workers = ex.workers
         self.source = ImageSource.of(manifest, index)
         self._model: torch.nn.Module | None = None
+        pre = manifest.model.preprocess
+        self.mean = tuple(pre.mean) if pre is not None else (0.485, 0.456, 0.406)
+        self.std = tuple(pre.std) if pre is not None else (0.229, 0.224, 0.225)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -277,6 +280,11 @@ class RunContext:
     def images(self, image_ids: Sequence[str]) -> dict[str, np.ndarray]:
         """Decode ``image_ids`` as the model saw them (resized, cropped; uint8 (H, W, 3))."""
         return self.source(image_ids)
+
+    @property
+    def image_reader(self) -> ImageSource:
+        """What ``images`` reads with, picklable: tasks decode their own images with it."""
+        return self.source
 
     def cpus(self) -> int:
         """The CPUs of the Ray cluster (1 when Ray is not running)."""

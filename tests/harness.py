@@ -93,7 +93,8 @@ def run_local(analysis: Analysis, model: torch.nn.Module, ids: Sequence[str], pi
     labels = list(labels) if labels is not None else [-1] * len(ids)
     inputs = gather(map_batches(analysis, model, ids, pixels, labels, batch_size))
     ctx = LocalContext(model=model.eval(), pixels={i: p for i, p in zip(ids, pixels)},
-                       input_size=tuple(pixels.shape[1:3]), label_names=label_names, workers=workers)
+                       input_size=tuple(pixels.shape[1:3]), label_names=label_names, workers=workers,
+                       mean=tuple(MEAN), std=tuple(STD))
     return analysis.reduce(inputs, ctx)
 
 

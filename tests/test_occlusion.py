@@ -179,3 +179,66 @@ def test_bench_main_runs_on_tiny_random_sizes(capsys):
     assert result["ratio"] > 0
     assert result["max_abs_prob_diff"] <= 1e-5 and result["label_agreement"] == 1.0
     assert "random-weights" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- the strongest feature map
+
+
+def test_strongest_channel_equals_a_loop_over_its_own_channel():
+    model = tiny_net(seed=1)
+    x, targets = tiny_batch(n=5, seed=4)
+    got = occlusion_sweep(model, x, targets, window=4, stride=3, feature=("conv2", None), chunk=6)
+    with torch.no_grad():
+        totals = torch.stack([model.conv2(model.relu1(model.conv1(x[i:i + 1]).clone()))[0].flatten(1).sum(1)
+                              for i in range(len(x))])
+    assert got["feature_channel"].tolist() == totals.argmax(dim=1).tolist()
+    assert len(set(got["feature_channel"].tolist())) > 1  # the images really differ in their strongest map
+    for i in range(len(x)):
+        c = int(got["feature_channel"][i])
+        ref = occlusion_loop(model, x[i:i + 1], targets[i:i + 1], 4, 3, "zero", feature=("conv2", c))
+        torch.testing.assert_close(got["feature_map"][i:i + 1], ref["feature_map"], atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(got["clean_feature"][i:i + 1], ref["clean_feature"], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:Setting backward hooks on ReLU")
+def test_strongest_projection_is_the_deconvnet_gradient_of_its_peak():
+    pytest.importorskip("captum.attr", reason="captum (a test extra) is the reference")
+    from captum.attr import NeuronDeconvolution
+
+    from jobs.attribution.occlusion import strongest_projection
+
+    model = tiny_net(seed=3)
+    model.relu1.inplace = False  # captum's ReLU hooks need out-of-place ReLUs
+    x, _ = tiny_batch(n=3, seed=4)
+    channels = torch.tensor([0, 5, 2])
+    got = strongest_projection(model, x, "relu2", channels, chunk=2)
+    with torch.no_grad():
+        acts = model.relu2(model.conv2(model.relu1(model.conv1(x))))
+    method = NeuronDeconvolution(model, model.relu2)
+    for i, c in enumerate(channels.tolist()):
+        flat = int(acts[i, c].argmax())
+        y, xx = divmod(flat, acts.shape[-1])
+        expected = method.attribute(x[i:i + 1].clone().requires_grad_(True), neuron_selector=(c, y, xx))
+        torch.testing.assert_close(got[i:i + 1], expected.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_occlusion_rows_with_the_strongest_feature_map():
+    import numpy as np
+
+    from jobs.attribution.occlusion import Occlusion
+    from tests.harness import map_table
+
+    model = tiny_net(seed=1)
+    px = np.random.default_rng(2).integers(0, 256, (3, 12, 12, 3), dtype=np.uint8)
+    analysis = Occlusion(Occlusion.Params(window=4, stride=4, metrics=False, cell=24,
+                                          feature={"layer": "conv2", "channel": "strongest"}))
+    table, images = map_table(analysis, model, ["a", "b", "c"], px, batch_size=2)
+    assert table.column_names == analysis.schema()[""].names
+    rows = table.to_pylist()
+    for row in rows:
+        assert 0 <= row["feature_channel"] < 6 and len(row["feature_projection"]) == 3 * 12 * 12
+        assert row["projection_key"] in images and images[row["projection_key"]].size == (24, 24)
+    fixed = Occlusion(Occlusion.Params(window=4, stride=4, metrics=False, render=False,
+                                       feature={"layer": "conv2", "channel": rows[0]["feature_channel"]}))
+    alone, _ = map_table(fixed, model, ["a"], px[:1])
+    np.testing.assert_allclose(rows[0]["feature_map"], alone.column("feature_map")[0].as_py(), rtol=1e-5, atol=1e-5)

@@ -314,7 +314,8 @@ def test_unwritable_output_fails_before_work(ray_session, resnet20_weights, tmp_
 def test_every_registered_analysis_runs_end_to_end(ray_session, resnet20_weights, tmp_path, image_folder):
     # One entry per registered analysis, with its smallest valid parameters.
     minimal = {"features": {"layers": ["layer2"]}, "predictions": {},
-               "activation_stats": {"layers": ["layer1"]}, "top_patches": {"layers": ["layer2"], "k": 2},
+               "activation_stats": {"layers": ["layer1"]},
+               "top_patches": {"layers": ["layer2"], "k": 2, "project": ["guided_backprop"]},
                "neighbours": {"layer": "layer3", "k": 2}, "embedding": {"layers": ["layer3"], "methods": ["pca"]},
                "probes": {"layers": ["layer3"]},
                "saliency": {"smoothgrad": {"samples": 2}, "sample": {"n": 5}, "steps": 2},
@@ -325,6 +326,7 @@ def test_every_registered_analysis_runs_end_to_end(ray_session, resnet20_weights
                "occlusion": {"window": 16, "stride": 16, "feature": {"layer": "layer3", "channel": 1}, "steps": 2},
                "attribution_summary": {},
                "adversarial": {"sample": {"n": 3}, "epsilons": [0.01, 0.1], "steps": 2},
+               "correspondence": {"layers": ["layer1", "layer3"], "sample": {"n": 4}, "part": [8, 8, 16, 16]},
                "sanity_checks": {"methods": ["saliency", "grad_cam"], "sample": {"n": 2},
                                  "sensitivity": {"samples": 2}, "road": {"percentages": [50]}},
                "filters": {}, "activation_maps": {"layers": ["layer1"], "sample": {"n": 2}},

@@ -588,3 +588,31 @@ def test_memory_plan_refuses_over_the_budget_with_the_fix():
     with pytest.raises(MemoryError, match=r"top_patches would hold .*over execution\.driver_memory .*"
                                           r"channels: '0:64'.*smaller k"):
         check_memory(analysis, inputs, plan.bytes - 1)
+
+
+@pytest.mark.filterwarnings("ignore:Setting backward hooks on ReLU")
+def test_projections_equal_captum_neuron_methods_cropped_to_the_box():
+    captum = pytest.importorskip("captum.attr", reason="captum (a test extra) is the reference")
+    model = model_named("demo")
+    ids, pixels = dataset(8)
+    params = TopPatchesParams(layers=["relu2", "relu4"], k=3, channels="0:3", cell=16,
+                              project=["deconvnet", "guided_backprop", "deconvnet"])
+    assert params.project == ["deconvnet", "guided_backprop"]
+    out = run_local(TopPatches(params), model, ids, pixels, batch_size=4)
+    t = as_table(out).to_pylist()
+    byid = dict(zip(ids, pixels))
+    modules = dict(model.named_modules())
+    for row in t:
+        x = normalise(byid[row["image_id"]][None]).requires_grad_(True)
+        x0, y0, x1, y1 = row["box"]
+        for method, reference in (("deconvnet", captum.NeuronDeconvolution),
+                                  ("guided_backprop", captum.NeuronGuidedBackprop)):
+            expected = reference(model, modules[row["layer"]]).attribute(
+                x, neuron_selector=(row["channel"], row["y"], row["x"]))[0, :, y0:y1, x0:x1]
+            got = np.asarray(row[f"projection_{method}"], np.float32).reshape(3, y1 - y0, x1 - x0)
+            np.testing.assert_allclose(got, expected.detach().numpy(), rtol=1e-4, atol=1e-6)
+    assert any(np.abs(row["projection_deconvnet"]).sum() > 0 for row in t)
+    images = dict(out.images)
+    for method in ("deconvnet", "guided_backprop"):
+        for key in {row[f"{method}_grid_key"] for row in t}:
+            assert images[key].size == images[key.replace(f"-{method}-grid", "-grid")].size

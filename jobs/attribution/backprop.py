@@ -163,10 +163,12 @@ def input_gradients(
     return grad.detach().float()
 
 
-def neuron_positions(acts: torch.Tensor, channel: int, at: str | tuple[int, int] | torch.Tensor) -> torch.Tensor:
+def neuron_positions(acts: torch.Tensor, channel: int | torch.Tensor,
+                     at: str | tuple[int, int] | torch.Tensor) -> torch.Tensor:
     """Where in each image's map of ``channel`` the chosen unit sits, (N, 2) as (y, x).
 
-    ``acts`` is a layer's output (N, K, h, w) (or (N, K): a unit per channel, at (0, 0)).
+    ``acts`` is a layer's output (N, K, h, w) (or (N, K): a unit per channel, at (0, 0));
+    ``channel`` one index, or one per image (N,).
     ``at``: ``"max"`` -- the position of the channel's largest value in each image (the first
     in row-major order on ties); ``"center"`` -- ``(h // 2, w // 2)``; ``(y, x)`` -- that
     position in every image; an (N, 2) tensor -- given per image.
@@ -176,12 +178,15 @@ def neuron_positions(acts: torch.Tensor, channel: int, at: str | tuple[int, int]
     if acts.dim() != 4:
         raise ValueError(f"a neuron target needs a (N, K, h, w) or (N, K) layer output, got {tuple(acts.shape)}")
     n, k, h, w = acts.shape
-    if not 0 <= channel < k:
-        raise ValueError(f"neuron channel {channel} is out of range: the layer has {k} channels (0..{k - 1})")
+    channels = torch.as_tensor(channel, dtype=torch.long).reshape(-1).expand(n) if n else torch.zeros(0).long()
+    if len(channels) and not (0 <= int(channels.min()) and int(channels.max()) < k):
+        shown = channel if isinstance(channel, int) else channels.tolist()
+        raise ValueError(f"neuron channel {shown} is out of range: the layer has {k} channels (0..{k - 1})")
     if isinstance(at, torch.Tensor):
         pos = at.to("cpu", torch.long).reshape(n, 2)
     elif at == "max":
-        flat = acts[:, channel].detach().reshape(n, -1).float().argmax(dim=1).cpu()
+        maps = acts.detach()[torch.arange(n, device=acts.device), channels.to(acts.device)]
+        flat = maps.reshape(n, -1).float().argmax(dim=1).cpu()
         pos = torch.stack([flat // w, flat % w], dim=1)
     elif at == "center":
         pos = torch.tensor([[h // 2, w // 2]]).expand(n, 2)
@@ -194,7 +199,7 @@ def neuron_positions(acts: torch.Tensor, channel: int, at: str | tuple[int, int]
 
 
 def neuron_gradients(
-    model: nn.Module, x: torch.Tensor, layer: str, channel: int,
+    model: nn.Module, x: torch.Tensor, layer: str, channel: int | torch.Tensor,
     at: str | tuple[int, int] | torch.Tensor = "max", rule: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradient of one activation per image w.r.t. its input pixels, under a ReLU ``rule``.
@@ -219,7 +224,9 @@ def neuron_gradients(
         pos = neuron_positions(acts, channel, at)
         a = acts if acts.dim() == 4 else acts[:, :, None, None]
         rows = torch.arange(len(x), device=a.device)
-        values = a[rows, channel, pos[:, 0].to(a.device), pos[:, 1].to(a.device)]
+        # A copy: the caller's indices may be inference tensors, which autograd cannot save.
+        channels = torch.as_tensor(channel, dtype=torch.long).reshape(-1).expand(len(x)).to(a.device).clone()
+        values = a[rows, channels, pos[:, 0].to(a.device), pos[:, 1].to(a.device)]
         if not values.requires_grad:
             raise ValueError(f"layer {layer!r} output is not part of the autograd graph")
         (grad,) = torch.autograd.grad(values.sum(), xg)

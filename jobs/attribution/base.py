@@ -210,6 +210,11 @@ class AttributionAnalysis(MapAnalysis):
         """The raw map columns :meth:`attribute` returns (flattened), with their types."""
         return [("map", FLOATS)]
 
+    def panels(self) -> list[str]:
+        """Pictures a row shows beside its overlay, each found by a ``<name>_key`` column; the
+        method returns them in ``Attribution.extra["panels"][name]``, one per map."""
+        return []
+
     def layers(self) -> list[tuple[tuple[str | int, ...], str]]:
         found = super().layers()
         neuron = neuron_target(self.params)
@@ -246,6 +251,7 @@ class AttributionAnalysis(MapAnalysis):
         fields += [("pointing", f32), ("box_energy", f32)]
         if p.render:
             fields += [("key", pa.string()), ("vmin", f32), ("vmax", f32)]
+            fields += [(f"{name}_key", pa.string()) for name in self.panels()]
         return {"": pa.schema(fields)}
 
     def attribute(self, batch: MapBatch, x: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor) -> Attribution:
@@ -294,7 +300,8 @@ class AttributionAnalysis(MapAnalysis):
         shape = (1,) * (3 - len(shape)) + shape
         for name, values in result.columns.items():
             v = values.detach().cpu()
-            cols[name] = (v.float() if v.is_floating_point() else v).reshape(m, -1).numpy()
+            v = v.float() if v.is_floating_point() else v
+            cols[name] = v.numpy() if v.dim() == 1 else v.reshape(m, -1).numpy()  # 1-D: a scalar per row
         cols.update(channels=np.full(m, shape[0], np.int32), height=np.full(m, shape[1], np.int32),
                     width=np.full(m, shape[2], np.int32))
         if neuron is not None:
@@ -337,6 +344,11 @@ class AttributionAnalysis(MapAnalysis):
                 keys.append(key)
             cols.update(key=np.asarray(keys, dtype=object), vmin=vmin.numpy().astype(np.float32),
                         vmax=vmax.numpy().astype(np.float32))
+            for name in self.panels():
+                pictures = result.extra["panels"][name]
+                panel_keys = [f"{key}-{name}" for key in keys]
+                images += list(zip(panel_keys, pictures))
+                cols[f"{name}_key"] = np.asarray(panel_keys, dtype=object)
         return MapOutput(rows={"": cols}, images=images)
 
 

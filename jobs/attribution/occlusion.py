@@ -13,7 +13,12 @@ Example manifest entry::
       window: 8
       stride: 4
       fill: zero          # zero (model input 0: the normalisation mean colour) | mean | blur
-      feature: {layer: layer3, channel: 7}
+      feature: {layer: layer3, channel: 7}   # or channel: strongest (per image, Z&F Fig. 7 b-c)
+
+With ``channel: strongest`` each image's channel is the one of ``layer`` with the largest total
+activation on the clean image (``feature_channel``), and ``feature_projection`` (3, H, W,
+float32, signed) is that feature map's strongest activation projected into the image by the
+deconvnet rule (Fig. 7 c), drawn beside the overlay (``projection_key``).
 
 Table columns: see :mod:`jobs.attribution.base`; the maps are (ny, nx) with
 ``ny = (H - window) // stride + 1`` (in ``height``/``width``). The scored and drawn map is the
@@ -24,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 import pyarrow as pa
 import torch
@@ -97,19 +102,23 @@ def occluded_batch(x: torch.Tensor, source: torch.Tensor, flat: torch.Tensor, nx
     return torch.where(inside[:, None], source[img], x[img])
 
 
-def _feature_hook(model: nn.Module, feature: tuple[str, int], sink: list[torch.Tensor]) -> dict[str, Hook]:
-    """A hook on ``feature``'s layer that appends each forward's per-image channel total to ``sink``."""
+def _feature_hook(model: nn.Module, feature: tuple[str, int | None], sink: list[torch.Tensor]) -> dict[str, Hook]:
+    """A hook on ``feature``'s layer that appends each forward's per-image channel total to ``sink``
+    (every channel's, (B, K), when the channel is None)."""
     layer, channel = feature
     modules = dict(model.named_modules())
     if layer not in modules:
         names = ", ".join(repr(n) for n in modules if n)
         raise ValueError(f"no layer {layer!r} in the model; valid layers: {names}")
-    if channel < 0:
+    if channel is not None and channel < 0:
         raise ValueError(f"feature channel must be >= 0, got {channel}")
 
     def hook(out: torch.Tensor) -> None:
         if out.dim() < 2:
             raise ValueError(f"layer {layer!r} output has shape {tuple(out.shape)}; no channel axis")
+        if channel is None:
+            sink.append(out.reshape(out.shape[0], out.shape[1], -1).float().sum(dim=2))
+            return
         if channel >= out.shape[1]:
             raise ValueError(f"feature channel {channel} is out of range: layer {layer!r} has "
                              f"{out.shape[1]} channels")
@@ -121,7 +130,7 @@ def _feature_hook(model: nn.Module, feature: tuple[str, int], sink: list[torch.T
 
 def occlusion_sweep(model: nn.Module, x: torch.Tensor, targets: torch.Tensor | Sequence[int], window: int,
                     stride: int, fill: Fill = "zero", blur_sigma: float | None = None,
-                    feature: tuple[str, int] | None = None, chunk: int = 256) -> dict[str, torch.Tensor]:
+                    feature: tuple[str, int | None] | None = None, chunk: int = 256) -> dict[str, torch.Tensor]:
     """Occlusion maps of a batch: target probability, predicted class and optionally a unit's total.
 
     Zeiler & Fergus (ECCV 2014), Fig. 7: a ``window`` x ``window`` square slides with
@@ -134,7 +143,9 @@ def occlusion_sweep(model: nn.Module, x: torch.Tensor, targets: torch.Tensor | S
       index (``torch.argmax`` returns the first maximum);
     - ``feature_map`` (N, ny, nx) float32, with ``feature=(layer, channel)``: the sum over
       positions of that channel of that layer's output (a forward hook; ``output[0]`` for
-      tuple outputs).
+      tuple outputs). A channel of None takes, per image, the *strongest* channel: the one
+      with the largest total on the clean image (ties to the lowest index; Zeiler & Fergus
+      Fig. 7 b), returned as ``feature_channel`` (N,).
 
     Also ``clean_prob`` (N,): the target probability of the unoccluded images, and with
     ``feature`` ``clean_feature`` (N,). All positions of all images form one flat stream of
@@ -168,10 +179,17 @@ def occlusion_sweep(model: nn.Module, x: torch.Tensor, targets: torch.Tensor | S
                                  f"{int(targets.min())}..{int(targets.max())}")
             clean.append(logits.softmax(dim=1).gather(1, targets[s:s + chunk, None])[:, 0].cpu())
         clean_feats, feats[:] = list(feats), []
+        strongest = None
+        if feature is not None and feature[1] is None:
+            totals = torch.cat(clean_feats)
+            strongest = totals.argmax(dim=1)
+            clean_feats = [totals.gather(1, strongest[:, None])[:, 0]]
         total = n * ny * nx
         for s in range(0, total, chunk):
             flat = torch.arange(s, min(s + chunk, total), device=x.device)
             logits = model(occluded_batch(x, source, flat, nx, window, stride)).float()
+            if strongest is not None:  # each copy keeps its own image's strongest channel only
+                feats[-1] = feats[-1].gather(1, strongest[flat // (ny * nx), None].to(feats[-1].device))[:, 0]
             probs.append(logits.softmax(dim=1).gather(1, targets[flat // (ny * nx), None])[:, 0].cpu())
             labels.append(logits.argmax(dim=1).cpu())
 
@@ -187,6 +205,8 @@ def occlusion_sweep(model: nn.Module, x: torch.Tensor, targets: torch.Tensor | S
     if feature is not None:
         out["feature_map"] = joined([f.cpu() for f in feats], torch.float32).view(n, ny, nx)
         out["clean_feature"] = joined([f.cpu() for f in clean_feats], torch.float32)
+    if strongest is not None:
+        out["feature_channel"] = joined([strongest.cpu()], torch.int64)
     return out
 
 
@@ -203,7 +223,8 @@ class OcclusionFeature(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     layer: str
-    channel: int = Field(ge=0)
+    channel: Annotated[int, Field(ge=0)] | Literal["strongest"] = Field(
+        description="a channel index, or strongest: per image, the channel with the largest total activation")
 
 
 class OcclusionParams(AttributionParams):
@@ -236,13 +257,23 @@ class Occlusion(AttributionAnalysis):
         f = self.params.feature
         return [(("feature", "layer"), f.layer)] if f is not None else []
 
+    def strongest(self) -> bool:
+        return self.params.feature is not None and self.params.feature.channel == "strongest"
+
     def map_columns(self) -> list[tuple[str, pa.DataType]]:
         columns = [("prob_map", FLOATS), ("label_map", pa.list_(pa.int64()))]
+        if self.strongest():
+            return columns + [("feature_map", FLOATS), ("feature_channel", pa.int64()),
+                              ("feature_projection", FLOATS)]
         return columns + ([("feature_map", FLOATS)] if self.params.feature is not None else [])
+
+    def panels(self) -> list[str]:
+        return ["projection"] if self.strongest() and self.params.render else []
 
     def attribute(self, batch: MapBatch, x: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor) -> Attribution:
         p = self.params
-        feature = (p.feature.layer, p.feature.channel) if p.feature is not None else None
+        f = p.feature
+        feature = None if f is None else (f.layer, None if f.channel == "strongest" else int(f.channel))
         sweep = occlusion_sweep(batch.model, x, targets, window=p.window, stride=p.stride, fill=p.fill,
                                 blur_sigma=p.blur_sigma, feature=feature, chunk=p.chunk)
         columns = {"prob_map": sweep["prob_map"], "label_map": sweep["label_map"]}
@@ -250,4 +281,34 @@ class Occlusion(AttributionAnalysis):
             columns["feature_map"] = sweep["feature_map"]
         drop = sweep["clean_prob"].view(-1, 1, 1) - sweep["prob_map"]
         heat = pixel_drop(drop, (x.shape[-2], x.shape[-1]), p.window, p.stride)
-        return Attribution(columns=columns, heat=heat, signed=True, shape_of="prob_map")
+        result = Attribution(columns=columns, heat=heat, signed=True, shape_of="prob_map")
+        if feature is not None and feature[1] is None:
+            result.columns["feature_channel"] = sweep["feature_channel"]
+            result.columns["feature_projection"] = strongest_projection(batch.model, x, feature[0],
+                                                                        sweep["feature_channel"], p.chunk)
+            if p.render:
+                result.extra["panels"] = {"projection": [projection_picture(g, p.cell) for g in
+                                                         result.columns["feature_projection"]]}
+        return result
+
+
+def strongest_projection(model: nn.Module, x: torch.Tensor, layer: str, channels: torch.Tensor,
+                         chunk: int) -> torch.Tensor:
+    """Zeiler & Fergus Fig. 7 c: each image's ``channels[i]`` feature map, its strongest activation
+    projected to the input by the deconvnet rule, (N, 3, H, W) signed."""
+    from jobs.attribution.backprop import neuron_gradients
+
+    return torch.cat([neuron_gradients(model, x[s:s + chunk], layer, channels[s:s + chunk], "max",
+                                       "deconvnet")[0].cpu() for s in range(0, len(x), max(1, chunk))])
+
+
+def projection_picture(grad: torch.Tensor, min_side: int = 0):
+    """A projection (3, H, W) as Zeiler & Fergus draw it: centred on grey, scaled to the largest
+    |value|; enlarged (nearest) to at least ``min_side`` px."""
+    from PIL import Image
+
+    top = float(grad.abs().max())
+    shown = 0.5 + 0.5 * grad / top if top > 0 else torch.full_like(grad, 0.5)
+    image = Image.fromarray((shown.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype("uint8"))
+    scale = max(1, math.ceil(min_side / max(1, min(image.size))))
+    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST) if scale > 1 else image

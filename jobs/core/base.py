@@ -311,6 +311,9 @@ class ReduceContext(Protocol):
     returns a handle; ``shared`` may be a handle, or a tuple/list/dict that holds handles or
     lists of handles, and each task gets the values; ``get(handle)`` returns the value here.
     Putting a large array in pieces, each piece as it is read, keeps one copy of it in all.
+    ``mean``/``std`` are the model's normalisation (``input = (pixels / 255 - mean) / std``), and
+    ``image_reader`` a picklable callable like ``images`` that tasks may take in ``shared``
+    to decode their own images.
     """
 
     model: torch.nn.Module
@@ -318,6 +321,11 @@ class ReduceContext(Protocol):
     input_size: tuple[int, int]
     label_names: list[str] | None
     workers: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def image_reader(self) -> Images: ...
 
     def images(self, image_ids: Sequence[str]) -> dict[str, np.ndarray]: ...
 
@@ -451,9 +459,15 @@ class LocalContext:
     label_names: list[str] | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     workers: int = 1
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
 
     def images(self, image_ids: Sequence[str]) -> dict[str, np.ndarray]:
         return {i: self.pixels[i] for i in image_ids}
+
+    @property
+    def image_reader(self) -> Images:
+        return self.images
 
     def parallel_map(self, fn: Callable[[Any, Any], Any], items: Sequence[Any], shared: Any = None,
                      gpu: bool = False) -> list:

@@ -13,12 +13,20 @@ Example manifest entry::
       channels: "0:16"   # or [0, 5, 7]; default: every channel
       render: true
       cell: 64           # grid cells are enlarged by whole pixels to at least 64 px
+      project: [deconvnet]   # and guided_backprop: each entry projected back to the pixels
 
 Table ``top_patches/part-*.parquet``, one row per (layer, channel, rank): ``layer``,
 ``channel``, ``rank`` (1 = strongest), ``image_id``, ``activation``, ``y``, ``x`` (the
 position in the feature map), ``box`` ([x0, y0, x1, y1], half-open input pixels of that
 position's receptive field, clipped to the image), and with ``render``: ``key`` (the crop)
-and ``grid_key`` (the channel's k crops in one grid). Images: each crop at native resolution,
+and ``grid_key`` (the channel's k crops in one grid). With ``project`` (Zeiler & Fergus Fig. 2:
+"the top 9 activations ... projected down to pixel space"): per method a column
+``projection_<method>`` (float32, signed, (3, box height, box width) flattened): the input
+gradient of that one activation under the method's ReLU rule
+(:func:`jobs.attribution.backprop.neuron_gradients`), cropped to the row's ``box``; computed
+after the merge, in batches of rows on the workers (``parallel_map`` tasks, a GPU each when
+the run has them), decoding only the top-k images; drawn as a grid per channel beside the
+patches' (``<method>_grid_key``). Images: each crop at native resolution,
 and per channel a grid whose cells have the layer's largest box size (its full field, or the
 image where the field is larger); a crop cut by the border sits where the field lies, the
 cut part grey. Stats: ``receptive_field`` {layer: [max box height, max box width]}.
@@ -48,6 +56,7 @@ from PIL import Image
 from pydantic import Field, field_validator
 
 from jobs.core.base import (
+    FLOATS,
     IMAGE_ID,
     AnalysisParams,
     DistinctLayers,
@@ -97,6 +106,13 @@ class TopPatchesParams(AnalysisParams):
         default=None, description="channel indices, a 'start:stop' range, or None for all")
     render: bool = True
     cell: int = Field(default=64, ge=1, description="min side in px of each grid cell")
+    project: list[Literal["deconvnet", "guided_backprop"]] = Field(
+        default_factory=list, description="project each entry back to the pixels by these rules")
+
+    @field_validator("project")
+    @classmethod
+    def _distinct(cls, methods: list[str]) -> list[str]:
+        return list(dict.fromkeys(methods))
 
     @field_validator("channels")
     @classmethod
@@ -455,18 +471,25 @@ class TopPatches(ReduceAnalysis):
             "x": pa.array(x.astype(np.int32)),
             "box": pa.array(box.tolist(), pa.list_(pa.int32())),
         }
+        projections = project_entries(df, box, p.project, ctx) if p.project and len(df) else {}
+        for method, values in projections.items():
+            table[f"projection_{method}"] = pa.array(values, FLOATS)
         images: Rendered | tuple = ()
         if p.render:
             base = [f"{safe_key(layer)}-c{c:04d}" for layer, c in zip(df["layer"], df["channel"].to_numpy())]
             table["key"] = pa.array([f"{b}-r{r:02d}" for b, r in zip(base, df["rank"].to_numpy())], pa.string())
             table["grid_key"] = pa.array([f"{b}-grid" for b in base], pa.string())
-            images = self._render(df, box, stats, ctx)
+            for method in projections:
+                table[f"{method}_grid_key"] = pa.array([f"{b}-{method}-grid" for b in base], pa.string())
+            images = self._render(df, box, stats, ctx, projections)
         return ReduceOutput(tables={"": pa.table(table)}, images=images, stats={"receptive_field": stats})
 
     def _render(self, df: pd.DataFrame, box: np.ndarray, sizes: dict[str, list[int]],
-                ctx: ReduceContext) -> Rendered:
-        """Each entry's crop, then its channel's grid: items of whole channels, about FETCH_CHUNK
-        images each, naming the ids and boxes they show."""
+                ctx: ReduceContext, projections: dict[str, list[np.ndarray]] | None = None) -> Rendered:
+        """Each entry's crop, then its channel's grid (and its projections' grids): items of whole
+        channels, about FETCH_CHUNK images each, naming the ids and boxes they show (and carrying
+        the projections, float16)."""
+        projections = projections or {}
         p = self.params
         ids = df["image_id"].to_numpy(object)
         ranks = df["rank"].to_numpy()
@@ -478,7 +501,9 @@ class TopPatches(ReduceAnalysis):
         size = 0
         for a, b in zip(starts, starts[1:] + [len(df)]):
             layer, channel = layer_channel[a]
-            group.append((str(layer), int(channel), ids[a:b].tolist(), ranks[a:b].tolist(), box[a:b].tolist()))
+            shown = {m: [v[i].astype(np.float16) for i in range(a, b)] for m, v in projections.items()}
+            group.append((str(layer), int(channel), ids[a:b].tolist(), ranks[a:b].tolist(), box[a:b].tolist(),
+                          shown))
             size += b - a
             if size >= FETCH_CHUNK:
                 items.append(group)
@@ -488,8 +513,9 @@ class TopPatches(ReduceAnalysis):
         return Rendered(draw_patches, items, (sizes, p.k, p.cell), ctx.images)
 
 
-# One channel's rows to draw: (layer, channel, image ids, ranks, boxes [x0, y0, x1, y1]).
-Span = tuple[str, int, list[str], list[int], list[list[int]]]
+# One channel's rows to draw: (layer, channel, image ids, ranks, boxes [x0, y0, x1, y1],
+# {method: each row's projection, flattened (3, box h, box w)}).
+Span = tuple[str, int, list[str], list[int], list[list[int]], dict[str, list[np.ndarray]]]
 
 
 def draw_patches(shared: tuple[dict[str, list[int]], int, int], item: list[Span], images: Images
@@ -501,7 +527,7 @@ def draw_patches(shared: tuple[dict[str, list[int]], int, int], item: list[Span]
     pixels: dict[str, np.ndarray] = {}
     for s in range(0, len(wanted), FETCH_CHUNK):
         pixels.update(images(wanted[s:s + FETCH_CHUNK]))
-    for layer, channel, span_ids, span_ranks, boxes in item:
+    for layer, channel, span_ids, span_ranks, boxes, projected in item:
         full = (sizes[layer][0], sizes[layer][1])  # the layer's largest box: an unclipped field
         base = f"{safe_key(layer)}-c{channel:04d}"
         x0, y0, x1, y1 = np.asarray(boxes, np.int64).reshape(-1, 4).T
@@ -515,3 +541,72 @@ def draw_patches(shared: tuple[dict[str, list[int]], int, int], item: list[Span]
         cells: list[np.ndarray | None] = list(tiles)
         cells += [None] * (k - len(tiles))  # fewer entries than k: empty cells
         yield f"{base}-grid", grid(cells, cols=math.ceil(math.sqrt(k)), cell=cell)
+        for method, values in projected.items():
+            shown: list[np.ndarray | None] = []
+            for j, flat in enumerate(values):
+                h, w = int(y1[j] - y0[j]), int(x1[j] - x0[j])
+                picture = projection_pixels(np.asarray(flat, np.float32).reshape(3, h, w))
+                shown.append(enlarge(_tile(picture, full, int(dy[j]), int(dx[j])), cell_size))
+            shown += [None] * (k - len(values))
+            yield f"{base}-{method}-grid", grid(shown, cols=math.ceil(math.sqrt(k)), cell=cell)
+
+
+def projection_pixels(projection: np.ndarray) -> np.ndarray:
+    """A signed projection (3, h, w) as Zeiler & Fergus draw it: grey for 0, scaled by its own
+    largest |value| -- uint8 (h, w, 3)."""
+    top = float(np.abs(projection).max()) if projection.size else 0.0
+    shown = 0.5 + 0.5 * projection / top if top > 0 else np.full_like(projection, 0.5)
+    return np.ascontiguousarray((np.clip(shown, 0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8))
+
+
+# Rows of top-k entries one projection task computes (a forward and backward of this many inputs).
+PROJECT_ROWS = 64
+RULES = {"deconvnet": "deconvnet", "guided_backprop": "guided"}
+
+
+def project_entries(df: pd.DataFrame, box: np.ndarray, methods: Sequence[str], ctx: ReduceContext
+                    ) -> dict[str, list[np.ndarray]]:
+    """Each row's single activation projected to the input by each method, cropped to its box:
+    {method: [float32 (3 * box h * box w,) per row]}, in row order. Rows go to ``parallel_map``
+    tasks PROJECT_ROWS at a time, one layer per task; each decodes only its own images."""
+    import copy
+
+    model = ctx.put(copy.deepcopy(ctx.model).cpu().eval())
+    shared = (model, tuple(ctx.mean), tuple(ctx.std), tuple(methods), ctx.image_reader)
+    items, where = [], []
+    layers = df["layer"].to_numpy(object)
+    for layer in dict.fromkeys(layers):
+        rows = np.flatnonzero(layers == layer)
+        for s in range(0, len(rows), PROJECT_ROWS):
+            part = rows[s:s + PROJECT_ROWS]
+            items.append((str(layer), df["channel"].to_numpy(np.int64)[part].tolist(),
+                          df["image_id"].to_numpy(object)[part].tolist(), df["y"].to_numpy(np.int64)[part].tolist(),
+                          df["x"].to_numpy(np.int64)[part].tolist(), box[part].tolist()))
+            where.append(part)
+    out: dict[str, list[np.ndarray]] = {m: [np.zeros(0, np.float32)] * len(df) for m in methods}
+    for part, result in zip(where, ctx.parallel_map(project_rows, items, shared, gpu=True)):
+        for method, values in result.items():
+            for row, value in zip(part, values):
+                out[method][row] = value
+    return out
+
+
+def project_rows(shared: tuple, item: tuple) -> dict[str, list[np.ndarray]]:
+    """One task of :func:`project_entries`: rows of one layer, each projected by each method."""
+    from jobs.attribution.backprop import neuron_gradients
+    from jobs.core.pixels import pixels_to_inputs
+
+    model, mean, std, methods, images = shared
+    layer, channels, ids, ys, xs, boxes = item
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device)
+    pixels = images(list(dict.fromkeys(ids)))
+    batch = torch.from_numpy(np.stack([pixels[i] for i in ids])).to(device)
+    x = pixels_to_inputs(batch, mean, std)
+    at = torch.tensor(list(zip(ys, xs)), dtype=torch.long)
+    out: dict[str, list[np.ndarray]] = {}
+    for method in methods:
+        grads = neuron_gradients(model, x, layer, torch.tensor(channels), at, RULES[method])[0].cpu()
+        out[method] = [grads[j, :, y0:y1, x0:x1].numpy().astype(np.float32).ravel()
+                       for j, (x0, y0, x1, y1) in enumerate(boxes)]
+    return out

@@ -15,7 +15,8 @@ from pipeline.report.run import Run
 from pipeline.report.views.base import family_view
 
 COLUMNS = ["image_id", "label", "method", "target", "score", "deletion_auc", "insertion_auc", "pointing", "key",
-           "neuron_layer", "neuron_channel", "neuron_y", "neuron_x", "neuron_value"]
+           "neuron_layer", "neuron_channel", "neuron_y", "neuron_x", "neuron_value", "feature_channel",
+           "projection_key"]
 
 
 @family_view("attribution", "attribution.html")
@@ -43,6 +44,11 @@ def attribution(run: Run, entries: list[str]) -> Markup:
                 caption = caption_of(r, run)
                 figs.append(figure(run.image(r.entry, getattr(r, "key", None)), caption, paged=True,
                                    pixelated=False))
+                projection = getattr(r, "projection_key", None)
+                if isinstance(projection, str):  # occlusion's strongest feature map, projected (Z&F Fig. 7 c)
+                    figs.append(figure(run.image(r.entry, projection),
+                                       f"<b>{esc(r.entry)}</b> · strongest feature map {int(r.feature_channel)},"
+                                       " projected", paged=True, pixelated=True))
             items.append(render("image_row.html", title=image_id, subtitle=run.label(group.label.iloc[0]),
                                 cls="grid wide", figures=figs))
     return render("attribution.html", overall=overall, per_class=per_class, checks=checks, items=items)

@@ -129,6 +129,11 @@ def top_patches(page: Page) -> Markup:
             top = rows.sort_values("rank")
             caption = f"channel {int(channel)} · max {num(top.activation.iloc[0])}"
             items.append(Markup(f'<a href="{sub}">{figure(grid_img, caption, paged=True)}</a>'))
+            # Zeiler & Fergus Fig. 2: each channel's projections beside its patches.
+            for column in [c for c in rows.columns if c.endswith("_grid_key") and c != "grid_key"]:
+                shown = figure(run.image(entry, rows[column].iloc[0]), f"{column[:-len('_grid_key')]} projections",
+                               paged=True)
+                items.append(Markup(f'<a href="{sub}">{shown}</a>'))
             crops = [figure(run.image(entry, r.key),
                             f"#{int(r.rank)} · {num(r.activation)}<br>{esc(r.image_id)}<br>"
                             f"box {esc(list(r.box) if r.box is not None else None)}")

@@ -145,6 +145,7 @@ def small_run(tmp_path_factory, demo_cnn_weights):
         {"type": "occlusion", "window": 16, "stride": 16, "sample": {"n": 4}, "steps": 2,
          "feature": {"layer": "relu3", "channel": "strongest"}},
         {"type": "attribution_summary"},
+        {"type": "saliency_segmentation", "methods": ["saliency", "grad_cam"], "sample": {"n": 3}, "min_seeds": 3},
         {"type": "adversarial", "sample": {"n": 4}, "epsilons": [0.05, 0.2, 0.5], "steps": 2},
         {"type": "sanity_checks", "sample": {"n": 3}, "sensitivity": {"samples": 2}, "road": {"percentages": [50]}},
         {"type": "filters"}, {"type": "class_model", "steps": 5},
@@ -179,9 +180,10 @@ def test_report_of_a_small_run_has_a_page_per_analysis(ray_session, small_run):
     assert "Random logit" in attribution and "max_sensitivity" in attribution and "morf_auc" in attribution
     assert "deletion_auc_lo" not in attribution and " [" in attribution  # scores shown as mean [lo, hi]
     assert "unit_gbp</b> · unit relu4[0] at (" in attribution  # a unit's map names the unit
-    assert attribution.count(", projected") == 4  # occlusion's strongest feature map, per image
+    assert attribution.count("-projection.png") == 4  # occlusion's strongest feature map, per image
+    assert "Segmentation from the maps" in attribution and "mask share of image" in attribution
     assert "translate y" in (report / "invariance.html").read_text()
-    assert (report / "top_patches.html").read_text().count("deconvnet projections") == 3  # one grid per channel
+    assert (report / "top_patches.html").read_text().count("deconvnet-grid.png") == 3  # one grid per channel
     adversarial = (report / "adversarial.html").read_text()
     assert "Predictions flipped within the largest step" in adversarial and "clean · adversarial" in adversarial
     for page in report.glob("*.html"):

@@ -193,13 +193,13 @@ class Correspondence(ReduceAnalysis):
                     signs = change_signs(a[:n], a[k * n:(k + 1) * n]).cpu().numpy()
                     positive, negative = pack(signs)
                     out["image_id"] += ids
-                    out["label"] += batch.labels.cpu()[torch.as_tensor(part)].tolist()
+                    out["label"] += [v if v >= 0 else None for v in batch.labels.cpu()[torch.as_tensor(part)].tolist()]
                     out["occluder"] += [occluder] * n
                     out["dims"] += [signs.shape[1]] * n
                     out["positive"] += positive
                     out["negative"] += negative
-        return {name: {c: np.asarray(v, dtype=object) if c in ("image_id", "occluder", "positive", "negative")
-                       else np.asarray(v, dtype=np.int64) for c, v in cols.items()} for name, cols in rows.items()}
+        return {name: {c: np.asarray(v, dtype=np.int64 if c == "dims" else object) for c, v in cols.items()}
+                for name, cols in rows.items()}
 
     def reduce(self, inputs: ReduceInputs, ctx: ReduceContext) -> ReduceOutput:
         p = self.params

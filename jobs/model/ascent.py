@@ -33,10 +33,19 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
-from jobs.core.base import AnalysisParams, ModelAnalysis, ModelContext, ReduceOutput, safe_key, unit_seed
+from jobs.core.base import (
+    AnalysisParams,
+    ModelAnalysis,
+    ModelContext,
+    ReduceOutput,
+    SampleSpec,
+    safe_key,
+    sample_ids,
+    unit_seed,
+)
 from jobs.core.kernels import gaussian_blur
 
 # lucid's square root of the ImageNet colour correlation matrix (``color_correlation_svd_sqrt``);
@@ -334,6 +343,20 @@ def ascend(objective: Callable[[Tensor], Tensor], init: Tensor | FourierImage, n
 # ---------------------------------------------------------------- the analyses' shared part
 
 
+class Facets(BaseModel):
+    """Multifaceted visualisation (Nguyen, Yosinski & Clune, "Multifaceted Feature Visualization",
+    ICML-W 2016): the unit's ``top`` most activating images of a seeded ``sample`` of the dataset,
+    clustered by their features (k-means, ``k`` clusters); each facet's ascent starts from its
+    cluster's mean image."""
+
+    model_config = ConfigDict(extra="forbid")
+    k: int = Field(default=3, ge=1, description="facets per unit")
+    top: int = Field(default=50, ge=1, description="most activating images clustered per unit")
+    sample: SampleSpec = Field(default_factory=lambda: SampleSpec(n=500, seed=0))
+    layer: str | None = Field(default=None, description="features clustered (spatial mean); default: the "
+                              "unit's layer (neuron_ascent) or the input of the last linear layer")
+
+
 class AscentParams(AnalysisParams):
     """Fields of ``class_model`` and ``neuron_ascent``: the settings of :func:`ascend`, restarts, size."""
 
@@ -353,6 +376,17 @@ class AscentParams(AnalysisParams):
     size: int | None = Field(default=None, ge=8, description="side of the optimised image; default: the input size")
     cell: int = Field(default=96, ge=8, description="min side in px of each rendered image")
     units_per_task: int = Field(default=16, ge=1, description="units optimised together in one batch")
+    facets: Facets | None = None
+
+    @model_validator(mode="after")
+    def _facets_start_from_pixels(self) -> AscentParams:
+        if self.facets is not None and self.parameterization != "pixel":
+            raise ValueError("facets start each ascent from an image: they need parameterization: pixel")
+        return self
+
+    def starts(self) -> int:
+        """Optimisations per unit: its facets, else its restarts."""
+        return self.facets.k if self.facets is not None else self.restarts
 
     def settings(self) -> AscentSettings:
         return AscentSettings(**{f.name: getattr(self, f.name) for f in fields(AscentSettings)})
@@ -383,6 +417,60 @@ class AscentAnalysis(ModelAnalysis):
         """The target columns of the rows (and anything measured on the final ``images``)."""
         raise NotImplementedError
 
+    def facet_layer(self, ctx: ModelContext) -> str:
+        """The layer whose features cluster a unit's top images (see :class:`Facets`)."""
+        facets = self.params.facets
+        if facets is not None and facets.layer is not None:
+            return facets.layer
+        linears = [name for name, m in ctx.model.named_modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError("facets: the model has no linear layer; name the clustered layer in facets.layer")
+        return linears[-1]
+
+    def select(self, image_ids: Sequence[str]) -> list[str] | None:
+        f = self.params.facets
+        return None if f is None else sample_ids(list(image_ids), f.sample.n, f.sample.seed)
+
+    def facet_starts(self, units: list[Any], ctx: ModelContext, size: tuple[int, int]
+                     ) -> tuple[torch.Tensor, list[list[str]]]:
+        """Each unit's facet: the mean image (in [0, 1], ``size``) of the ``facet``-th cluster of its
+        target's top images, and the cluster's image ids. Clusters are ordered by size (largest
+        first, ties by their first image id), so a facet index means the same in every task."""
+        from sklearn.cluster import KMeans
+
+        f = self.params.facets
+        if f is None:
+            raise ValueError("facet_starts needs facets")
+        ids = sorted(ctx.pixels)
+        if not ids:
+            raise ValueError("facets: none of the sampled images decoded")
+        pool = ctx.images(ids).to(ctx.device)
+        x = ctx.normalize(pool)
+        layer = self.facet_layer(ctx)
+        features = facet_features(ctx.model, x, layer, self.params.units_per_task)
+        starts, members = [], []
+        found: dict[tuple[Any, ...], list[tuple[torch.Tensor, list[str]]]] = {}
+        for u in units:
+            target = tuple(u[:-1])
+            if target not in found:
+                with torch.no_grad():
+                    values = torch.cat([self.objective([u] * len(x[s:s + 64]), ctx)(x[s:s + 64]).float().cpu()
+                                        for s in range(0, len(x), 64)])
+                order = sorted(range(len(ids)), key=lambda i: (-float(values[i]), ids[i]))[:f.top]
+                k = min(f.k, len(order))
+                labels = KMeans(n_clusters=k, n_init=10, random_state=self.params.seed).fit_predict(
+                    features[order].numpy().astype(np.float64))
+                clusters = [[order[j] for j in range(len(order)) if labels[j] == c] for c in range(k)]
+                clusters = [c for c in clusters if c]  # identical images can leave a cluster empty
+                clusters.sort(key=lambda c: (-len(c), ids[c[0]]))
+                found[target] = [(pool[c].float().mean(dim=0), [ids[i] for i in c]) for c in clusters]
+            facets = found[target]
+            image, chosen = facets[u[-1] % len(facets)]
+            starts.append(F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+                          if tuple(image.shape[-2:]) != size else image)
+            members.append(chosen)
+        return torch.stack(starts).clamp(0, 1), members
+
     def run(self, units: list[Any], ctx: ModelContext) -> ReduceOutput:
         from jobs.core.render import enlarge
 
@@ -390,9 +478,12 @@ class AscentAnalysis(ModelAnalysis):
         settings = p.settings()
         size = (p.size, p.size) if p.size else (ctx.input_size[0], ctx.input_size[1])
         seeds = [unit_seed(p.seed, list(u)) for u in units]
-        if settings.parameterization == "fourier":
-            init: torch.Tensor | FourierImage = FourierImage(len(units), size, seeds,
-                                                              decorrelate=settings.decorrelate).to(ctx.device)
+        members: list[list[str]] | None = None
+        if p.facets is not None:
+            init: torch.Tensor | FourierImage
+            init, members = self.facet_starts(units, ctx, size)
+        elif settings.parameterization == "fourier":
+            init = FourierImage(len(units), size, seeds, decorrelate=settings.decorrelate).to(ctx.device)
         else:
             init = init_images(len(units), size, seeds).to(ctx.device)
         result = ascend(self.objective(units, ctx), init, ctx.normalize, settings, seed=p.seed, mean=ctx.mean)
@@ -413,4 +504,29 @@ class AscentAnalysis(ModelAnalysis):
             "history": pa.array(list(result.history.numpy()), pa.list_(pa.float32())),
             "key": pa.array(keys, pa.string()),
         })
+        if members is not None:
+            columns["facet"] = pa.array([u[-1] for u in units], pa.int32())
+            columns["facet_images"] = pa.array(members, pa.list_(pa.string()))
         return ReduceOutput(tables={"": pa.table(columns)}, images=images)
+
+
+def facet_features(model: nn.Module, x: torch.Tensor, layer: str, chunk: int = 64) -> torch.Tensor:
+    """``layer``'s input features for clustering: the input of a linear layer, else its output,
+    averaged over space, (N, D) float32 on the CPU."""
+    from jobs.core.hooks import layer_module
+
+    module = layer_module(model, layer)
+    seen: list[torch.Tensor] = []
+
+    def hook(_m: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        value = inputs[0] if isinstance(module, nn.Linear) else (output[0] if isinstance(output, tuple) else output)
+        seen.append(value.detach().float().reshape(value.shape[0], value.shape[1], -1).mean(dim=2).cpu())
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            for s in range(0, len(x), max(1, chunk)):
+                model(x[s:s + chunk])
+    finally:
+        handle.remove()
+    return torch.cat(seen)

@@ -74,7 +74,7 @@ class ClassModel(AscentAnalysis):
 
     def units(self, ctx: ModelContext) -> list[Any]:
         classes = range(ctx.num_classes()) if self.params.classes == "all" else self.params.classes
-        return [(int(c), r) for c in classes for r in range(self.params.restarts)]
+        return [(int(c), r) for c in classes for r in range(self.params.starts())]
 
     def objective(self, units, ctx):
         targets = torch.tensor([c for c, _ in units], device=ctx.device)

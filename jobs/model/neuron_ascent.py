@@ -86,7 +86,7 @@ class NeuronAscent(AscentAnalysis):
             channels = range(layer_shape(ctx.model, p.layer, self._size(ctx.input_size), ctx.device)[0])
         else:
             channels = p.channels
-        return [(int(c), r) for c in channels for r in range(p.restarts)]
+        return [(int(c), r) for c in channels for r in range(p.starts())]
 
     def objective(self, units, ctx):
         layer, centre = self.params.layer, self.params.neuron == "center"
@@ -101,6 +101,10 @@ class NeuronAscent(AscentAnalysis):
                 return acts[:, acts.shape[1] // 2, acts.shape[2] // 2]
             return acts.flatten(1).mean(dim=1)
         return activation
+
+    def facet_layer(self, ctx):
+        f = self.params.facets
+        return f.layer if f is not None and f.layer is not None else self.params.layer
 
     def describe(self, units, images, ctx):
         return {"layer": pa.array([self.params.layer] * len(units), pa.string()),

@@ -27,6 +27,9 @@ def attribution(run: Run, entries: list[str]) -> Markup:
     overall, per_class = summary_tables(run.table(summaries[0])) if summaries else (None, None)
     checks = [(name, sanity_section(run.table(name))) for name in entries
               if kinds[name] == "sanity_checks" and run.parts(name)]
+    segmentations = [(name, segmentation_table(run.table(name, ["method", "image_id", "label", "iou", "foreground",
+                                                                    "n", "lo", "hi"]), run))
+                     for name in entries if kinds[name] == "saliency_segmentation" and run.parts(name)]
     frames = []
     for entry in entries:
         files = run.parts(entry)
@@ -51,7 +54,17 @@ def attribution(run: Run, entries: list[str]) -> Markup:
                                        " projected", paged=True, pixelated=True))
             items.append(render("image_row.html", title=image_id, subtitle=run.label(group.label.iloc[0]),
                                 cls="grid wide", figures=figs))
-    return render("attribution.html", overall=overall, per_class=per_class, checks=checks, items=items)
+    return render("attribution.html", overall=overall, per_class=per_class, checks=checks,
+                  segmentations=segmentations, items=items)
+
+
+def segmentation_table(df: pd.DataFrame, run: Run) -> Markup:
+    """``saliency_segmentation``'s aggregate rows: per method (and class), IoU as ``mean [lo, hi]``."""
+    agg = df[df.image_id.isna()].copy()
+    agg["class"] = [run.label(v) if pd.notna(v) else "all" for v in agg.label]
+    agg["iou"] = [interval(v, lo, hi) for v, lo, hi in zip(agg.iou, agg.lo, agg.hi)]
+    return table_html(agg[["method", "class", "iou", "n", "foreground"]].rename(
+        columns={"foreground": "mask share of image"}))
 
 
 def caption_of(r: Any, run: Run) -> str:

@@ -616,3 +616,31 @@ def test_projections_equal_captum_neuron_methods_cropped_to_the_box():
     for method in ("deconvnet", "guided_backprop"):
         for key in {row[f"{method}_grid_key"] for row in t}:
             assert images[key].size == images[key.replace(f"-{method}-grid", "-grid")].size
+
+
+@pytest.mark.parametrize("score", ["max", "all"])
+def test_bottom_equals_brute_force(score):
+    """``select: bottom``: the least activating, ascending, ties as for top (image_id, y, x)."""
+    model, layers = model_named("tiny"), MODELS["tiny"][1]
+    ids, pixels = dataset()
+    with torch.inference_mode(), capture(model, layers) as acts:
+        model(normalise(pixels))
+    want = []
+    for layer in layers:
+        a = acts[layer].float()
+        a = (a[:, :, None, None] if a.dim() == 2 else a).numpy()
+        n, c, h, w = a.shape
+        for ch in range(c):
+            cands = []
+            for i in range(n):
+                m = a[i, ch]
+                if score == "max":
+                    p = int(np.argmax(m))
+                    cands.append((float(m.flat[p]), ids[i], p // w, p % w))
+                else:
+                    cands += [(float(m[y, x]), ids[i], y, x) for y in range(h) for x in range(w)]
+            for rank, (value, image_id, y, x) in enumerate(sorted(cands)[:4], 1):
+                want.append((layer, ch, rank, image_id, y, x, value))
+    params = TopPatchesParams(layers=layers, k=4, score=score, select="bottom", render=False)
+    for batch_size in (1, 6):
+        assert_same(rows_of(run_local(TopPatches(params), model, ids, pixels, batch_size=batch_size)), want)

@@ -10,6 +10,7 @@ Example manifest entry::
       layers: [layer1, layer3]
       k: 9
       score: max         # max: an image's best position only | all: every position competes
+      select: top        # bottom: the k least activating (images by their maximum, or positions)
       channels: "0:16"   # or [0, 5, 7]; default: every channel
       render: true
       cell: 64           # grid cells are enlarged by whole pixels to at least 64 px
@@ -102,6 +103,7 @@ class TopPatchesParams(AnalysisParams):
     layers: DistinctLayers
     k: int = Field(default=9, ge=1, description="entries per channel")
     score: Literal["max", "all"] = "max"
+    select: Literal["top", "bottom"] = Field(default="top", description="the most or the least activating")
     channels: list[int] | str | None = Field(
         default=None, description="channel indices, a 'start:stop' range, or None for all")
     render: bool = True
@@ -232,12 +234,15 @@ def _ranges(hits: np.ndarray, extent: int) -> np.ndarray:
     return out
 
 
-def _candidates(activation: torch.Tensor, k: int, score: str) -> tuple[torch.Tensor, ...]:
+def _candidates(activation: torch.Tensor, k: int, score: str, bottom: bool = False) -> tuple[torch.Tensor, ...]:
     """Top-k per channel of one batch whose images are already in image_id order.
 
     ``activation`` is (N, c, H, W). Flattening (image, y, x) row-major makes the column index
     follow the total order's tie-breaks, which ``topk_first`` resolves to the lower index.
     Returns (c, k') activations, image indices, ys and xs, with k' = min(k, candidates).
+    ``bottom``: the k *least* activating -- images by their maximum (``max``) or positions
+    (``all``), ascending; the activations come back negated (the merge key: descending on
+    the negation is ascending on the value), NaN still last.
     """
     n, c, hgt, wid = activation.shape
     flat = activation.reshape(n, c, hgt * wid)
@@ -249,12 +254,17 @@ def _candidates(activation: torch.Tensor, k: int, score: str) -> tuple[torch.Ten
         # The first row-major position reaching the image's max, whatever the backend's argmax does.
         pos = torch.where(ranked == best[..., None], index, hgt * wid).amin(dim=2)
         value = flat.gather(2, pos[..., None]).squeeze(2)
+        if bottom:
+            value = -value
+            best = torch.where(best == float("-inf"), best, -best)  # an all-NaN image stays last
         sel = topk_first(best.T, k)  # (c, k') image indices
         image = sel
         pos = pos.T.gather(1, sel)
         value = value.T.gather(1, sel)
     else:
         everything = flat.permute(1, 0, 2).reshape(c, n * hgt * wid)
+        if bottom:
+            everything = -everything  # NaN stays NaN, last in topk_first
         sel = topk_first(everything, k)
         image, pos = sel // (hgt * wid), sel % (hgt * wid)
         value = everything.gather(1, sel)
@@ -378,7 +388,8 @@ class TopPatches(ReduceAnalysis):
             a = a.index_select(0, torch.tensor(order, dtype=torch.long, device=a.device))
             if len(channels) != a.shape[1]:
                 a = a.index_select(1, torch.tensor(channels, dtype=torch.long, device=a.device))
-            value, image, y, x = (t.cpu().numpy() for t in _candidates(a.float(), p.k, p.score))
+            value, image, y, x = (t.cpu().numpy() for t in _candidates(a.float(), p.k, p.score,
+                                                                      p.select == "bottom"))
             per = value.shape[1]
             rows[f"layer={layer}"] = {
                 "channel": np.repeat(np.asarray(channels, np.int32), per),
@@ -452,6 +463,8 @@ class TopPatches(ReduceAnalysis):
                                  f"in a {len(rows)}x{len(cols)} feature map; was the model input size "
                                  f"{tuple(ctx.input_size)}?")
             kept = kept.assign(layer=layer, rank=kept.groupby("channel", sort=False).cumcount() + 1)
+            if p.select == "bottom":  # the partials hold the negated activations (see _candidates)
+                kept = kept.assign(activation=-kept["activation"])
             frames.append(kept)
 
         df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(

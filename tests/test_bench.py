@@ -148,3 +148,19 @@ def test_bench_reduce_partials_share_their_classes():
     assert not np.array_equal(x0, x1)
     gap0, gap1 = (x[labels == 0].mean(0) - x[labels == 1].mean(0) for x, labels in ((x0, l0), (x1, l1)))
     assert np.corrcoef(gap0, gap1)[0, 1] > 0.8
+
+
+def test_bench_neuron_times_every_new_analysis(tmp_path):
+    from scripts import bench_neuron
+
+    from .conftest import write_manifest
+
+    path = write_manifest(tmp_path / "m.yaml", dataset={"kind": "shapes", "root": str(tmp_path / "shapes"),
+                                                         "n": 12, "size": 32},
+                          model={"source": "builtin", "name": "demo_cnn"}, analyses=[{"type": "predictions"}])
+    result = bench_neuron.main([str(path), "--n", "12", "--layer", "relu3", "--channel", "1", "--repeats", "1",
+                                "--json", str(tmp_path / "b.json")])
+    names = [row["analysis"] for row in result["rows"]]
+    assert len(names) == 7 and all(row["per_s"] > 0 for row in result["rows"])
+    assert all(row["ratio"] > 0 for row in result["rows"] if "ratio" in row)
+    assert (tmp_path / "b.json").is_file()

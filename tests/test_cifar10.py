@@ -18,14 +18,15 @@ from .conftest import ROOT, needs_shared, smaller
 # insertion scoring alone is 34 forwards per map: 136,000 forwards against the pass's 10,000),
 # then t-SNE and UMAP of all 10,000 images. The test runs every analysis on the real data, with
 # attribution on 50 images, 100 neighbour queries, t-SNE and UMAP of a 2,000-image sample, and
-# fewer units of the two views nothing here reads, and the sanity checks on 4 images (every map
-# again per randomised block, class, noisy copy and ROAD point). What the assertions read (the whole
-# pass's predictions and features, the class models, the inversions) is as the manifest has it.
+# fewer units of the two views nothing here reads, the sanity checks on 4 images (every map again
+# per randomised block, class, noisy copy and ROAD point) and the adversarial search on 20. What
+# the assertions read (the whole pass's predictions and features, the class models, the
+# inversions) is as the manifest has it.
 SAMPLE, QUERIES, EMBEDDED, CHECKED = 50, 100, 2000, 4
 SMALLER = {**{name: {"sample.n": SAMPLE} for name in ATTRIBUTION},
            "neighbours": {"queries.sample": QUERIES}, "embedding": {"max_points": EMBEDDED},
            "neuron_ascent": {"channels": [0, 1]}, "deepdream": {"sample.n": 1},
-           "sanity_checks": {"sample.n": CHECKED}}
+           "sanity_checks": {"sample.n": CHECKED}, "adversarial": {"sample.n": 20}}
 
 
 @needs_shared

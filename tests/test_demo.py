@@ -36,7 +36,9 @@ def test_demo_manifest_end_to_end(ray_session, tmp_path):
     manifest = load_manifest(path, output=tmp_path / "demo",
                              overrides=[f"dataset.root={tmp_path / 'shapes'}",
                                         f"model.weights={tmp_path / 'demo_cnn.pt'}",
-                                        *smaller(path, {name: {"sample.n": 50} for name in ATTRIBUTION})])
+                                        *smaller(path, {**{name: {"sample.n": 50} for name in ATTRIBUTION},
+                                                        "adversarial": {"sample.n": 20},
+                                                        "saliency_segmentation": {"sample.n": 16}})])
     result = run_manifest(manifest, log=lambda m: None)
     assert result.ok
     info = json.loads((tmp_path / "demo" / "run.json").read_text())
@@ -52,6 +54,12 @@ def test_demo_manifest_end_to_end(ray_session, tmp_path):
     methods = {p.entry_name for p in manifest.analyses if p.type in ATTRIBUTION} - units
     assert set(checks.method) == methods and len(methods) == 8
     assert units == {"neuron_guided_backprop", "neuron_deconvnet"}
+    # The neuron-level analyses: every layer's correspondence, a mask per map, a search per image.
+    corr = pd.read_parquet(tmp_path / "demo" / "correspondence")
+    assert set(corr.layer) == {"relu1", "relu2", "relu3", "relu4"} and corr.delta.between(0, 1).all()
+    masks = pd.read_parquet(tmp_path / "demo" / "saliency_segmentation")
+    assert len(masks[masks.image_id.notna()]) == 8 * 16 and masks.iou.dropna().between(0, 1).all()
+    assert len(pd.read_parquet(tmp_path / "demo" / "adversarial")) == 20
     for name in units:
         projected = pd.read_parquet(tmp_path / "demo" / name)
         assert len(projected) == 50 and (projected.neuron_layer == "relu4").all()

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--n", type=int, default=256, help="images of the seeded sample")
     p.add_argument("--layer", default="layer3", help="the layer of the units")
     p.add_argument("--channel", type=int, default=7)
+    p.add_argument("--layers", nargs="+", default=["layer1", "layer2", "layer3"], help="correspondence's layers")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
@@ -135,16 +136,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Occlusion: the strongest feature map (and its projection) against a fixed channel.
     few = x[:32]
-    strongest = timed(lambda: (occlusion_sweep(model, few, targets[:32], 8, 4, feature=(args.layer, None), chunk=256),
-                               strongest_projection(model, few, args.layer, torch.zeros(32, dtype=torch.long), 64)),
-                      args.repeats)
-    fixed = timed(lambda: occlusion_sweep(model, few, targets[:32], 8, 4, feature=(args.layer, args.channel),
+    m = len(few)
+
+    def strongest_map() -> None:
+        sweep = occlusion_sweep(model, few, targets[:m], 8, 4, feature=(args.layer, None), chunk=256)
+        strongest_projection(model, few, args.layer, sweep["feature_channel"], 64)
+    fixed = timed(lambda: occlusion_sweep(model, few, targets[:m], 8, 4, feature=(args.layer, args.channel),
                                           chunk=256), args.repeats)
-    add("occlusion, strongest feature map + projection", strongest, 32, "occlusion, a fixed channel", fixed)
+    add("occlusion, strongest feature map + projection", timed(strongest_map, args.repeats), m,
+        "occlusion, a fixed channel", fixed)
 
     # Correspondence: three forwards per image (clean, part, random) against one.
     part = [size[1] // 4, size[0] // 4, size[1] // 2, size[0] // 2]
-    corr = Correspondence(Correspondence.Params(layers=["layer1", "layer2", "layer3"], sample=None, part=part))
+    corr = Correspondence(Correspondence.Params(layers=args.layers, sample=None, part=part))
     label_t = torch.from_numpy(np.asarray(labels, np.int64))
 
     def correspondence() -> None:
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         with torch.no_grad():
             for s in range(0, n, chunk):
                 model(x[s:s + chunk])
-    add("correspondence (3 layers)", timed(correspondence, args.repeats), n, "one forward",
+    add(f"correspondence ({len(args.layers)} layers)", timed(correspondence, args.repeats), n, "one forward",
         timed(forward, args.repeats))
 
     # Adversarial: FGSM then PGD by bisection, on 64 images.
@@ -175,10 +179,11 @@ def main(argv: list[str] | None = None) -> dict:
         by_pgd=round(float(found["by_pgd"].float().mean()), 3))
 
     # GrabCut on saliency maps against computing them.
-    maps = input_gradients(model, x[:64], targets[:64]).abs().amax(dim=1).numpy()
-    grab = timed(lambda: [grabcut_mask(pixels[i], maps[i]) for i in range(64)], args.repeats)
-    sal = timed(lambda: input_gradients(model, x[:64], targets[:64]), args.repeats)
-    add("GrabCut segmentation (per saliency map)", grab, 64, "the saliency maps themselves", sal)
+    m = min(64, n)
+    maps = input_gradients(model, x[:m], targets[:m]).abs().amax(dim=1).numpy()
+    grab = timed(lambda: [grabcut_mask(pixels[i], maps[i]) for i in range(m)], args.repeats)
+    sal = timed(lambda: input_gradients(model, x[:m], targets[:m]), args.repeats)
+    add("GrabCut segmentation (per saliency map)", grab, m, "the saliency maps themselves", sal)
 
     # Facets: cluster each class's top images of the sample (every class, k = 3).
     facets = ClassModel(ClassModel.Params.model_validate({"type": "class_model", "facets": {"k": 3, "top": 50}}))

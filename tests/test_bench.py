@@ -159,7 +159,7 @@ def test_bench_neuron_times_every_new_analysis(tmp_path):
                                                          "n": 12, "size": 32},
                           model={"source": "builtin", "name": "demo_cnn"}, analyses=[{"type": "predictions"}])
     result = bench_neuron.main([str(path), "--n", "12", "--layer", "relu3", "--channel", "1", "--repeats", "1",
-                                "--json", str(tmp_path / "b.json")])
+                                "--layers", "relu2", "relu3", "--json", str(tmp_path / "b.json")])
     names = [row["analysis"] for row in result["rows"]]
     assert len(names) == 7 and all(row["per_s"] > 0 for row in result["rows"])
     assert all(row["ratio"] > 0 for row in result["rows"] if "ratio" in row)

@@ -178,7 +178,10 @@ def neuron_positions(acts: torch.Tensor, channel: int | torch.Tensor,
     if acts.dim() != 4:
         raise ValueError(f"a neuron target needs a (N, K, h, w) or (N, K) layer output, got {tuple(acts.shape)}")
     n, k, h, w = acts.shape
-    channels = torch.as_tensor(channel, dtype=torch.long).reshape(-1).expand(n) if n else torch.zeros(0).long()
+    channels = torch.as_tensor(channel, dtype=torch.long).reshape(-1)
+    if len(channels) not in (1, n):
+        raise ValueError(f"{len(channels)} neuron channels for {n} images: give one, or one per image")
+    channels = channels.expand(n) if n else channels[:0]
     if len(channels) and not (0 <= int(channels.min()) and int(channels.max()) < k):
         shown = channel if isinstance(channel, int) else channels.tolist()
         raise ValueError(f"neuron channel {shown} is out of range: the layer has {k} channels (0..{k - 1})")

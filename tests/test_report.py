@@ -135,6 +135,8 @@ def small_run(tmp_path_factory, demo_cnn_weights):
         {"type": "predictions"}, {"type": "features", "layers": ["relu4"]},
         {"type": "activation_stats", "layers": ["relu2"]},
         {"type": "top_patches", "layers": ["relu2"], "k": 3, "channels": [0, 1, 2], "project": ["deconvnet"]},
+        {"type": "top_patches", "name": "top_patches_per_class", "layers": ["relu2"], "k": 2, "channels": [0],
+         "per_class": True},
         {"type": "neighbours", "layer": "relu4", "k": 3, "queries": {"sample": 3, "seed": 0}},
         {"type": "embedding", "layers": ["relu4"], "methods": ["pca"]},
         {"type": "probes", "layers": ["relu2", "relu4"]},
@@ -172,6 +174,7 @@ def test_report_of_a_small_run_has_a_page_per_analysis(ray_session, small_run):
                  "activation_maps", "neuron_ascent", "adversarial"):
         assert f"{name}.html" in pages, name
     assert any(p.startswith("top_patches--relu2--c") for p in pages)
+    assert {f"top_patches_per_class--relu2--l{label}-c0.html" for label in range(3)} <= pages
     attribution = (report / "attribution.html").read_text()
     assert attribution.count('<div class="item">') == 4 and "grad_cam" in attribution and "saliency" in attribution
     # The sanity checks: a randomisation chart per order, the random-logit, sensitivity and ROAD tables.

@@ -644,3 +644,23 @@ def test_bottom_equals_brute_force(score):
     params = TopPatchesParams(layers=layers, k=4, score=score, select="bottom", render=False)
     for batch_size in (1, 6):
         assert_same(rows_of(run_local(TopPatches(params), model, ids, pixels, batch_size=batch_size)), want)
+
+
+@pytest.mark.parametrize("score", ["max", "all"])
+def test_per_class_equals_brute_force_within_each_class(score):
+    model, layers = model_named("tiny"), MODELS["tiny"][1]
+    ids, pixels = dataset()
+    labels = [i % 3 for i in range(len(ids))]
+    labels[4] = -1  # unlabelled: in no class
+    params = TopPatchesParams(layers=layers, k=3, score=score, per_class=True, render=True, cell=8)
+    for batch_size in (1, 4):
+        out = run_local(TopPatches(params), model, ids, pixels, labels=labels, batch_size=batch_size)
+        t = as_table(out).to_pydict()
+        assert t["label"] and set(t["label"]) == {0, 1, 2}
+        for label in (0, 1, 2):
+            mine = [i for i in range(len(ids)) if labels[i] == label]
+            want = brute_force(model, layers, [ids[i] for i in mine], pixels[mine], 3, score)
+            got = [r for r, lab in zip(rows_of(out), t["label"]) if lab == label]
+            assert_same(got, want)
+        keys = [key for key, _ in out.images]
+        assert len(keys) == len(set(keys)) and "relu-l2-c0000-grid" in keys

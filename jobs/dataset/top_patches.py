@@ -11,6 +11,7 @@ Example manifest entry::
       k: 9
       score: max         # max: an image's best position only | all: every position competes
       select: top        # bottom: the k least activating (images by their maximum, or positions)
+      per_class: false   # true: the k per channel within each class (a ``label`` column)
       channels: "0:16"   # or [0, 5, 7]; default: every channel
       render: true
       cell: 64           # grid cells are enlarged by whole pixels to at least 64 px
@@ -52,6 +53,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from PIL import Image
 from pydantic import Field, field_validator
@@ -104,6 +106,7 @@ class TopPatchesParams(AnalysisParams):
     k: int = Field(default=9, ge=1, description="entries per channel")
     score: Literal["max", "all"] = "max"
     select: Literal["top", "bottom"] = Field(default="top", description="the most or the least activating")
+    per_class: bool = Field(default=False, description="k entries per channel and label (unlabelled images left out)")
     channels: list[int] | str | None = Field(
         default=None, description="channel indices, a 'start:stop' range, or None for all")
     render: bool = True
@@ -367,8 +370,10 @@ class TopPatches(ReduceAnalysis):
         return self._fields[key]
 
     def schema(self) -> dict[str, pa.Schema]:
+        # Per class, the partials' channel is the key label * CLASS_STRIDE + channel (see map_batch).
+        channel = pa.int64() if self.params.per_class else pa.int32()
         return by_layer(self.params.layers, pa.schema([
-            ("channel", pa.int32()), ("activation", pa.float32()), IMAGE_ID, ("y", pa.int32()), ("x", pa.int32())]))
+            ("channel", channel), ("activation", pa.float32()), IMAGE_ID, ("y", pa.int32()), ("x", pa.int32())]))
 
     def map_batch(self, batch: MapBatch) -> Rows:
         p = self.params
@@ -388,17 +393,33 @@ class TopPatches(ReduceAnalysis):
             a = a.index_select(0, torch.tensor(order, dtype=torch.long, device=a.device))
             if len(channels) != a.shape[1]:
                 a = a.index_select(1, torch.tensor(channels, dtype=torch.long, device=a.device))
-            value, image, y, x = (t.cpu().numpy() for t in _candidates(a.float(), p.k, p.score,
-                                                                      p.select == "bottom"))
-            per = value.shape[1]
-            rows[f"layer={layer}"] = {
-                "channel": np.repeat(np.asarray(channels, np.int32), per),
-                "activation": value.reshape(-1).astype(np.float32),
-                "image_id": sorted_ids[image.reshape(-1)],
-                "y": y.reshape(-1).astype(np.int32),
-                "x": x.reshape(-1).astype(np.int32),
-            }
+            if not p.per_class:
+                rows[f"layer={layer}"] = self._rows(a, np.asarray(channels, np.int32), sorted_ids)
+                continue
+            # Per class: each label's images alone, the channel keyed by label (ascending keys, as
+            # the merge and partial_channels expect of a batch).
+            labels = batch.labels.cpu().numpy()[order]
+            parts = []
+            for label in sorted(set(labels[labels >= 0].tolist())):
+                mine = np.flatnonzero(labels == label)
+                keys = label * CLASS_STRIDE + np.asarray(channels, np.int64)
+                parts.append(self._rows(a[torch.as_tensor(mine, device=a.device)], keys, sorted_ids[mine]))
+            if parts:  # a batch of unlabelled images only has no candidates
+                rows[f"layer={layer}"] = {c: np.concatenate([part[c] for part in parts]) for c in parts[0]}
         return rows
+
+    def _rows(self, a: torch.Tensor, channels: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The partial rows of one group of images (in image_id order) for ``channels`` (their keys)."""
+        p = self.params
+        value, image, y, x = (t.cpu().numpy() for t in _candidates(a.float(), p.k, p.score, p.select == "bottom"))
+        per = value.shape[1]
+        return {
+            "channel": np.repeat(channels, per),
+            "activation": value.reshape(-1).astype(np.float32),
+            "image_id": ids[image.reshape(-1)],
+            "y": y.reshape(-1).astype(np.int32),
+            "x": x.reshape(-1).astype(np.int32),
+        }
 
     def memory_plan(self, inputs: ReduceInputs) -> MemoryPlan | None:
         """The driver's peak: every piece's k best per channel at once, their largest merge, the
@@ -419,7 +440,9 @@ class TopPatches(ReduceAnalysis):
             if partition not in present:
                 continue
             rows = inputs.rows(partition)
-            if p.channels is None:
+            if p.per_class:  # every (label, channel) key the partials hold
+                channels = len(pc.unique(inputs.read(partition, ["channel"]).column(0)))
+            elif p.channels is None:
                 channels = partial_channels(inputs, partition, p.k)
             elif isinstance(p.channels, str):
                 span = _SPAN.match(p.channels)  # the validator admits only 'start:stop'
@@ -463,12 +486,15 @@ class TopPatches(ReduceAnalysis):
                                  f"in a {len(rows)}x{len(cols)} feature map; was the model input size "
                                  f"{tuple(ctx.input_size)}?")
             kept = kept.assign(layer=layer, rank=kept.groupby("channel", sort=False).cumcount() + 1)
+            if p.per_class:  # the key back into its label and channel
+                keys = kept["channel"].to_numpy(np.int64)
+                kept = kept.assign(label=keys // CLASS_STRIDE, channel=keys % CLASS_STRIDE)
             if p.select == "bottom":  # the partials hold the negated activations (see _candidates)
                 kept = kept.assign(activation=-kept["activation"])
             frames.append(kept)
 
         df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-            {c: [] for c in ["layer", "rank", *columns]})
+            {c: [] for c in ["layer", "rank", *columns, *(["label"] if p.per_class else [])]})
         y, x = df["y"].to_numpy(np.int64), df["x"].to_numpy(np.int64)
         box = np.zeros((len(df), 4), np.int32)
         for layer, (rows, cols) in fields.items():
@@ -477,6 +503,7 @@ class TopPatches(ReduceAnalysis):
         table = {
             "layer": pa.array(df["layer"].tolist(), pa.string()),
             "channel": pa.array(df["channel"].to_numpy(np.int32)),
+            **({"label": pa.array(df["label"].to_numpy(np.int64))} if p.per_class else {}),
             "rank": pa.array(df["rank"].to_numpy(np.int32)),
             "image_id": pa.array(df["image_id"].tolist(), pa.string()),
             "activation": pa.array(df["activation"].to_numpy(np.float32)),
@@ -489,7 +516,7 @@ class TopPatches(ReduceAnalysis):
             table[f"projection_{method}"] = pa.array(values, FLOATS)
         images: Rendered | tuple = ()
         if p.render:
-            base = [f"{safe_key(layer)}-c{c:04d}" for layer, c in zip(df["layer"], df["channel"].to_numpy())]
+            base = self._bases(df)
             table["key"] = pa.array([f"{b}-r{r:02d}" for b, r in zip(base, df["rank"].to_numpy())], pa.string())
             table["grid_key"] = pa.array([f"{b}-grid" for b in base], pa.string())
             for method in projections:
@@ -507,16 +534,16 @@ class TopPatches(ReduceAnalysis):
         ids = df["image_id"].to_numpy(object)
         ranks = df["rank"].to_numpy()
         # Row spans of each (layer, channel), in table order.
-        layer_channel = list(zip(df["layer"], df["channel"].to_numpy()))
+        bases = self._bases(df)
+        layer_channel = list(zip(df["layer"], bases))
         starts = [i for i in range(len(df)) if i == 0 or layer_channel[i] != layer_channel[i - 1]]
         items: list[list[Span]] = []
         group: list[Span] = []
         size = 0
         for a, b in zip(starts, starts[1:] + [len(df)]):
-            layer, channel = layer_channel[a]
+            layer, base = layer_channel[a]
             shown = {m: [v[i].astype(np.float16) for i in range(a, b)] for m, v in projections.items()}
-            group.append((str(layer), int(channel), ids[a:b].tolist(), ranks[a:b].tolist(), box[a:b].tolist(),
-                          shown))
+            group.append((str(layer), base, ids[a:b].tolist(), ranks[a:b].tolist(), box[a:b].tolist(), shown))
             size += b - a
             if size >= FETCH_CHUNK:
                 items.append(group)
@@ -525,10 +552,18 @@ class TopPatches(ReduceAnalysis):
             items.append(group)
         return Rendered(draw_patches, items, (sizes, p.k, p.cell), ctx.images)
 
+    def _bases(self, df: pd.DataFrame) -> list[str]:
+        """Each row's picture key stem: layer and channel (and label, per class)."""
+        layers, channels = df["layer"].tolist(), df["channel"].to_numpy()
+        if self.params.per_class:
+            return [f"{safe_key(layer)}-l{int(label)}-c{c:04d}"
+                    for layer, label, c in zip(layers, df["label"].to_numpy(), channels)]
+        return [f"{safe_key(layer)}-c{c:04d}" for layer, c in zip(layers, channels)]
 
-# One channel's rows to draw: (layer, channel, image ids, ranks, boxes [x0, y0, x1, y1],
-# {method: each row's projection, flattened (3, box h, box w)}).
-Span = tuple[str, int, list[str], list[int], list[list[int]], dict[str, list[np.ndarray]]]
+
+# One channel's rows to draw: (layer, the key stem of its pictures, image ids, ranks, boxes
+# [x0, y0, x1, y1], {method: each row's projection, flattened (3, box h, box w)}).
+Span = tuple[str, str, list[str], list[int], list[list[int]], dict[str, list[np.ndarray]]]
 
 
 def draw_patches(shared: tuple[dict[str, list[int]], int, int], item: list[Span], images: Images
@@ -540,9 +575,8 @@ def draw_patches(shared: tuple[dict[str, list[int]], int, int], item: list[Span]
     pixels: dict[str, np.ndarray] = {}
     for s in range(0, len(wanted), FETCH_CHUNK):
         pixels.update(images(wanted[s:s + FETCH_CHUNK]))
-    for layer, channel, span_ids, span_ranks, boxes, projected in item:
+    for layer, base, span_ids, span_ranks, boxes, projected in item:
         full = (sizes[layer][0], sizes[layer][1])  # the layer's largest box: an unclipped field
-        base = f"{safe_key(layer)}-c{channel:04d}"
         x0, y0, x1, y1 = np.asarray(boxes, np.int64).reshape(-1, 4).T
         dy, dx = _offsets(y0, y1, full[0]), _offsets(x0, x1, full[1])
         tiles = []
@@ -571,6 +605,9 @@ def projection_pixels(projection: np.ndarray) -> np.ndarray:
     shown = 0.5 + 0.5 * projection / top if top > 0 else np.full_like(projection, 0.5)
     return np.ascontiguousarray((np.clip(shown, 0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8))
 
+
+# Per class, a partial's channel is label * CLASS_STRIDE + channel: one merge key, ordered by label.
+CLASS_STRIDE = 1 << 20
 
 # Rows of top-k entries one projection task computes (a forward and backward of this many inputs).
 PROJECT_ROWS = 64

@@ -123,11 +123,15 @@ def top_patches(page: Page) -> Markup:
     layers = []
     for layer, group in df.groupby("layer", sort=False):
         items = []
-        for channel, rows in group.groupby("channel", sort=True):
-            sub = f"{safe_key(entry)}--{safe_key(layer)}--c{int(channel)}.html"
+        by = ["label", "channel"] if "label" in group else ["channel"]
+        for keys, rows in group.groupby(by, sort=True):
+            channel = int(keys[-1])
+            label = f"{run.label(keys[0])} · " if len(by) == 2 else ""
+            sub = (f"{safe_key(entry)}--{safe_key(layer)}--" + (f"l{int(keys[0])}-" if len(by) == 2 else "")
+                   + f"c{channel}.html")
             grid_img = run.image(entry, rows.grid_key.iloc[0]) if "grid_key" in rows else None
             top = rows.sort_values("rank")
-            caption = f"channel {int(channel)} · max {num(top.activation.iloc[0])}"
+            caption = f"{label}channel {channel} · #1 {num(top.activation.iloc[0])}"
             items.append(Markup(f'<a href="{sub}">{figure(grid_img, caption, paged=True)}</a>'))
             # Zeiler & Fergus Fig. 2: each channel's projections beside its patches.
             for column in [c for c in rows.columns if c.endswith("_grid_key") and c != "grid_key"]:
@@ -138,7 +142,7 @@ def top_patches(page: Page) -> Markup:
                             f"#{int(r.rank)} · {num(r.activation)}<br>{esc(r.image_id)}<br>"
                             f"box {esc(list(r.box) if r.box is not None else None)}")
                      for r in top.itertuples()]
-            page.write(sub, f"{entry}: {layer} channel {int(channel)}",
+            page.write(sub, f"{entry}: {layer} {label}channel {channel}",
                        render("top_patches_channel.html", back=f"{safe_key(entry)}.html", crops=crops,
                               table=table_html(top[["rank", "image_id", "activation", "y", "x"]])))
         layers.append({"name": layer, "channels": items, "k": int(group["rank"].max())})

@@ -82,8 +82,10 @@ def dataset(n: int = 20, seed: int = 0) -> tuple[list[str], np.ndarray]:
 
 
 def brute_force(model: nn.Module, layers: list[str], ids: list[str], pixels: np.ndarray, k: int, score: str,
-                channels: list[int] | None = None) -> list[tuple]:
-    """Every candidate of every channel, sorted in Python by (activation desc, image_id, y, x)."""
+                channels: list[int] | None = None, bottom: bool = False) -> list[tuple]:
+    """Every candidate of every channel, sorted in Python by (activation desc, image_id, y, x)
+    (``bottom``: activation ascending; an image's candidate is still its maximum)."""
+    sign = 1.0 if bottom else -1.0
     with torch.inference_mode(), capture(model, layers) as acts:
         model(normalise(pixels))
     out = []
@@ -97,11 +99,11 @@ def brute_force(model: nn.Module, layers: list[str], ids: list[str], pixels: np.
                 m = a[i, ch]
                 if score == "max":
                     p = int(np.argmax(m))  # numpy: the first maximum in row-major order
-                    cands.append((-float(m.flat[p]), ids[i], p // w, p % w))
+                    cands.append((sign * float(m.flat[p]), ids[i], p // w, p % w))
                 else:
-                    cands += [(-float(m[y, x]), ids[i], y, x) for y in range(h) for x in range(w)]
-            for rank, (neg, image_id, y, x) in enumerate(sorted(cands)[:k], 1):
-                out.append((layer, ch, rank, image_id, y, x, -neg))
+                    cands += [(sign * float(m[y, x]), ids[i], y, x) for y in range(h) for x in range(w)]
+            for rank, (key, image_id, y, x) in enumerate(sorted(cands)[:k], 1):
+                out.append((layer, ch, rank, image_id, y, x, sign * key))
     return out
 
 
@@ -623,24 +625,7 @@ def test_bottom_equals_brute_force(score):
     """``select: bottom``: the least activating, ascending, ties as for top (image_id, y, x)."""
     model, layers = model_named("tiny"), MODELS["tiny"][1]
     ids, pixels = dataset()
-    with torch.inference_mode(), capture(model, layers) as acts:
-        model(normalise(pixels))
-    want = []
-    for layer in layers:
-        a = acts[layer].float()
-        a = (a[:, :, None, None] if a.dim() == 2 else a).numpy()
-        n, c, h, w = a.shape
-        for ch in range(c):
-            cands = []
-            for i in range(n):
-                m = a[i, ch]
-                if score == "max":
-                    p = int(np.argmax(m))
-                    cands.append((float(m.flat[p]), ids[i], p // w, p % w))
-                else:
-                    cands += [(float(m[y, x]), ids[i], y, x) for y in range(h) for x in range(w)]
-            for rank, (value, image_id, y, x) in enumerate(sorted(cands)[:4], 1):
-                want.append((layer, ch, rank, image_id, y, x, value))
+    want = brute_force(model, layers, ids, pixels, 4, score, bottom=True)
     params = TopPatchesParams(layers=layers, k=4, score=score, select="bottom", render=False)
     for batch_size in (1, 6):
         assert_same(rows_of(run_local(TopPatches(params), model, ids, pixels, batch_size=batch_size)), want)

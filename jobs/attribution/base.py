@@ -39,6 +39,7 @@ from jobs.core.base import (
     FLOATS,
     IMAGE_ID,
     LABEL,
+    REGISTRY,
     AnalysisParams,
     MapAnalysis,
     MapBatch,
@@ -73,6 +74,36 @@ def attribution_entries(methods: list[str] | None, entries: Sequence[AnalysisPar
     if problems:
         raise ValueError("; ".join(problems))
     return list(dict.fromkeys(methods))
+
+
+def class_method_entries(methods: list[str] | None, entries: Sequence[AnalysisParams]) -> list[dict[str, Any]]:
+    """The params (JSON) of the attribution entries an entry recomputes maps of: ``methods`` (or every
+    attribution entry), without those that explain a neuron rather than a class (named ones are
+    refused), and without what does not change a map (``render``, ``metrics``, ``sample``), so
+    that those do not change the entry's key. Raises ValueError naming what is wrong."""
+    chosen = attribution_entries(methods, entries)
+    by_name = {e.entry_name: e for e in entries}
+    units = [name for name in chosen if neuron_target(by_name[name]) is not None]
+    if units and methods is not None:
+        raise ValueError(f"methods: {', '.join(map(repr, units))} explain(s) a neuron, not a class")
+    chosen = [name for name in chosen if name not in units]
+    if not chosen:
+        raise ValueError("needs at least one attribution entry that explains classes (not a neuron target)")
+    return [by_name[name].model_copy(update={"render": False, "metrics": False, "sample": None})
+            .model_dump(mode="json") for name in chosen]
+
+
+def bound_methods(method_entries: Sequence[dict[str, Any]]) -> list[AttributionAnalysis]:
+    """The analyses of :func:`class_method_entries`' params (a fresh instance each call: nothing
+    cached across models)."""
+    out = []
+    for entry in method_entries:
+        cls = REGISTRY[entry["type"]]
+        analysis = cls(cls.Params.model_validate(entry))
+        if not isinstance(analysis, AttributionAnalysis):
+            raise ValueError(f"methods: {entry.get('name') or entry['type']!r} is not an attribution method")
+        out.append(analysis)
+    return out
 
 
 class Bootstrap(BaseModel):

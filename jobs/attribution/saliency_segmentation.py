@@ -40,14 +40,13 @@ from pydantic import Field
 from jobs.attribution.base import (
     AttributionAnalysis,
     Bootstrap,
-    attribution_entries,
+    bound_methods,
     choose_targets,
-    neuron_target,
+    class_method_entries,
 )
 from jobs.core.base import (
     IMAGE_ID,
     LABEL,
-    REGISTRY,
     AnalysisParams,
     MapBatch,
     ReduceAnalysis,
@@ -121,27 +120,10 @@ class SaliencySegmentation(ReduceAnalysis):
     params: SaliencySegmentationParams
 
     def bind(self, entries: Sequence[AnalysisParams]) -> AnalysisParams:
-        chosen = attribution_entries(self.params.methods, entries)
-        by_name = {e.entry_name: e for e in entries}
-        units = [name for name in chosen if neuron_target(by_name[name]) is not None]
-        if units and self.params.methods is not None:
-            raise ValueError(f"methods: {', '.join(map(repr, units))} explain(s) a neuron, not a class")
-        chosen = [name for name in chosen if name not in units]
-        if not chosen:
-            raise ValueError("needs at least one attribution entry that explains classes (not a neuron target)")
-        resolved = [by_name[name].model_copy(update={"render": False, "metrics": False, "sample": None})
-                    .model_dump(mode="json") for name in chosen]
-        return self.params.model_copy(update={"method_entries": resolved})
+        return self.params.model_copy(update={"method_entries": class_method_entries(self.params.methods, entries)})
 
     def methods(self) -> list[AttributionAnalysis]:
-        out = []
-        for entry in self.params.method_entries:
-            cls = REGISTRY[entry["type"]]
-            analysis = cls(cls.Params.model_validate(entry))
-            if not isinstance(analysis, AttributionAnalysis):
-                raise ValueError(f"methods: {entry.get('name') or entry['type']!r} is not an attribution method")
-            out.append(analysis)
-        return out
+        return bound_methods(self.params.method_entries)
 
     def select(self, image_ids):
         s = self.params.sample

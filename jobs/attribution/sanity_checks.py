@@ -61,15 +61,14 @@ from torch import nn
 from jobs.attribution.base import (
     AttributionAnalysis,
     Bootstrap,
-    attribution_entries,
+    bound_methods,
     choose_targets,
+    class_method_entries,
     in_chunks,
-    neuron_target,
 )
 from jobs.core.base import (
     IMAGE_ID,
     LABEL,
-    REGISTRY,
     AnalysisParams,
     MapBatch,
     ReduceAnalysis,
@@ -291,34 +290,12 @@ class SanityChecks(ReduceAnalysis):
         self._randomiser: Randomiser | None = None
 
     def bind(self, entries: Sequence[AnalysisParams]) -> AnalysisParams:
-        chosen = attribution_entries(self.params.methods, entries)
-        by_name = {e.entry_name: e for e in entries}
         # The checks compare explanations of classes; an entry that explains a unit has none.
-        units = [name for name in chosen if neuron_target(by_name[name]) is not None]
-        if units and self.params.methods is not None:
-            raise ValueError(f"methods: {', '.join(map(repr, units))} explain(s) a neuron, not a class; "
-                             "the checks compare class explanations")
-        chosen = [name for name in chosen if name not in units]
-        if not chosen:
-            raise ValueError("needs at least one attribution entry that explains classes (not a neuron target)")
-        resolved = []
-        for name in chosen:  # attribution entries only: attribution_entries checked their types
-            # What does not change a map stays out, so that it does not change this entry's key.
-            resolved.append(by_name[name].model_copy(update={"render": False, "metrics": False, "sample": None})
-                            .model_dump(mode="json"))
-        return self.params.model_copy(update={"method_entries": resolved})
+        return self.params.model_copy(update={"method_entries": class_method_entries(self.params.methods, entries)})
 
     def methods(self) -> list[AttributionAnalysis]:
         """The checked attribution analyses (a fresh instance each call: nothing cached across models)."""
-        out = []
-        for entry in self.params.method_entries:
-            cls = REGISTRY[entry["type"]]
-            params = cls.Params.model_validate(entry)
-            analysis = cls(params)
-            if not isinstance(analysis, AttributionAnalysis):
-                raise ValueError(f"methods: {params.entry_name!r} is not an attribution method")
-            out.append(analysis)
-        return out
+        return bound_methods(self.params.method_entries)
 
     def select(self, image_ids):
         s = self.params.sample

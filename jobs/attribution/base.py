@@ -259,9 +259,9 @@ class AttributionAnalysis(MapAnalysis):
         neuron = neuron_target(self.params)
         if neuron is None or neuron.layer not in dict(model.named_modules()):
             return []  # an unknown layer is reported by the manifest's layer check
+        device = next(model.parameters(), torch.empty(0)).device
         with torch.no_grad():
-            acts = forward_to(model, neuron.layer, torch.zeros(1, 3, *input_size,
-                                                                 device=next(model.parameters()).device))
+            acts = forward_to(model, neuron.layer, torch.zeros(1, 3, *input_size, device=device))
         try:
             neuron_positions(acts, neuron.channel, "center" if neuron.at == "max" else neuron.at)
         except ValueError as e:

@@ -125,7 +125,7 @@ def test_analysis_rows_and_pictures():
     assert len(flipped) and (flipped.linf <= flipped.epsilon + 1e-6).all()
     assert (flipped.adversarial_class != flipped.predicted).all()
     assert set(flipped.found_by) <= {"fgsm", "pgd"} and rows[rows.epsilon.isna()].found_by.isna().all()
-    assert len(images) == 5 and images[rows.key[0]].size == (3 * 16, 16)
+    assert len(images) == 5 and images[rows.key[0]].size == (2 + 3 * (16 + 2), 2 + 16 + 2)  # three 16 px panels
 
 
 def test_epsilons_are_checked():

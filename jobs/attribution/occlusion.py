@@ -303,12 +303,10 @@ def strongest_projection(model: nn.Module, x: torch.Tensor, layer: str, channels
 
 
 def projection_picture(grad: torch.Tensor, min_side: int = 0):
-    """A projection (3, H, W) as Zeiler & Fergus draw it: centred on grey, scaled to the largest
-    |value|; enlarged (nearest) to at least ``min_side`` px."""
+    """A projection (3, H, W) as Zeiler & Fergus draw it (:func:`jobs.core.render.signed_pixels`),
+    enlarged (nearest) to at least ``min_side`` px."""
     from PIL import Image
 
-    top = float(grad.abs().max())
-    shown = 0.5 + 0.5 * grad / top if top > 0 else torch.full_like(grad, 0.5)
-    image = Image.fromarray((shown.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype("uint8"))
-    scale = max(1, math.ceil(min_side / max(1, min(image.size))))
-    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST) if scale > 1 else image
+    from jobs.core.render import enlarge, signed_pixels
+
+    return Image.fromarray(enlarge(signed_pixels(grad.numpy()), min_side))

@@ -220,6 +220,19 @@ def line_panels(x: Sequence[float], panels: dict[str, np.ndarray], series: Seque
     return _picture(fig)
 
 
+def signed_pixels(values: np.ndarray) -> np.ndarray:
+    """A signed picture (3, h, w) -- a projection, a perturbation -- as Zeiler & Fergus draw their
+    projections: grey for 0, scaled by its own largest |value|; uint8 (h, w, 3).
+
+    >>> signed_pixels(np.array([[[-2.0, 0.0, 1.0]]] * 3))[0].tolist()
+    [[0, 0, 0], [128, 128, 128], [191, 191, 191]]
+    """
+    values = np.asarray(values, np.float32)
+    top = float(np.abs(values).max()) if values.size else 0.0
+    shown = 0.5 + 0.5 * values / top if top > 0 else np.full_like(values, 0.5)
+    return np.ascontiguousarray((np.clip(shown, 0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8))
+
+
 def side_by_side(images: Sequence, min_side: int = 0) -> Image.Image:
     """Images (3, H, W) float in [0, 1] (tensors or arrays) in one row, e.g. original | result."""
     tiles = [(np.clip(np.asarray(im, np.float32), 0, 1).transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8)

@@ -36,7 +36,6 @@ Example manifest entry::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -255,15 +254,10 @@ def unnormalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) ->
 
 
 def triptych(clean: torch.Tensor, adversarial: torch.Tensor, cell: int):
-    """clean | adversarial | the perturbation amplified to fill [0, 1] (grey = no change)."""
-    from PIL import Image
+    """clean | adversarial | the perturbation, grey for no change, scaled to its largest change."""
+    from jobs.core.render import signed_pixels, strip
 
-    delta = adversarial - clean
-    top = float(delta.abs().max())
-    shown = 0.5 + 0.5 * delta / top if top > 0 else torch.full_like(delta, 0.5)
-    panels = [clean, adversarial, shown]
-    strip = torch.cat([t.clamp(0, 1) for t in panels], dim=2)
-    array = (strip.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    image = Image.fromarray(array)
-    scale = max(1, math.ceil(cell / max(1, clean.shape[1])))
-    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST) if scale > 1 else image
+    def pixels(t: torch.Tensor) -> np.ndarray:
+        return (t.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+    return strip([pixels(clean), pixels(adversarial), signed_pixels((adversarial - clean).numpy())], min_side=cell)

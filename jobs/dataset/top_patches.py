@@ -78,7 +78,7 @@ from jobs.core.base import (
 )
 from jobs.core.hooks import forward_to
 from jobs.core.kernels import topk_first
-from jobs.core.render import EMPTY, enlarge, grid
+from jobs.core.render import EMPTY, enlarge, grid, signed_pixels
 
 _SPAN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -592,18 +592,10 @@ def draw_patches(shared: tuple[dict[str, list[int]], int, int], item: list[Span]
             shown: list[np.ndarray | None] = []
             for j, flat in enumerate(values):
                 h, w = int(y1[j] - y0[j]), int(x1[j] - x0[j])
-                picture = projection_pixels(np.asarray(flat, np.float32).reshape(3, h, w))
+                picture = signed_pixels(np.asarray(flat, np.float32).reshape(3, h, w))
                 shown.append(enlarge(_tile(picture, full, int(dy[j]), int(dx[j])), cell_size))
             shown += [None] * (k - len(values))
             yield f"{base}-{method}-grid", grid(shown, cols=math.ceil(math.sqrt(k)), cell=cell)
-
-
-def projection_pixels(projection: np.ndarray) -> np.ndarray:
-    """A signed projection (3, h, w) as Zeiler & Fergus draw it: grey for 0, scaled by its own
-    largest |value| -- uint8 (h, w, 3)."""
-    top = float(np.abs(projection).max()) if projection.size else 0.0
-    shown = 0.5 + 0.5 * projection / top if top > 0 else np.full_like(projection, 0.5)
-    return np.ascontiguousarray((np.clip(shown, 0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8))
 
 
 # Per class, a partial's channel is label * CLASS_STRIDE + channel: one merge key, ordered by label.

@@ -36,9 +36,10 @@ def test_cifar10_manifest(ray_session, tmp_path):
     manifest = load_manifest(path, output=tmp_path / "cifar10", overrides=smaller(path, SMALLER))
     result = run_manifest(manifest, log=lambda m: None)
     assert result.ok and result.errors == 0
-    # Every attribution method mapped the same seeded sample, one map per image.
+    # Every attribution method mapped the same seeded sample, one map per image (eight methods
+    # explaining the predicted class, and one unit's guided-backprop projection).
     methods = [p.entry_name for p in manifest.analyses if p.type in ATTRIBUTION]
-    assert len(methods) == 8
+    assert len(methods) == 9 and "neuron_guided_backprop" in methods
     samples = {name: set(pd.read_parquet(tmp_path / "cifar10" / name, columns=["image_id"]).image_id)
                for name in methods}
     assert all(len(ids) == SAMPLE for ids in samples.values()), {k: len(v) for k, v in samples.items()}
@@ -58,6 +59,17 @@ def test_cifar10_manifest(ray_session, tmp_path):
     assert sorted(models["class"].unique()) == list(range(10))
     assert (models.probability > 0.9).all() and (models.predicted == models["class"]).all()
     assert (models.final_value > models.start_value + 20).all()
+    # The neuron-level entries: projections of every top patch, the strongest map per image, a
+    # facet per class and cluster, a search per sampled image.
+    top = pd.read_parquet(tmp_path / "cifar10" / "top_patches")
+    assert len(top) == 9 * (16 + 32 + 64)
+    assert all(len(p) == 3 * (b[3] - b[1]) * (b[2] - b[0]) for p, b in zip(top.projection_deconvnet, top.box))
+    occlusion = pd.read_parquet(tmp_path / "cifar10" / "occlusion")
+    assert occlusion.feature_channel.between(0, 63).all()
+    assert occlusion.feature_projection.map(len).eq(3 * 32 * 32).all()
+    facets = pd.read_parquet(tmp_path / "cifar10" / "class_model_facets")
+    assert len(facets) == 30 and set(facets.facet) == {0, 1, 2}
+    assert len(pd.read_parquet(tmp_path / "cifar10" / "adversarial")) == 20
     # Inversion keeps more of the image at layer1 than at layer3.
     inversion = pd.read_parquet(tmp_path / "cifar10" / "inversion")
     error = inversion.groupby("layer").pixel_error.mean()

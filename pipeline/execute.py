@@ -15,6 +15,7 @@ entry, blocks its ledger already has. Embedded local Ray by default; ``execution
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -38,7 +39,7 @@ from pipeline.manifest import Manifest, ParquetDataset
 from pipeline.model_stage import run_model_stage
 from pipeline.models import check_layers, load_model, model_hash, preprocess_of
 from pipeline.plan import Stage, entry_key, plan
-from pipeline.progress import Progress, RunLog
+from pipeline.progress import RAY_FALSE_ALARMS, Progress, RunLog, StderrFilter
 from pipeline.reduce import run_reduce_stage
 from pipeline.store import Store
 from pipeline.worker import ModelWorker, default_threads, entries_json
@@ -97,6 +98,9 @@ def init_ray(address: str | None, log: Log) -> None:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
     else:
         log("starting an embedded local Ray")
+        # A local Ray turns on token authentication by default and says so at warning level:
+        # right for a machine of one user, and nothing to act on.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
 
 
@@ -111,6 +115,8 @@ def _configure_data() -> None:
     ctx.print_on_execution_start = False
     for name in ("ray.data", "ray.data._internal"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray Data's bars are off because the run draws its own progress; it need not warn of that.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def _decode_remote_args() -> dict:
@@ -346,9 +352,11 @@ def run_map_stage(manifest: Manifest, store: Store, index: DatasetIndex, stage: 
     what = stage.entries[0] if len(stage.entries) == 1 else f"map stage ({len(stage.entries)} analyses)"
     progress = Progress(total, what, log.file if log.bar else log, done=skipped_rows, bar=log.bar)
     try:
-        if todo:
-            ds = _map_dataset(manifest, index, stage, store, staged, todo, done)
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        # Ray Data's actor start-up logs a false alarm at error level (see RAY_FALSE_ALARMS).
+        with StderrFilter(RAY_FALSE_ALARMS) if todo else contextlib.nullcontext():
+            ds = _map_dataset(manifest, index, stage, store, staged, todo, done) if todo else None
+            batches = [] if ds is None else ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
+            for batch in batches:
                 for text in batch["record"]:
                     block = json.loads(text)
                     for name, data in block["entries"].items():

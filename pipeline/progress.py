@@ -7,6 +7,8 @@ block finishes, so a long block never looks like a hang.
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 import threading
 import time
@@ -114,3 +116,66 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# Ray 2.60 logs this at error level whenever Ray Data starts an actor pool, although every
+# actor is started the same way (https://github.com/ray-project/ray/issues/57733): a healthy
+# run would always show an error a user cannot act on.
+RAY_FALSE_ALARMS = (re.compile(rb"has constructor arguments in the object store and max_restarts > 0"),)
+
+
+class StderrFilter:
+    """Leaves out of this process' stderr (file descriptor 2, so also what native code writes)
+    every line matching one of ``patterns``; everything else passes through at once.
+
+    Text that is not yet a whole line passes at once too (a progress bar redraws with ``\\r``),
+    except the start of a line of Ray's native log (``[`` first), held until its newline.
+
+        with StderrFilter(RAY_FALSE_ALARMS):
+            ...  # start Ray Data actors
+    """
+
+    def __init__(self, patterns: tuple[re.Pattern[bytes], ...] = RAY_FALSE_ALARMS):
+        self.patterns = patterns
+        self._saved: int | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> StderrFilter:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+            read, write = os.pipe()
+            os.dup2(write, 2)
+            os.close(write)
+        except OSError:  # no stderr to filter (a closed descriptor): leave it be
+            return self
+        self._saved = saved
+        self._thread = threading.Thread(target=self._pump, args=(read, saved), daemon=True,
+                                        name="convscope-stderr")
+        self._thread.start()
+        return self
+
+    def _pump(self, read: int, out: int) -> None:
+        held = b""
+        while chunk := os.read(read, 65536):
+            lines = (held + chunk).split(b"\n")
+            held = lines.pop()
+            keep = [line + b"\n" for line in lines if not any(p.search(line) for p in self.patterns)]
+            if held and not held.startswith(b"["):
+                keep.append(held)
+                held = b""
+            if keep:
+                os.write(out, b"".join(keep))
+        if held:
+            os.write(out, held)
+        os.close(read)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._saved is None or self._thread is None:
+            return
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)  # the pipe's last writer closes: the pump reads to its end
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():  # else a child process still holds the pipe; keep its target open
+            os.close(self._saved)
+        self._saved = self._thread = None

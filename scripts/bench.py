@@ -192,6 +192,43 @@ def bench_features(case: Case, n: int, layers: list[str], repeats: int, loader_w
     return {"seconds": t_ours, "features": got}
 
 
+def bench_process(case: Case, n: int, layers: list[str], repeats: int, loader_workers: int) -> None:
+    """features as whole processes: ``convscope run`` (Python, imports, an embedded Ray of its
+    own, the run) against a script doing the plain loop (Python, imports, the loop)."""
+    import subprocess
+
+    entry = [{"type": "features", "layers": layers, "pool": "avg"}]
+    case.work.mkdir(parents=True, exist_ok=True)
+    output = case.work / "out-process"
+    manifest = case.manifest(entry, n, output)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def timed(command: list[str]) -> float:
+        start = time.perf_counter()
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        return seconds
+
+    def ours():
+        shutil.rmtree(output, ignore_errors=True)
+        seconds = timed([sys.executable, "-m", "pipeline.cli", "run", str(manifest)])
+        return seconds, np.stack(read_rows(output, f"features/layer={layers[-1]}").vector.to_numpy())
+
+    def plain():
+        out = case.work / "plain-process.npz"
+        seconds = timed([sys.executable, "-m", "scripts.bench_peers", "features", str(manifest), str(out),
+                         "--layers", *layers, "--loader-workers", str(loader_workers)])
+        return seconds, np.load(out)[layers[-1]]
+
+    (t_ours, got), (t_plain, ref) = median_runs(repeats, ours, plain)
+    diff = float(np.abs(got - ref).max())
+    tol = 1e-4 if case.execution.get("precision", "float32") == "float32" else 5e-2
+    add_row(case, "features process", n, t_ours, "plain loop script, whole process", t_plain,
+            f"max |diff| {diff:.1e}", ">=0.9x", diff <= tol * max(1.0, float(np.abs(ref).max())), startup="none")
+
+
 def bench_fast_path(case: Case, n: int, layers: list[str], repeats: int, loader_workers: int,
                     reference: dict[str, np.ndarray]) -> None:
     """features with the fast-path options, convscope and the plain loop both using them."""
@@ -512,6 +549,9 @@ def run_case(case: Case, args) -> None:
         big = case.repeated(3 * n_all)
         big.work.mkdir(parents=True, exist_ok=True)
         bench_features(big, 3 * n_all, layers, repeats, args.loader_workers, "features x3", startup=False)
+    if not quick and wanted("process"):
+        # Whole process to whole process, start-up included, as a user meets it.
+        bench_process(case.repeated(3 * n_all), 3 * n_all, layers, repeats, args.loader_workers)
     if wanted("fast_path") and case.device.type == "cpu":
         bench_fast_path(case, n_all, layers, repeats, args.loader_workers, feats["features"])
     if case.device.type == "cuda":

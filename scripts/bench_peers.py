@@ -355,3 +355,31 @@ def neighbour_preservation(features: np.ndarray, coords: np.ndarray, k: int = 10
 
     a, b = nn(features), nn(coords)
     return float(np.mean([len(set(r) & set(s)) / k for r, s in zip(a, b)]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m scripts.bench_peers features MANIFEST OUT.npz --layers a b``: the plain loop as
+    a process of its own over a manifest's images and model (scripts/bench.py times it whole)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("what", choices=["features"])
+    p.add_argument("manifest")
+    p.add_argument("out")
+    p.add_argument("--layers", nargs="+", required=True)
+    p.add_argument("--loader-workers", type=int, default=2)
+    args = p.parse_args(argv)
+    from pipeline.datasets import list_dataset
+    from pipeline.manifest import load_manifest
+
+    manifest = load_manifest(args.manifest)
+    ex = manifest.execution
+    device = torch.device("cuda" if ex.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    paths = list_dataset(manifest.dataset).table.column("source").to_pylist()
+    loop = Loop(paths, manifest.model, ex.batch_size, args.loader_workers, device, ex.precision, ex.channels_last)
+    _, features = features_loop(loop, args.layers)
+    np.savez(args.out, **features)
+
+
+if __name__ == "__main__":  # python -m scripts.bench_peers ..., from the repository root
+    main()

@@ -37,3 +37,41 @@ def test_run_log_writes_a_timestamped_file_and_echoes(tmp_path):
     text = (tmp_path / "run.log").read_text().splitlines()
     assert echoed == ["map stage: features"]
     assert len(text) == 2 and re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d map stage: features", text[0])
+
+
+CHILD = r"""
+import os, sys
+from pipeline.progress import StderrFilter
+with StderrFilter():
+    os.write(2, b"[2026-12-03 15:14:29,483 E 1 1] core_worker.cc:2465: Actor with class name: 'MapWorker' "
+                b"has constructor arguments in the object store and max_restarts > 0. If the arguments...\n")
+    os.write(2, b"[2026-12-03 15:14:30,000 E 1 1] core_worker.cc:1: a real error\n")
+    sys.stderr.write("bar 10%\r"); sys.stderr.flush()
+    sys.stdin.readline()  # the parent has seen the bar before anything else is written
+    os.write(2, b"[a line in")
+    os.write(2, b" two writes]\n")
+print("native code writes to descriptor 2 again", file=sys.stderr)
+"""
+
+
+def test_stderr_filter_drops_only_rays_false_alarm_and_passes_the_rest_at_once():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-c", CHILD], cwd=root, stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.stderr is not None and proc.stdin is not None
+    seen = b""
+    deadline = time.time() + 60
+    while not seen.endswith(b"bar 10%\r"):  # the bar arrives without a newline after it
+        assert time.time() < deadline and proc.poll() is None, seen
+        seen += os.read(proc.stderr.fileno(), 1)
+    proc.stdin.write(b"go\n")
+    proc.stdin.close()
+    seen += proc.stderr.read()
+    assert proc.wait(timeout=60) == 0, seen
+    assert seen == (b"[2026-12-03 15:14:30,000 E 1 1] core_worker.cc:1: a real error\n"
+                    b"bar 10%\r[a line in two writes]\nnative code writes to descriptor 2 again\n")

@@ -518,7 +518,7 @@ def generated_images(folder: Path, n: int, size: int, ext: str) -> list[tuple[st
 def run_case(case: Case, args) -> None:
     quick = args.quick
     n_all = min(len(case.paths), args.images or (256 if quick else len(case.paths)))
-    repeats = 1 if quick else args.repeats
+    repeats = args.repeats or (1 if quick else 3)
     print(f"\n== {case.name}: {case.note}", flush=True)
     print(f"   batch {case.execution['batch_size']}, {case.execution['device']}, "
           f"{case.execution.get('precision', 'float32')}, torch threads {torch.get_num_threads()}", flush=True)
@@ -559,7 +559,7 @@ def neighbours_only(args) -> dict:
     case = Case("vectors", [], [], {}, {"device": "cpu", "batch_size": 0}, Path("."),
                 note="exact kNN on generated vectors, k = 8, every vector against all")
     print(f"\n== {case.name}: {case.note}; torch threads {torch.get_num_threads()}", flush=True)
-    bench_neighbour_sizes(case, args.quick, 1 if args.quick else args.repeats)
+    bench_neighbour_sizes(case, args.quick, args.repeats or (1 if args.quick else 3))
     result = {"cpus": os.cpu_count(), "torch": torch.__version__, "rows": case.rows,
               "disagreements": [r["agreement"] for r in case.rows if not r.get("agrees", True)]}
     if args.json:
@@ -574,7 +574,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="a few images per row: a smoke test of the agreement checks")
     p.add_argument("--images", type=int, help="images for the dataset passes (default: all; 256 with --quick)")
     p.add_argument("--only", nargs="+", help="rows to run besides features (e.g. occlusion grad_cam)")
-    p.add_argument("--repeats", type=int, default=3, help="runs of the dataset passes (the median is kept)")
+    p.add_argument("--repeats", type=int, help="runs of each timed pass, the median kept (default 3; 1 with --quick)")
     p.add_argument("--loader-workers", type=int, default=os.cpu_count() or 1,
                    help="DataLoader worker processes of the plain loops")
     p.add_argument("--work", type=Path, help="where inputs and outputs go (default: a temporary folder)")

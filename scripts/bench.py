@@ -15,6 +15,7 @@ the same model in a tight loop on tensors already on the GPU).
     python scripts/bench.py                       # full: the cifar case, + resnet50 on a GPU
     python scripts/bench.py --quick               # a smoke test: a few images, agreement only
     python scripts/bench.py --case resnet50 --images 2000 --json bench.json
+    python scripts/bench.py --neighbours-only     # exact kNN vs faiss IndexFlat on generated vectors
 """
 
 from __future__ import annotations
@@ -407,7 +408,7 @@ def best_occlusion(loop: peers.Loop, spec: Attr, options: list[int]):
     return peers.captum_occlusion(window, stride, best), f"per_eval={best}"
 
 
-def bench_neighbours(case: Case, vectors: np.ndarray, k: int, metric: str, repeats: int) -> None:
+def bench_neighbours(case: Case, vectors: np.ndarray, k: int, metric: str, repeats: int, label: str = "") -> None:
     """Exact kNN of every vector among all (itself excluded): convscope's kernel vs faiss IndexFlat."""
     from jobs.dataset.neighbours import knn
 
@@ -423,8 +424,31 @@ def bench_neighbours(case: Case, vectors: np.ndarray, k: int, metric: str, repea
     (t_ours, got), (t_faiss, ref) = median_runs(repeats, ours, lambda: peers.faiss_knn(vectors, k, metric))
     same_lists = float(np.mean([list(a) == list(b) for a, b in zip(got, ref)]))
     same_sets = float(np.mean([set(a) == set(b) for a, b in zip(got, ref)]))
+    shape = f"{len(vectors)}x{vectors.shape[1]}"
+    what = f"{label + ' ' if label else ''}{shape} {metric}: "
     add_row(case, "neighbours", len(vectors), t_ours, "faiss IndexFlat", t_faiss,
-            f"equal ids: {same_lists:.1%} (as sets {same_sets:.1%})", ">=1x", same_sets >= 0.99, startup="none")
+            f"{what}equal ids: {same_lists:.1%} (as sets {same_sets:.1%})", ">=1x", same_sets >= 0.99,
+            extra={"vectors": shape, "data": label or "features", "metric": metric}, startup="none")
+
+
+def synthetic_vectors(n: int, d: int, kind: str, seed: int = 0) -> np.ndarray:
+    """float32 vectors: standard normal (``random``), or around n / 100 centres (``clustered``)."""
+    rng = np.random.default_rng(seed)
+    if kind == "random":
+        return rng.normal(size=(n, d)).astype(np.float32)
+    centres = rng.normal(size=(max(1, n // 100), d)) * 4
+    return (centres[rng.integers(0, len(centres), n)] + rng.normal(size=(n, d))).astype(np.float32)
+
+
+def bench_neighbour_sizes(case: Case, quick: bool, repeats: int) -> None:
+    """Exact kNN (k = 8) on 10k x 64 and (not with --quick: minutes on a few cores) 100k x 256 vectors,
+    random and clustered, cosine and l2."""
+    sizes = [(10_000, 64)] if quick else [(10_000, 64), (100_000, 256)]
+    for n, d in sizes:
+        for kind in ("random", "clustered"):
+            vectors = synthetic_vectors(n, d, kind)
+            for metric in ("cosine", "l2"):
+                bench_neighbours(case, vectors, 8, metric, repeats, kind)
 
 
 def bench_embedding(case: Case, vectors: np.ndarray) -> None:
@@ -531,7 +555,7 @@ def generated_images(folder: Path, n: int, size: int, ext: str) -> list[tuple[st
 def run_case(case: Case, args) -> None:
     quick = args.quick
     n_all = min(len(case.paths), args.images or (256 if quick else len(case.paths)))
-    repeats = 1 if quick else args.repeats
+    repeats = args.repeats or (1 if quick else 3)
     print(f"\n== {case.name}: {case.note}", flush=True)
     print(f"   batch {case.execution['batch_size']}, {case.execution['device']}, "
           f"{case.execution.get('precision', 'float32')}, torch threads {torch.get_num_threads()}", flush=True)
@@ -565,8 +589,22 @@ def run_case(case: Case, args) -> None:
     vectors = feats["features"][layers[-1]]
     if wanted("neighbours"):
         bench_neighbours(case, vectors, 8, "cosine", repeats)
+        bench_neighbour_sizes(case, quick, repeats)
     if wanted("embedding"):
         bench_embedding(case, vectors[: 200 if quick else 5000])
+
+
+def neighbours_only(args) -> dict:
+    """The kNN rows alone, on generated vectors: no images, model or Ray."""
+    case = Case("vectors", [], [], {}, {"device": "cpu", "batch_size": 0}, Path("."),
+                note="exact kNN on generated vectors, k = 8, every vector against all")
+    print(f"\n== {case.name}: {case.note}; torch threads {torch.get_num_threads()}", flush=True)
+    bench_neighbour_sizes(case, args.quick, args.repeats or (1 if args.quick else 3))
+    result = {"cpus": os.cpu_count(), "torch": torch.__version__, "rows": case.rows,
+              "disagreements": [r["agreement"] for r in case.rows if not r.get("agrees", True)]}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -576,12 +614,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="a few images per row: a smoke test of the agreement checks")
     p.add_argument("--images", type=int, help="images for the dataset passes (default: all; 256 with --quick)")
     p.add_argument("--only", nargs="+", help="rows to run besides features (e.g. occlusion grad_cam)")
-    p.add_argument("--repeats", type=int, default=3, help="runs of the dataset passes (the median is kept)")
+    p.add_argument("--repeats", type=int, help="runs of each timed pass, the median kept (default 3; 1 with --quick)")
     p.add_argument("--loader-workers", type=int, default=os.cpu_count() or 1,
                    help="DataLoader worker processes of the plain loops")
     p.add_argument("--work", type=Path, help="where inputs and outputs go (default: a temporary folder)")
     p.add_argument("--json", type=Path, help="also write every row here")
+    p.add_argument("--neighbours-only", action="store_true",
+                   help="only the exact kNN rows on generated vectors (no Ray, no images)")
     args = p.parse_args(argv)
+    if args.neighbours_only:
+        return neighbours_only(args)
 
     import ray
 

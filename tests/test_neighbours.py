@@ -513,3 +513,74 @@ def test_memory_plan_allows_for_the_ivf_index():
     allowance = database + n * 8 + 2 * (lists + train) * d * 4 + 2 * database + q * (d * 4 * 2 + (k + 1) * 32)
     assert plan(index="faiss_ivf") - plan() == allowance
     assert plan(index="faiss_ivf", nlist=8) < plan(index="faiss_ivf")  # fewer lists train on fewer rows
+
+
+def _tied_data(kind: str) -> np.ndarray:
+    """Vectors with ties at the cut: random with copies, or small integers (many equal distances)."""
+    rng = np.random.default_rng(7)
+    if kind == "duplicates":
+        x = rng.normal(size=(300, 8)).astype(np.float32)
+        x[100:140] = x[5]  # 41 copies: more than k + the screen's margin
+        x[200:203] = x[7]
+        return x
+    return rng.integers(-2, 3, size=(300, 3)).astype(np.float32)  # a few hundred distinct distances
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize("kind", ["random", "duplicates", "grid"])
+@pytest.mark.parametrize("k", [5, 30])
+def test_faiss_screen_equals_float64_brute_force_and_the_torch_screen(metric, kind, k, monkeypatch):
+    pytest.importorskip("faiss")
+    x = np.random.default_rng(3).normal(size=(300, 8)).astype(np.float32) if kind == "random" else _tied_data(kind)
+    rows = np.arange(len(x))
+    xt, excl = torch.from_numpy(x), torch.from_numpy(rows)
+    ref_d, ref_i = brute_force(x, x, k, metric, exclude=rows)
+    got = {screen: knn(xt, xt, k, metric, exclude=excl, screen=screen) for screen in ("faiss", "torch", "auto")}
+    for dist, idx in got.values():
+        assert idx.tolist() == ref_i.tolist()
+        np.testing.assert_allclose(dist.numpy(), ref_d, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got["faiss"][0], got["torch"][0])  # the float64 pass fixes the values too
+    # Small margins, several faiss calls over a database of many blocks: every fallback stage runs.
+    monkeypatch.setattr(neighbours, "SCREEN_EXTRA", 1)
+    monkeypatch.setattr(neighbours, "CHECK_EXTRA", 0)
+    monkeypatch.setattr(neighbours, "FAISS_ELEMENTS", 8 * x.shape[1])
+    db = neighbours.RowBlocks([xt[:90], xt[90:91], xt[91:]])
+    for screen in ("faiss", "torch"):
+        dist, idx = knn(xt, db, k, metric, exclude=excl, screen=screen, block=64)
+        assert idx.tolist() == ref_i.tolist()
+        assert torch.equal(dist, got["faiss"][0])
+    # Outside queries, nothing excluded, exact copies of database rows among them.
+    q = np.concatenate([x[[5, 7, 0]], np.random.default_rng(4).normal(size=(4, x.shape[1])).astype(np.float32)])
+    ref_d, ref_i = brute_force(q, x, k, metric)
+    for screen in ("faiss", "torch"):
+        dist, idx = knn(torch.from_numpy(q), xt, k, metric, screen=screen)
+        assert idx.tolist() == ref_i.tolist()
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_faiss_screen_near_ties_fall_back_to_the_float64_search(metric):
+    pytest.importorskip("faiss")
+    # Rows closer together than the float32 screen can resolve: the float64 pass orders them.
+    rng = np.random.default_rng(5)
+    base = rng.normal(size=(1, 16)).astype(np.float32)
+    x = np.repeat(base, 60, axis=0) + np.float32(1e-4) * rng.integers(-2, 3, size=(60, 16)).astype(np.float32)
+    x = np.concatenate([x, rng.normal(size=(100, 16)).astype(np.float32)])
+    rows = np.arange(len(x))
+    ref_d, ref_i = brute_force(x, x, 4, metric, exclude=rows)
+    faiss_d, faiss_i = knn(torch.from_numpy(x), torch.from_numpy(x), 4, metric, exclude=torch.from_numpy(rows),
+                           screen="faiss")
+    torch_d, torch_i = knn(torch.from_numpy(x), torch.from_numpy(x), 4, metric, exclude=torch.from_numpy(rows),
+                           screen="torch")
+    assert faiss_i.tolist() == torch_i.tolist() == ref_i.tolist()
+    assert torch.equal(faiss_d, torch_d)
+
+
+def test_screen_choice(monkeypatch):
+    x = torch.from_numpy(np.random.default_rng(6).normal(size=(40, 4)).astype(np.float32))
+    with pytest.raises(ValueError, match="unknown screen 'gpu'"):
+        knn(x, x, 3, "l2", screen="gpu")  # type: ignore[arg-type]
+    monkeypatch.setattr(neighbours, "faiss_screen", lambda: None)
+    with pytest.raises(ValueError, match=r"screen 'faiss' needs the faiss-cpu package"):
+        knn(x, x, 3, "l2", screen="faiss")
+    # Without faiss, auto is the torch screen.
+    assert knn(x, x, 3, "l2")[1].tolist() == brute_force(x.numpy(), x.numpy(), 3, "l2")[1].tolist()

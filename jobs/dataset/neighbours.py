@@ -94,6 +94,8 @@ IVF_SEED = 0
 IVF_QUERY_CHUNK = 16_384
 
 Space = Literal["feature", "pixel"]
+# The float32 screen of exact search: faiss when installed (auto), or either one.
+Screen = Literal["auto", "faiss", "torch"]
 
 
 class QuerySample(BaseModel):
@@ -252,7 +254,7 @@ def squared_norms(db: RowBlocks, metric: str) -> torch.Tensor:
 
 def knn(queries: torch.Tensor, database: torch.Tensor | RowBlocks, k: int, metric: str,
         exclude: torch.Tensor | None = None, block: int = BLOCK,
-        norms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        norms: torch.Tensor | None = None, screen: Screen = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest database rows of every query row: distances (M, k) float32, indices (M, k).
 
     ``metric``: ``cosine`` (1 - cosine similarity; a zero vector is at distance 1 from
@@ -263,18 +265,20 @@ def knn(queries: torch.Tensor, database: torch.Tensor | RowBlocks, k: int, metri
     is what a run holds); ``norms`` may give ``squared_norms(database, metric)`` when the
     same database serves many calls.
 
-    Exact, in two passes. A float32 screen (one matrix product per block of at most
-    ``SCREEN_QUERIES`` queries x ``SCREEN_ELEMENTS / SCREEN_QUERIES`` database rows, a running
-    top-c per query) keeps
-    ``c = k + SCREEN_EXTRA`` candidates per query; their distances are then taken again in
-    float64, which fixes the reported float32 values and the order, so neither depends on
-    the blocking. A query is verified when every row left out screened farther than its
-    k-th neighbour by more than the screen's worst-case rounding error (the bound
-    ``SCREEN_ERROR * (D + 8) * 2^-24`` times the squared norms); a query that is not (ties
-    or near-ties at the cut) is searched again in float64 against the whole database, in
-    blocks of ``block`` x ``block``. Rows are converted to float64 (and normalised, for
-    cosine) a block at a time: memory is the database itself plus O(SCREEN_ELEMENTS +
-    block^2 + M c + N), never M x N and never a float64 copy of the database.
+    Exact, in two passes. A float32 screen keeps ``c = k + SCREEN_EXTRA`` candidates per
+    query: faiss' exact flat search (``faiss.knn``) on a CPU when faiss is installed, else
+    blocked matrix products of at most ``SCREEN_QUERIES`` queries x ``SCREEN_ELEMENTS /
+    SCREEN_QUERIES`` database rows with a running top-c (``screen``: ``auto``, ``faiss`` or
+    ``torch`` picks one). Their distances are then taken again in float64, which fixes the
+    reported float32 values and the order, so neither depends on the screen or the
+    blocking. A query is verified when every row left out screened farther than its k-th
+    neighbour by more than the screen's worst-case rounding error (the bound ``SCREEN_ERROR
+    * (D + 8) * 2^-24`` times the squared norms, which covers both screens); a query that
+    is not (ties or near-ties at the cut) is searched again in float64 against the whole
+    database, in blocks of ``block`` x ``block``. Rows are converted to float64 (and
+    normalised, for cosine) a block at a time: memory is the database itself plus
+    O(SCREEN_ELEMENTS + block^2 + M (c + D) + N), never M x N and never a float64 copy of
+    the database.
 
     >>> d, i = knn(torch.tensor([[0.0], [1.0], [3.0]]), torch.tensor([[0.0], [1.0], [3.0]]), 1, "l2",
     ...            exclude=torch.tensor([0, 1, 2]))
@@ -285,6 +289,8 @@ def knn(queries: torch.Tensor, database: torch.Tensor | RowBlocks, k: int, metri
         raise ValueError(f"unknown metric {metric!r}; expected cosine or l2")
     if block < 1:
         raise ValueError(f"block must be at least 1, got {block}")
+    if screen not in ("auto", "faiss", "torch"):
+        raise ValueError(f"unknown screen {screen!r}; expected auto, faiss or torch")
     if isinstance(database, torch.Tensor) and (database.dim() != 2 or len(database) == 0):
         if database.dim() == 2 and queries.dim() == 2 and queries.shape[1] == database.shape[1]:
             m = queries.shape[0]
@@ -301,80 +307,166 @@ def knn(queries: torch.Tensor, database: torch.Tensor | RowBlocks, k: int, metri
     if m == 0 or k_eff == 0:
         return (torch.zeros((m, k_eff), dtype=torch.float32, device=device),
                 torch.zeros((m, k_eff), dtype=torch.long, device=device))
+    faiss = faiss_screen() if screen != "torch" and device.type == "cpu" else None
+    if screen == "faiss" and faiss is None:
+        raise ValueError("screen 'faiss' needs the faiss-cpu package (pip install 'convscope[ann]') "
+                         "and a database on the CPU")
     # One extra candidate per query, so the excluded index can be dropped afterwards: the
     # top k+1 by (distance, index) minus one member is the top k of the rest.
     width = k_eff + 1 if exclude is not None else k_eff
     x_sq = squared_norms(db, metric) if norms is None else norms.to(device=device, dtype=torch.float64)
     x_sq32, x_sq_max = x_sq.float(), x_sq.max()
     c = min(n, width + SCREEN_EXTRA)
-    # Short, wide screen blocks: one top-c over a long row is cheaper than many merges.
     qb = min(block, SCREEN_QUERIES)
-    columns = max(qb, SCREEN_ELEMENTS // qb)
+    # The float64 pass in blocks of up to ``block`` queries: few, larger tensor operations.
+    cb = min(block, CHECK_QUERIES)
     out_d, out_i = [], []
-    for qs in range(0, m, qb):
-        q = unit64(queries[qs:qs + qb].to(device), metric)
-        q_sq = (q * q).sum(dim=1)
-        screen, cand = _screen(q, db, q_sq, x_sq32, c, metric, columns)
-        dist, idx = _best(_exact(q, db, q_sq, x_sq, cand, metric), cand, width)
-        if c < n:
-            # Every row left out screened at >= the largest kept screen value; its true
-            # (squared, for l2) distance is at least that minus the rounding bound.
+    # Queries are screened a group at a time against each database block in turn, so each
+    # block is converted (normalised, for cosine) once per group, not once per query block.
+    for gs in range(0, m, SCREEN_GROUP):
+        q32 = unit32(queries[gs:gs + SCREEN_GROUP].to(device), metric)
+        found = _screen_faiss(faiss, q32, db, c, metric) if faiss is not None else None
+        screened, cands = found if found is not None else _screen(q32, db, x_sq32, c, metric, qb)
+        for qs in range(0, len(q32), cb):
+            q = unit64(queries[gs + qs:gs + qs + cb].to(device), metric)
+            q_sq = (q * q).sum(dim=1)
+            # The float64 pass looks at the best ``first`` screened candidates, then at all c
+            # for the queries those do not settle, then at the whole database for the rest.
+            order = screened[qs:qs + cb].argsort(dim=1)
+            value = screened[qs:qs + cb].gather(1, order).double()
+            cand = cands[qs:qs + cb].gather(1, order)
+            first = min(c, width + CHECK_EXTRA)
+            dist, idx = _best(_exact(q, db, q_sq, x_sq, cand[:, :first], metric), cand[:, :first], width)
             scale = q_sq + x_sq_max
             err = SCREEN_ERROR * (db.dim + 8) * 2.0**-24 * scale
-            floor = (screen.amax(dim=1).double() - err).clamp(min=0)
-            # A row whose distance could still snap to 0 proves nothing (see ``SNAP``).
-            floor = floor.masked_fill(floor <= (scale * SNAP if metric == "l2" else SNAP), 0.0)
-            floor = floor.sqrt() if metric == "l2" else floor
-            kth = dist[:, -1].double()
-            redo = ~(floor > kth * (1 + 2.0**-20) + 2.0**-60)
-            if redo.any():
-                r = redo.nonzero()[:, 0]
-                d_all, i_all = exhaustive(q[r], db, q_sq[r], x_sq, width, metric, block, raw=True)
-                dist[r], idx[r] = d_all, i_all
-        if exclude is not None:
-            dist, idx = drop_excluded(dist, idx, exclude[qs:qs + qb].to(device))
-        out_d.append(dist)
-        out_i.append(idx)
+            if first < c:
+                # Every row not yet looked at screened at >= the first candidate left out.
+                redo = ~_settled(value[:, first], err, scale, dist[:, -1], metric)
+                if redo.any():
+                    r = redo.nonzero()[:, 0]
+                    dist[r], idx[r] = _best(_exact(q[r], db, q_sq[r], x_sq, cand[r], metric), cand[r], width)
+            if c < n:
+                # Every row left out screened at >= the largest kept screen value.
+                redo = ~_settled(value[:, -1], err, scale, dist[:, -1], metric)
+                if redo.any():
+                    r = redo.nonzero()[:, 0]
+                    d_all, i_all = exhaustive(q[r], db, q_sq[r], x_sq, width, metric, block, raw=True)
+                    dist[r], idx[r] = d_all, i_all
+            if exclude is not None:
+                dist, idx = drop_excluded(dist, idx, exclude[gs + qs:gs + qs + len(q)].to(device))
+            out_d.append(dist)
+            out_i.append(idx)
     return torch.cat(out_d), torch.cat(out_i)
 
 
 # Candidates beyond k that the float32 screen keeps per query: slack for near-ties at the cut.
 SCREEN_EXTRA = 16
-# Queries per screen block, and float32 distances per screen block (16 MiB).
-SCREEN_QUERIES = 256
-SCREEN_ELEMENTS = 2**22
+# Screened candidates beyond the ``width`` needed that the float64 pass looks at first.
+CHECK_EXTRA = 4
+# Queries per block of the float64 pass, at most (``block`` caps it too).
+CHECK_QUERIES = 8192
+# Queries per screen block, and float32 distances per screen block (64 MiB): wide blocks
+# keep the matrix products efficient and the top-c merges few.
+SCREEN_QUERIES = 1024
+SCREEN_ELEMENTS = 2**24
+# Queries screened together against each database block (their float32 copy is held).
+SCREEN_GROUP = 65_536
+# Database rows per faiss screen call (float32 elements at most, for the cosine copy: 64 MiB).
+FAISS_ELEMENTS = 2**24
 # Safety factor on the textbook bound (D + 8) u |q| |x| for a float32 dot product and the
-# conversions and sums around it.
+# conversions and sums around it (faiss' |q|^2 + |x|^2 - 2 q.x and sum of squared
+# differences included).
 SCREEN_ERROR = 2.0
 # Database rows converted to float64 at once (for D = 2,048: 32 MiB).
 CONVERT_ROWS = 2048
 
 
-def _screen(q: torch.Tensor, db: RowBlocks, q_sq: torch.Tensor, x_sq: torch.Tensor, c: int, metric: str,
-            block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 distances (squared for l2) and indices of each query's ``c`` screened nearest,
-    ``block`` database rows at a time (``x_sq`` is float32)."""
-    q32 = q.float()
+def _settled(screened: torch.Tensor, err: torch.Tensor, scale: torch.Tensor, kth: torch.Tensor,
+             metric: str) -> torch.Tensor:
+    """Per query: whether every row that screened at >= ``screened`` (float64; squared for l2) is
+    provably farther than the k-th distance found, ``kth``, after float32 rounding."""
+    # Its true (squared, for l2) distance is at least the screen value minus the rounding bound.
+    floor = (screened - err).clamp(min=0)
+    # A row whose distance could still snap to 0 proves nothing (see ``SNAP``).
+    floor = floor.masked_fill(floor <= (scale * SNAP if metric == "l2" else SNAP), 0.0)
+    floor = floor.sqrt() if metric == "l2" else floor
+    return floor > kth.double() * (1 + 2.0**-20) + 2.0**-60
+
+
+def faiss_screen() -> Any:
+    """The faiss module when it is installed (its flat search is then the screen), else None."""
+    if importlib.util.find_spec("faiss") is None:
+        return None
+    import faiss
+
+    return faiss
+
+
+def _screen_faiss(faiss: Any, q32: torch.Tensor, db: RowBlocks, c: int, metric: str
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """float32 distances (squared for l2) and indices of each query's ``c`` nearest by faiss' exact
+    flat search, a database block at a time (no index: faiss reads the rows in place); None when
+    faiss left a query short of candidates (NaN values), for the torch screen to redo."""
+    # faiss' own threads, as many as torch's (a worker's share of the machine).
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    kind = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+    xq = np.ascontiguousarray(q32.numpy())
     best_v: torch.Tensor | None = None
     best_i: torch.Tensor | None = None
-    for xs, raw in db.chunks(block):
-        xb = unit32(raw, metric)
-        # One fused product per block, ranked without the per-query constant: -q.x for
-        # cosine, |x|^2 - 2 q.x for l2; the constant is added to the c kept values only.
-        if metric == "cosine":
-            v = torch.mm(q32, xb.T).neg_()
-        else:
-            v = torch.addmm(x_sq[None, xs:xs + len(xb)], q32, xb.T, alpha=-2.0)
-        v, i = v.topk(min(c, v.shape[1]), dim=1, largest=False, sorted=False)
-        i = i + xs
+    for xs, raw in db.chunks(max(1, FAISS_ELEMENTS // db.dim)):
+        xb = np.ascontiguousarray(unit32(raw, metric).numpy())
+        found, idx = faiss.knn(xq, xb, min(c, len(xb)), kind)
+        if (idx < 0).any():
+            return None
+        # Ascending: 1 - similarity for cosine (its float32 rounding is within the bound), squared l2.
+        v = torch.from_numpy(1.0 - found if metric == "cosine" else found)
+        i = torch.from_numpy(idx) + xs
         if best_v is not None and best_i is not None:
             v, i = torch.cat([best_v, v], 1), torch.cat([best_i, i], 1)
             v, pick = v.topk(min(c, v.shape[1]), dim=1, largest=False, sorted=False)
             i = i.gather(1, pick)
         best_v, best_i = v, i
     if best_v is None or best_i is None:
+        return None
+    return best_v, best_i
+
+
+def _screen(q32: torch.Tensor, db: RowBlocks, x_sq: torch.Tensor, c: int, metric: str,
+            qb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 distances (squared for l2) and indices of each query's ``c`` screened nearest:
+    blocks of ``qb`` queries x ``SCREEN_ELEMENTS / qb`` database rows (``x_sq`` is float32)."""
+    m = len(q32)
+    columns = max(qb, SCREEN_ELEMENTS // qb)
+    buffer = torch.empty(min(qb, m) * min(columns, len(db)), dtype=torch.float32, device=q32.device)
+    best_v = torch.empty((m, c), dtype=torch.float32, device=q32.device)
+    best_i = torch.empty((m, c), dtype=torch.long, device=q32.device)
+    seen = 0
+    for xs, raw in db.chunks(columns):
+        xb = unit32(raw, metric)
+        for qs in range(0, m, qb):
+            q = q32[qs:qs + qb]
+            v = buffer[:len(q) * len(xb)].view(len(q), len(xb))
+            # One fused product per block into the one buffer, ranked without the per-query
+            # constant: q.x (largest) for cosine, |x|^2 - 2 q.x for l2; the constant is added
+            # to the c kept values only.
+            if metric == "cosine":
+                torch.mm(q, xb.T, out=v)
+                top, i = v.topk(min(c, len(xb)), dim=1, sorted=False)
+                top = top.neg_()
+            else:
+                torch.addmm(x_sq[None, xs:xs + len(xb)], q, xb.T, alpha=-2.0, out=v)
+                top, i = v.topk(min(c, len(xb)), dim=1, largest=False, sorted=False)
+            i = i + xs
+            if seen:
+                top, i = torch.cat([best_v[qs:qs + qb, :seen], top], 1), torch.cat([best_i[qs:qs + qb, :seen], i], 1)
+                top, pick = top.topk(min(c, top.shape[1]), dim=1, largest=False, sorted=False)
+                i = i.gather(1, pick)
+            best_v[qs:qs + qb, :top.shape[1]], best_i[qs:qs + qb, :top.shape[1]] = top, i
+        seen = min(c, seen + len(xb))
+    if not seen:
         raise ValueError("_screen needs a non-empty database")
-    return best_v + (1.0 if metric == "cosine" else q_sq.float()[:, None]), best_i
+    q_sq = q32.double().pow(2).sum(dim=1).float() if metric == "l2" else None
+    return best_v + (1.0 if q_sq is None else q_sq[:, None]), best_i
 
 
 def _exact(q: torch.Tensor, db: RowBlocks, q_sq: torch.Tensor, x_sq: torch.Tensor, cand: torch.Tensor,
@@ -437,8 +529,10 @@ def drop_excluded(dist: torch.Tensor, idx: torch.Tensor, exclude: torch.Tensor) 
     rows, width = idx.shape
     is_self = idx == exclude[:, None]
     drop = torch.where(is_self.any(dim=1), is_self.int().argmax(dim=1), torch.full_like(exclude, width - 1))
-    keep = torch.arange(width, device=idx.device)[None, :] != drop[:, None]
-    return dist[keep].view(rows, width - 1), idx[keep].view(rows, width - 1)
+    # Output column j reads column j, or j + 1 from the dropped one on (a gather, not a mask).
+    cols = torch.arange(width - 1, device=idx.device)[None, :]
+    cols = cols + (cols >= drop[:, None])
+    return dist.gather(1, cols), idx.gather(1, cols)
 
 
 def tensors(arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:

@@ -79,8 +79,9 @@ def attribution_entries(methods: list[str] | None, entries: Sequence[AnalysisPar
 def class_method_entries(methods: list[str] | None, entries: Sequence[AnalysisParams]) -> list[dict[str, Any]]:
     """The params (JSON) of the attribution entries an entry recomputes maps of: ``methods`` (or every
     attribution entry), without those that explain a neuron rather than a class (named ones are
-    refused), and without what does not change a map (``render``, ``metrics``, ``sample``), so
-    that those do not change the entry's key. Raises ValueError naming what is wrong."""
+    refused), and without what does not change a map (``render``, ``metrics``, ``sample`` and the
+    method's ``map_only`` fields), so that those do not change the entry's key. Raises ValueError
+    naming what is wrong."""
     chosen = attribution_entries(methods, entries)
     by_name = {e.entry_name: e for e in entries}
     units = [name for name in chosen if neuron_target(by_name[name]) is not None]
@@ -89,7 +90,8 @@ def class_method_entries(methods: list[str] | None, entries: Sequence[AnalysisPa
     chosen = [name for name in chosen if name not in units]
     if not chosen:
         raise ValueError("needs at least one attribution entry that explains classes (not a neuron target)")
-    return [by_name[name].model_copy(update={"render": False, "metrics": False, "sample": None})
+    return [by_name[name].model_copy(update={"render": False, "metrics": False, "sample": None,
+                                             **getattr(type(by_name[name]), "map_only", {})})
             .model_dump(mode="json") for name in chosen]
 
 
@@ -151,6 +153,9 @@ class AttributionParams(AnalysisParams):
     render: bool = True
     cell: int = Field(default=128, ge=8, description="min side in px of each overlay panel")
     chunk: int = Field(default=256, ge=1, description="most model inputs per forward or backward")
+    # Fields that add to the rows but do not change the map, and their values that leave them
+    # out: entries that recompute maps (sanity checks, segmentation) pay only for the map.
+    map_only: ClassVar[dict[str, Any]] = {}
 
 
 class NeuronTargetParams(AttributionParams):

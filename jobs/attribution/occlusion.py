@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import pyarrow as pa
 import torch
@@ -233,6 +233,7 @@ class OcclusionParams(AttributionParams):
     fill: Literal["mean", "zero", "blur"] = "zero"
     blur_sigma: float | None = Field(default=None, gt=0, description="with fill 'blur'; default window / 2")
     feature: OcclusionFeature | None = None
+    map_only: ClassVar[dict[str, Any]] = {"feature": None}  # the unit's maps are extra columns
 
 
 def pixel_drop(drop: torch.Tensor, size: tuple[int, int], window: int, stride: int) -> torch.Tensor:

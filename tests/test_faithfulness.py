@@ -245,3 +245,13 @@ def test_box_validation():
         pointing_game(torch.zeros(2, 4, 4), torch.zeros(3, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="boxes"):
         box_energy(torch.zeros(2, 4, 4), torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_default_chunk_follows_the_device_and_the_image_size():
+    from jobs.core.kernels import CPU_CHUNK, GPU_CHUNK, chunk_size
+
+    assert chunk_size(None, torch.zeros(2, 3, 32, 32)) == CPU_CHUNK == 64
+    assert chunk_size(None, torch.zeros(2, 3, 224, 224)) == 8  # 2^20 values hold 6 such images; 8 at least
+    assert chunk_size(None, torch.zeros(2, 3, 160, 160)) == 13
+    assert chunk_size(None, torch.zeros(2, 3, 64, 64, device="meta")) == GPU_CHUNK == 256  # not a CPU
+    assert chunk_size(5, torch.zeros(2, 3, 64, 64)) == 5

@@ -152,7 +152,9 @@ class AttributionParams(AnalysisParams):
     steps: int = Field(default=16, ge=1, description="deletion / insertion curve steps")
     render: bool = True
     cell: int = Field(default=128, ge=8, description="min side in px of each overlay panel")
-    chunk: int = Field(default=256, ge=1, description="most model inputs per forward or backward")
+    chunk: int | None = Field(default=None, ge=1, description="most model inputs per forward or backward; "
+                                                             "default 256 on a GPU, 64 on a CPU (fewer for "
+                                                             "large images)")
     # Fields that add to the rows but do not change the map, and their values that leave them
     # out: entries that recompute maps (sanity checks, segmentation) pay only for the map.
     map_only: ClassVar[dict[str, Any]] = {}
@@ -290,6 +292,12 @@ class AttributionAnalysis(MapAnalysis):
             fields += [(f"{name}_key", pa.string()) for name in self.panels()]
         return {"": pa.schema(fields)}
 
+    def chunk(self, x: torch.Tensor) -> int:
+        """Model inputs per forward for inputs like ``x`` (:func:`jobs.core.kernels.chunk_size`)."""
+        from jobs.core.kernels import chunk_size
+
+        return chunk_size(self.params.chunk, x)
+
     def attribute(self, batch: MapBatch, x: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor) -> Attribution:
         """Maps for inputs ``x`` (M, C, H, W), classes ``targets`` (M,); ``rows`` are their
         places in ``batch`` (for per-image seeds and activations)."""
@@ -351,7 +359,7 @@ class AttributionAnalysis(MapAnalysis):
             cols["deletion_auc"] = np.full(m, np.nan, np.float32)
             cols["insertion_auc"] = np.full(m, np.nan, np.float32)
         elif p.metrics:
-            curves = deletion_insertion(model, x, heat.to(device), t, steps=p.steps, chunk=p.chunk)
+            curves = deletion_insertion(model, x, heat.to(device), t, steps=p.steps, chunk=self.chunk(x))
             cols["deletion_auc"] = curves["deletion_auc"].numpy()
             cols["insertion_auc"] = curves["insertion_auc"].numpy()
         if boxes is not None:

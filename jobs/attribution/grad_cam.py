@@ -47,5 +47,5 @@ class GradCam(AttributionAnalysis):
     params: GradCamParams
 
     def attribute(self, batch: MapBatch, x: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor) -> Attribution:
-        maps = grad_cam_maps(batch.model, x, targets, self.params.layer, self.params.chunk)
+        maps = grad_cam_maps(batch.model, x, targets, self.params.layer, self.chunk(x))
         return Attribution(columns={"map": maps}, heat=maps)

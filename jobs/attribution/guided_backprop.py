@@ -57,8 +57,8 @@ class RuleAttribution(AttributionAnalysis):
         p = self.params
         neuron = neuron_target(p)
         if neuron is not None:
-            return neuron_attribution(batch, x, rows, neuron, self.rule, p.signed, p.chunk)
-        return Attribution.pixels(rule_gradients(batch.model, x, targets, self.rule, p.signed, p.chunk), p.signed)
+            return neuron_attribution(batch, x, rows, neuron, self.rule, p.signed, self.chunk(x))
+        return Attribution.pixels(rule_gradients(batch.model, x, targets, self.rule, p.signed, self.chunk(x)), p.signed)
 
 
 @register

@@ -40,7 +40,7 @@ class GuidedGradCam(AttributionAnalysis):
         from jobs.core.kernels import upsample
 
         p = self.params
-        cams = upsample(grad_cam_maps(batch.model, x, targets, p.layer, p.chunk), (x.shape[-2], x.shape[-1]))
-        guided = rule_gradients(batch.model, x, targets, "guided", signed=True, chunk=p.chunk)
+        cams = upsample(grad_cam_maps(batch.model, x, targets, p.layer, self.chunk(x)), (x.shape[-2], x.shape[-1]))
+        guided = rule_gradients(batch.model, x, targets, "guided", signed=True, chunk=self.chunk(x))
         maps = reduce_channels(guided * cams.unsqueeze(1).to(guided.device), p.signed)
         return Attribution.pixels(maps, p.signed)

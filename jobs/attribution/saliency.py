@@ -91,14 +91,14 @@ class Saliency(AttributionAnalysis):
         p = self.params
         neuron = neuron_target(p)
         if neuron is not None:
-            return neuron_attribution(batch, x, rows, neuron, None, p.signed, p.chunk, p.smoothgrad)
+            return neuron_attribution(batch, x, rows, neuron, None, p.signed, self.chunk(x), p.smoothgrad)
         if p.smoothgrad is None:
             maps = torch.cat([reduce_channels(input_gradients(batch.model, x[sl], targets[sl]), p.signed)
-                              for sl in in_chunks(len(x), p.chunk)])
+                              for sl in in_chunks(len(x), self.chunk(x))])
         else:
             sg = p.smoothgrad
             seeds = [unit_seed(sg.seed, batch.image_ids[int(r)]) for r in rows]
-            maps = smoothgrad(batch.model, x, targets, seeds, sg.samples, sg.sigma, p.signed, p.chunk)
+            maps = smoothgrad(batch.model, x, targets, seeds, sg.samples, sg.sigma, p.signed, self.chunk(x))
         return Attribution.pixels(maps, p.signed)
 
 

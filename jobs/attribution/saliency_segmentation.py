@@ -145,7 +145,7 @@ class SaliencySegmentation(ReduceAnalysis):
             rows, targets, _ = choose_targets(logits, batch.labels, method.params.target)
             ids = [batch.image_ids[i] for i in rows.tolist()]
             heat = explain(method, batch.model, batch.images[rows.to(device)], targets.to(device), ids,
-                           method.params.chunk)
+                           method.chunk(batch.images))
             for j, r in enumerate(rows.tolist()):
                 mask, ran = grabcut_mask(batch.pixels[r], heat[j].numpy(), p.foreground, p.background,
                                          p.iterations, p.min_seeds)

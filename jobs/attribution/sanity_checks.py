@@ -340,7 +340,7 @@ class SanityChecks(ReduceAnalysis):
             r, t, _ = choose_targets(logits, batch.labels, method.params.target)
             ids = [batch.image_ids[i] for i in r.tolist()]
             x = batch.images[r.to(device)]
-            heat = explain(method, batch.model, x, t.to(device), ids, method.params.chunk)
+            heat = explain(method, batch.model, x, t.to(device), ids, method.chunk(x))
             chosen.append((method, t, x, ids, batch.labels.cpu()[r].tolist(), heat))
 
         untouched: dict[int, dict[str, np.ndarray]] = {}
@@ -356,7 +356,7 @@ class SanityChecks(ReduceAnalysis):
                         found = untouched[j]
                     else:
                         fresh = type(method)(method.params)
-                        other = explain(fresh, model, x, t.to(device), ids, method.params.chunk)
+                        other = explain(fresh, model, x, t.to(device), ids, method.chunk(x))
                         found = similarity(heat, other, metrics)
                         if step == 0:
                             untouched[j] = found
@@ -366,7 +366,7 @@ class SanityChecks(ReduceAnalysis):
             name = method.params.entry_name
             if "random_logit" in tests and classes > 1:
                 others = other_classes(ids, t, classes, p.seed)
-                other = explain(method, batch.model, x, others.to(device), ids, method.params.chunk)
+                other = explain(method, batch.model, x, others.to(device), ids, method.chunk(x))
                 rows.add(name, "random_logit", None, None, ids, labels, t.tolist(),
                          similarity(heat, other, list(RANDOM_LOGIT_METRICS)))
             wanted = [k for k in ("max_sensitivity", "avg_sensitivity") if k in tests]
@@ -377,7 +377,7 @@ class SanityChecks(ReduceAnalysis):
                           method: AttributionAnalysis = method) -> torch.Tensor:
                     # Each noisy copy keeps its image's id (SmoothGrad seeds its noise by it).
                     copies = [ids[i] for i in index.tolist()]
-                    return explain(method, batch.model, inputs, targets, copies, method.params.chunk)
+                    return explain(method, batch.model, inputs, targets, copies, method.chunk(inputs))
 
                 s = p.sensitivity
                 seeds = [unit_seed(p.seed, ["sensitivity", i, c]) for i, c in zip(ids, t.tolist())]
@@ -389,7 +389,7 @@ class SanityChecks(ReduceAnalysis):
 
                 seeds = [unit_seed(p.seed, ["road", i, c]) for i, c in zip(ids, t.tolist())]
                 curves = road(batch.model, x, heat.to(device), t.to(device), p.road.percentages,
-                              noise=p.road.noise, seeds=seeds, chunk=method.params.chunk)
+                              noise=p.road.noise, seeds=seeds, chunk=method.chunk(x))
                 for j, pct in enumerate(p.road.percentages):
                     rows.add(name, "road", int(round(pct)), None, ids, labels, t.tolist(),
                              {"morf": curves["morf_curve"][:, j].numpy(), "lerf": curves["lerf_curve"][:, j].numpy()})

@@ -198,6 +198,30 @@ def worth_logging(w: warnings.WarningMessage) -> bool:
     return not issubclass(w.category, (ImportWarning, DeprecationWarning, PendingDeprecationWarning, FutureWarning))
 
 
+# Model inputs per forward when an entry leaves ``chunk`` unset: on a GPU, many (it is fed
+# better); on a CPU, the caches set the pace, not the memory: the demo CNN's deletion curves
+# run ~2.7x faster 64 images at a time than 256, and the CIFAR ResNet-20 ~2x.
+GPU_CHUNK = 256
+CPU_CHUNK = 64
+# ... fewer for large inputs: a CPU chunk holds at most this many input values (at least 8 images).
+CPU_CHUNK_VALUES = 2**20
+
+
+def chunk_size(chunk: int | None, x: torch.Tensor) -> int:
+    """Model inputs per forward for inputs like ``x`` (N, C, H, W): ``chunk`` when set, else
+    ``GPU_CHUNK`` on a GPU and on a CPU ``CPU_CHUNK``, fewer for large images.
+
+    >>> chunk_size(None, torch.zeros(1, 3, 64, 64)), chunk_size(None, torch.zeros(1, 3, 224, 224))
+    (64, 8)
+    """
+    if chunk is not None:
+        return chunk
+    if x.device.type != "cpu":
+        return GPU_CHUNK
+    per_image = max(1, x[0].numel()) if len(x) else 1
+    return max(8, min(CPU_CHUNK, CPU_CHUNK_VALUES // per_image))
+
+
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Gaussian blur of a batch (N, C, H, W) with standard deviation ``sigma`` pixels.
 

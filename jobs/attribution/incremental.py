@@ -340,7 +340,7 @@ def incremental_plan(model: nn.Module, input_shape: tuple[int, ...]) -> Plan:
         elif step.kind == "other" and partial:
             raise Unsupported(f"node {node.name!r} ({node.op} {getattr(node.target, '__name__', node.target)}) "
                               "reads a partly changed map and is not supported")
-        elif step.kind in ("window", "pointwise", "binary", "input") and step.kind != "input":
+        elif step.kind in ("window", "pointwise", "binary"):
             if partial and (step.shape is None or len(step.shape) != 3):
                 raise Unsupported(f"node {node.name!r} is not a (N, C, H, W) map")
         if step.kind == "binary" and len(partial) == 2:
@@ -370,13 +370,12 @@ def cached_plan(model: nn.Module, input_shape: tuple[int, ...]) -> Plan | str:
     return plan
 
 
-def plan_hooked(plan: Plan, model: nn.Module) -> bool:
-    """Whether forward hooks are registered (on ``model``, a layer or globally): the incremental
-    path calls no module the way a forward does, so hooks would be skipped; the caller runs in full."""
+def has_hooks(model: nn.Module) -> bool:
+    """Whether forward hooks are registered (on ``model``, a layer of it or globally): the
+    incremental path calls no module the way a forward does, so the caller runs in full."""
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks
-               for m in [model, *(m for m in plan.gm.modules() if m is not plan.gm)])
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 # ----------------------------------------------------------------------------- geometry of the regions
@@ -389,8 +388,8 @@ class _Region:
     size: tuple[int, int]  # the map (H, W)
     lo: tuple[torch.Tensor, torch.Tensor]  # (P,) each
     hi: tuple[torch.Tensor, torch.Tensor]
-    box: tuple[int, int] = (0, 0)  # run size (h, w): the largest exact box
-    origin: tuple[torch.Tensor, torch.Tensor] | None = None  # run origin per position, inside the map
+    box: tuple[int, int] = field(init=False)  # run size (h, w): the largest exact box
+    origin: tuple[torch.Tensor, torch.Tensor] = field(init=False)  # run origin per position, inside the map
 
     def __post_init__(self) -> None:
         # Empty boxes (a strided layer can skip every changed input) become empty at lo; the run
@@ -427,6 +426,7 @@ class _Geometry:
     regions: dict[fx.Node, _Region]  # nodes computed as a (partial) region
     gathers: dict[tuple[fx.Node, int], _Gather]  # (consumer, which input) -> window gather
     full: set[fx.Node]  # nodes computed in full on the copies
+    binary: dict[fx.Node, list[fx.Node]] = field(default_factory=dict)  # a + b from regions: [a, b]
 
 
 def _make_gather(source: fx.Node, region: _Region, start: tuple[torch.Tensor, torch.Tensor],
@@ -438,8 +438,8 @@ def _make_gather(source: fx.Node, region: _Region, start: tuple[torch.Tensor, to
     ys = start[0][:, None] + torch.arange(ly)[None]  # (P, L)
     xs = start[1][:, None] + torch.arange(lx)[None]
     cells = ((ys + py)[:, :, None] * wp + (xs + px)[:, None, :]).reshape(len(ys), -1)
-    ry = ys - region.origin[0][:, None]  # type: ignore[index]
-    rx = xs - region.origin[1][:, None]  # type: ignore[index]
+    ry = ys - region.origin[0][:, None]
+    rx = xs - region.origin[1][:, None]
     iny = (ry >= 0) & (ry < region.box[0])
     inx = (rx >= 0) & (rx < region.box[1])
     inside = (iny[:, :, None] & inx[:, None, :]).reshape(len(ys), -1)
@@ -462,6 +462,7 @@ def _geometry(plan: Plan, window: int, stride: int, device: torch.device) -> _Ge
     regions: dict[fx.Node, _Region] = {}
     gathers: dict[tuple[fx.Node, int], _Gather] = {}
     full: set[fx.Node] = set()
+    binary: dict[fx.Node, list[fx.Node]] = {}
     for node, step in plan.steps.items():
         if step.kind in ("static", "output"):
             continue
@@ -481,41 +482,43 @@ def _geometry(plan: Plan, window: int, stride: int, device: torch.device) -> _Ge
             if len(partial) == 1:  # the other is already whole on the copies
                 full.add(node)
                 continue
-            a, b = regions[partial[0]], regions[partial[1]]
-            reg = _Region(a.size, (torch.minimum(a.lo[0], b.lo[0]), torch.minimum(a.lo[1], b.lo[1])),
-                          (torch.maximum(a.hi[0], b.hi[0]), torch.maximum(a.hi[1], b.hi[1])))
+            ra, rb = regions[partial[0]], regions[partial[1]]
+            reg = _Region(ra.size, (torch.minimum(ra.lo[0], rb.lo[0]), torch.minimum(ra.lo[1], rb.lo[1])),
+                          (torch.maximum(ra.hi[0], rb.hi[0]), torch.maximum(ra.hi[1], rb.hi[1])))
         else:
             assert step.window is not None and step.shape is not None
             src, win = regions[partial[0]], step.window
             los, his = [], []
             for ax in range(2):
                 k, s, p, d = win.kernel[ax], win.stride[ax], win.padding[ax], win.dilation[ax]
-                a, b = src.lo[ax], src.hi[ax]
-                # Output o reads inputs o*s - p + j*d, j < k: it changes when that span meets [a, b).
-                lo = -torch.div(-(a + p - d * (k - 1)), s, rounding_mode="floor")
-                hi = torch.div(b - 1 + p, s, rounding_mode="floor") + 1
-                los.append(torch.where(b > a, lo, torch.zeros_like(lo)))
-                his.append(torch.where(b > a, hi, torch.zeros_like(hi)))
+                first, end = src.lo[ax], src.hi[ax]
+                # Output o reads inputs o*s - p + j*d, j < k: it changes when that span meets [first, end).
+                lo = -torch.div(-(first + p - d * (k - 1)), s, rounding_mode="floor")
+                hi = torch.div(end - 1 + p, s, rounding_mode="floor") + 1
+                los.append(torch.where(end > first, lo, torch.zeros_like(lo)))
+                his.append(torch.where(end > first, hi, torch.zeros_like(hi)))
             reg = _Region((step.shape[1], step.shape[2]), (los[0], los[1]), (his[0], his[1]))
         if step.kind == "binary":
-            for i, a in enumerate(partial):
-                gathers[(node, i)] = _make_gather(a, regions[a], reg.origin, reg.box, (0, 0), 0.0,  # type: ignore[arg-type]
-                                                  device)
+            binary[node] = partial
+            for i, inp in enumerate(partial):
+                same = regions[inp].box == reg.box and all(torch.equal(regions[inp].origin[ax], reg.origin[ax])
+                                                           for ax in range(2))
+                if not same:  # a branch whose box is the sum's box is used as it is
+                    gathers[(node, i)] = _make_gather(inp, regions[inp], reg.origin, reg.box, (0, 0), 0.0, device)
         elif step.kind == "window":
             assert step.window is not None
             win = step.window
             src = regions[partial[0]]
             shape = ((reg.box[0] - 1) * win.stride[0] + win.dilation[0] * (win.kernel[0] - 1) + 1,
                      (reg.box[1] - 1) * win.stride[1] + win.dilation[1] * (win.kernel[1] - 1) + 1)
-            start = (reg.origin[0] * win.stride[0] - win.padding[0],  # type: ignore[index]
-                     reg.origin[1] * win.stride[1] - win.padding[1])  # type: ignore[index]
+            start = (reg.origin[0] * win.stride[0] - win.padding[0], reg.origin[1] * win.stride[1] - win.padding[1])
             pad = (max(0, win.padding[0]), max(0, win.padding[1]))
             gathers[(node, 0)] = _make_gather(partial[0], src, start, shape, pad, win.pad_value, device,
                                               with_mask=win.count is not None)
         # Window and binary nodes whose region is the whole map are computed from their gathered
         # windows and are whole from here on; partial ones stay regions.
         (full.add(node) if reg.full else regions.__setitem__(node, reg))
-    return _Geometry(regions, gathers, full)
+    return _Geometry(regions, gathers, full, binary)
 
 
 # ----------------------------------------------------------------------------- running the copies
@@ -570,7 +573,7 @@ class IncrementalRunner:
         device = x.device
         # Whole-map gathers for regions read by layers that run in full, and the feature's clean box.
         for node in [*geo.full, *(n for n in plan.steps if plan.steps[n].kind == "output")]:
-            if (node, 0) in geo.gathers:
+            if (node, 0) in geo.gathers or node in geo.binary:
                 continue
             for a in node.all_input_nodes:
                 if a in geo.regions and (a, _MATERIALIZE) not in geo.gathers:
@@ -579,11 +582,11 @@ class IncrementalRunner:
                     geo.gathers[(a, _MATERIALIZE)] = _make_gather(a, reg, (zero, zero), reg.size, (0, 0), 0.0, device)
         if self.feature in geo.regions and (self.feature, _CLEAN_BOX) not in geo.gathers:
             reg = geo.regions[self.feature]
-            geo.gathers[(self.feature, _CLEAN_BOX)] = _make_gather(self.feature, reg, reg.origin, reg.box,  # type: ignore[arg-type]
+            geo.gathers[(self.feature, _CLEAN_BOX)] = _make_gather(self.feature, reg, reg.origin, reg.box,
                                                                    (0, 0), 0.0, device)
         if self.input in geo.regions and (self.input, _FILL) not in geo.gathers:
             reg = geo.regions[self.input]
-            geo.gathers[(self.input, _FILL)] = _make_gather(self.input, reg, reg.origin, reg.box,  # type: ignore[arg-type]
+            geo.gathers[(self.input, _FILL)] = _make_gather(self.input, reg, reg.origin, reg.box,
                                                             (0, 0), 0.0, device)
         self.needed = {(g.source, g.pad, g.pad_value) for k, g in geo.gathers.items() if k[1] != _FILL}
         self.source = source
@@ -701,10 +704,10 @@ class IncrementalRunner:
                 if mask is not None:  # average over the real cells only (count_include_pad=False)
                     out = out / win.op(mask[pos].to(out.dtype))
                 env[node] = out
-            elif kind == "binary" and (node, 0) in geo.gathers:
-                a, b = (geo.gathers[(node, i)].source for i in (0, 1))
-                env[node] = step.fn(self._gather((node, 0), local, pos, env[a]),  # type: ignore[misc]
-                                    self._gather((node, 1), local, pos, env[b]))
+            elif kind == "binary" and node in geo.binary:
+                a, b = (self._gather((node, i), local, pos, env[inp]) if (node, i) in geo.gathers else env[inp]
+                        for i, inp in enumerate(geo.binary[node]))
+                env[node] = step.fn(a, b)  # type: ignore[misc]
             elif kind == "pointwise" and node in geo.regions:
                 env[node] = step.fn(env[self._dep_input(node)])  # type: ignore[misc]
             else:

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from jobs.attribution.base import Attribution, AttributionAnalysis, AttributionParams
-from jobs.attribution.incremental import IncrementalRunner, Plan, Unsupported, cached_plan, plan_hooked
+from jobs.attribution.incremental import IncrementalRunner, Plan, Unsupported, cached_plan, has_hooks
 from jobs.core.base import FLOATS, MapBatch, register
 from jobs.core.hooks import Hook, forward_hooks
 from jobs.core.kernels import gaussian_blur
@@ -200,10 +200,10 @@ def occlusion_sweep(model: nn.Module, x: torch.Tensor, targets: torch.Tensor | S
             for s in range(0, total, chunk):
                 flat = torch.arange(s, min(s + chunk, total), device=x.device)
                 if runner is not None:
-                    out, totals = runner.logits(flat)
-                    logits = out.float()
-                    if totals is not None:
-                        feats.append(totals if feature is None or feature[1] is None else totals[:, feature[1]])
+                    copies, unit = runner.logits(flat)
+                    logits = copies.float()
+                    if unit is not None:
+                        feats.append(unit if feature is None or feature[1] is None else unit[:, feature[1]])
                 else:
                     logits = model(occluded_batch(x, source, flat, nx, window, stride)).float()
                 if strongest is not None:  # each copy keeps its own image's strongest channel only
@@ -234,8 +234,10 @@ def _incremental_runner(model: nn.Module, x: torch.Tensor, source: torch.Tensor,
 
     The plan is traced once per model and image shape (:func:`jobs.attribution.incremental.cached_plan`).
     """
+    if has_hooks(model):
+        return None
     plan = cached_plan(model, tuple(x.shape[1:]))
-    if not isinstance(plan, Plan) or plan_hooked(plan, model):
+    if not isinstance(plan, Plan):
         return None
     try:
         return IncrementalRunner(plan, x, source, window, stride, None if feature is None else feature[0], chunk)

@@ -239,3 +239,14 @@ def test_manifest_switch():
     assert OcclusionParams().incremental is True
     assert OcclusionParams(incremental=False).incremental is False
     assert "Nakandala" in (OcclusionParams.model_fields["incremental"].description or "")
+
+
+def test_feature_of_a_block_falls_back():
+    # "layer1.0" is traced through (not one node): the feature is taken from the plain sweep.
+    from pipeline.zoo import CifarResNet
+
+    torch.manual_seed(7)
+    model = _calibrate(CifarResNet(20))
+    x = images(1, 32, seed=9)
+    got, ref = both(model, x, torch.tensor([3]), 16, 16, feature=("layer1.0", None))
+    assert_close(got, ref)

@@ -109,7 +109,7 @@ class Plan:
     input_shape: tuple[int, ...]
     steps: dict[fx.Node, _Step]
     modules: dict[str, int]  # name -> id(module) when traced: a swapped module invalidates the plan
-    geometry: dict[tuple[int, int], _Geometry] = field(default_factory=dict)
+    geometry: dict[tuple[int, int, str], _Geometry] = field(default_factory=dict)  # (window, stride, device)
 
     def node_of(self, layer: str) -> fx.Node | None:
         """The one node that calls module ``layer`` (None when it is not a leaf called once)."""
@@ -215,9 +215,8 @@ def _pointwise_module(mod: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] 
     return None
 
 
-def _classify(gm: fx.GraphModule, node: fx.Node, dep: dict[fx.Node, bool]) -> _Step:
+def _classify(modules: dict[str, nn.Module], node: fx.Node, dep: dict[fx.Node, bool]) -> _Step:
     """The :class:`_Step` of ``node`` (kind ``other`` for anything not recognised)."""
-    modules = dict(gm.named_modules())
     args, kwargs = node.args, dict(node.kwargs)
     tensors = [a for a in node.all_input_nodes if dep[a]]
     if node.op == "placeholder":
@@ -326,9 +325,10 @@ def incremental_plan(model: nn.Module, input_shape: tuple[int, ...]) -> Plan:
     dep: dict[fx.Node, bool] = {}
     whole: dict[fx.Node, bool] = {}  # surely full on the copies (after a global layer)
     steps: dict[fx.Node, _Step] = {}
+    modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
         dep[node] = node.op == "placeholder" or any(dep[a] for a in node.all_input_nodes)
-        step = _classify(gm, node, dep)
+        step = _classify(modules, node, dep)
         meta = node.meta.get("tensor_meta")
         if meta is not None and hasattr(meta, "shape"):
             step.shape = tuple(meta.shape)[1:]
@@ -560,7 +560,7 @@ class IncrementalRunner:
         h, w = x.shape[-2:]
         self.nx = (w - window) // stride + 1
         self.positions = ((h - window) // stride + 1) * self.nx
-        key = (window, stride)
+        key = (window, stride, str(x.device))
         if key not in plan.geometry:
             plan.geometry[key] = _geometry(plan, window, stride, x.device)
         self.geo = geo = plan.geometry[key]

@@ -5,7 +5,10 @@ Sec. 4.2 and Fig. 7. For each position of a ``window`` x ``window`` square moved
 ``stride``: the target's probability (``prob_map``), the most probable class
 (``label_map``) and, with ``feature``, the total activation of one unit (``feature_map``).
 All positions of all images of a batch run as one stream of forwards of at most ``chunk``
-inputs: never one forward per position, and memory bounded whatever the image count.
+inputs: never one forward per position, and memory bounded whatever the image count. Models
+built from convolutions, pooling, BatchNorm, elementwise activations and residual sums run
+incrementally (:mod:`jobs.attribution.incremental`, Nakandala et al., SIGMOD 2019): each copy
+recomputes only what its square changes, with the same maps; ``incremental: false`` turns it off.
 
 Example manifest entry::
 
@@ -14,6 +17,7 @@ Example manifest entry::
       stride: 4
       fill: zero          # zero (model input 0: the normalisation mean colour) | mean | blur
       feature: {layer: layer3, channel: 7}   # or channel: strongest (per image, Z&F Fig. 7 b-c)
+      incremental: true   # recompute only the changed region of each layer (same maps)
 
 With ``channel: strongest`` each image's channel is the one of ``layer`` with the largest total
 activation on the clean image (``feature_channel``), and ``feature_projection`` (3, H, W,

@@ -593,7 +593,8 @@ class IncrementalRunner:
         self.fill_flat: torch.Tensor | None = None
         if source.shape[-2:] != (1, 1):  # a per-pixel fill (blur): its square is gathered too
             self.fill_flat = source.expand_as(x).permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-        self.group = min(x.shape[0], max(1, math.ceil(chunk / self.positions) + 1))
+        # The most images ``chunk`` consecutive copies can span: their clean maps are kept together.
+        self.group = min(x.shape[0], math.ceil((chunk - 1) / self.positions) + 1)
         self.lo, self.hi = 0, 0
         self.clean: dict[tuple[fx.Node, tuple[int, int], float], torch.Tensor] = {}
         self.clean_totals: torch.Tensor | None = None

@@ -250,3 +250,23 @@ def test_feature_of_a_block_falls_back():
     x = images(1, 32, seed=9)
     got, ref = both(model, x, torch.tensor([3]), 16, 16, feature=("layer1.0", None))
     assert_close(got, ref)
+
+
+def test_functional_pooling():
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 5, 3, padding=1)
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = F.max_pool2d(torch.relu(self.conv(x)), 3, 2, 1)
+            x = F.avg_pool2d(x, 2, stride=1, padding=1, count_include_pad=False)
+            return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+    torch.manual_seed(8)
+    model = Functional().eval()
+    x = images(2, 15, seed=10)
+    got, ref = both(model, x, torch.tensor([0, 2]), 5, 2, chunk=11)
+    assert used_incremental(model, (3, 15, 15))
+    assert_close(got, ref)

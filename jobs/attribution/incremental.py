@@ -18,7 +18,7 @@ carry the zeros (convolution, average pooling) or -inf (max pooling) the layer w
 
 Supported before the full point (:func:`incremental_plan` returns None otherwise and the caller
 falls back to the batched sweep): ``Conv2d`` (zeros padding; any kernel, stride, numeric padding,
-dilation, groups), ``MaxPool2d``/``AvgPool2d`` (no ceil mode), eval ``BatchNorm2d`` with running
+dilation, groups), ``MaxPool2d``/``AvgPool2d`` and their functions (no ceil mode), eval ``BatchNorm2d`` with running
 statistics, elementwise activations (modules and functions), ``Identity``/``Dropout``, channel
 slicing and strided spatial slicing, channel-only ``F.pad``, scalar arithmetic and the residual
 ``+``/``-`` of two such tensors (region: the bounding box of both).
@@ -66,6 +66,11 @@ _BINARY_METHODS: dict[str, Callable[[Any, Any], Any]] = {"add": operator.add, "a
 _SCALAR_METHODS: dict[str, Callable[[Any, Any], Any]] = {**_BINARY_METHODS, "mul": operator.mul,
                                                           "mul_": operator.mul, "div": operator.truediv,
                                                           "div_": operator.truediv}
+_POOL_FUNCTIONS: dict[Any, tuple[type[nn.Module], tuple[str, ...]]] = {
+    F.max_pool2d: (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")),
+    F.avg_pool2d: (nn.AvgPool2d, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                                  "divisor_override")),
+}
 # Layers that read the whole spatial map: their input is made whole first, then all runs in full.
 _GLOBAL_MODULES: tuple[type[nn.Module], ...] = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Linear)
 _GLOBAL_FUNCTIONS: set[Any] = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.flatten, torch.mean,
@@ -249,6 +254,15 @@ def _classify(modules: dict[str, nn.Module], node: fx.Node, dep: dict[fx.Node, b
                 return _Step("other")
             # Without ``inplace``: in place on a region would overwrite its source; same maths.
             return _Step("pointwise", fn=lambda t, f=fn, r=rest, k=kw: f(t, *r, **k))
+        if fn in _POOL_FUNCTIONS and one and not any(isinstance(v, fx.Node) for v in [*args[1:], *kwargs.values()]):
+            # F.max_pool2d / F.avg_pool2d: the same maths as the module with those arguments.
+            cls, names = _POOL_FUNCTIONS[fn]
+            bound = dict(zip(names, args[1:]), **kwargs)
+            try:
+                win = _window_step(cls(**bound))
+            except TypeError:
+                return _Step("other")
+            return _Step("window", window=win) if win is not None else _Step("other")
         if fn is operator.getitem and one:
             return _slice_step(node) or _Step("other")
         if fn is F.pad and one:

@@ -31,8 +31,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from jobs.attribution.incremental import Plan, cached_plan  # noqa: E402
-from jobs.attribution.occlusion import occlusion_sweep  # noqa: E402
+from jobs.attribution import incremental  # noqa: E402
+from jobs.attribution.incremental import IncrementalRunner, Plan, cached_plan  # noqa: E402
+from jobs.attribution.occlusion import fill_source, occlusion_sweep  # noqa: E402
 from jobs.core.kernels import gaussian_blur  # noqa: E402
 
 MEAN = (0.485, 0.456, 0.406)
@@ -170,7 +171,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--repeat", type=int, default=1, help="timed runs of the sweep and the incremental path")
     p.add_argument("--skip-loop", action="store_true", help="no plain loop (slow on big grids)")
+    p.add_argument("--force-incremental", action="store_true",
+                   help="run incrementally even when the regions save little work (incremental.WORTH_IT)")
     args = p.parse_args(argv)
+    if args.force_incremental:
+        incremental.WORTH_IT = 1.0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
@@ -204,6 +209,11 @@ def main(argv: list[str] | None = None) -> dict:
     if ref is None:
         ref = got
     plan = cached_plan(model, tuple(x.shape[1:]))
+    work = None
+    if isinstance(plan, Plan):
+        work = IncrementalRunner(plan, x[:1], fill_source(x[:1], args.fill, args.window), args.window, args.stride,
+                                 None, args.chunk).geo.work
+    ran = isinstance(plan, Plan) and work is not None and work <= incremental.WORTH_IT
 
     ny, nx = got["prob_map"].shape[1:]
     result = {
@@ -220,8 +230,10 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio": loop_s / sweep_s,
         "max_abs_prob_diff": float((got["prob_map"] - ref["prob_map"]).abs().max()),
         "label_agreement": float((got["label_map"] == ref["label_map"]).float().mean()),
-        "incremental": isinstance(plan, Plan),
-        "incremental_why_not": None if isinstance(plan, Plan) else plan,
+        "incremental": ran,
+        "incremental_work_share": work,
+        "incremental_why_not": None if ran else (plan if not isinstance(plan, Plan) else
+                                                 f"work share {work:.2f} > WORTH_IT {incremental.WORTH_IT}"),
         "incremental_seconds": inc_s,
         "incremental_images_per_s": n / inc_s,
         "incremental_vs_sweep": sweep_s / inc_s,
@@ -239,7 +251,11 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_loop:
         print(f"  agree: max |prob diff| = {result['max_abs_prob_diff']:.2e}, "
               f"labels equal at {100 * result['label_agreement']:.2f}% of positions")
-    what = "incremental" if result["incremental"] else f"fell back to the sweep: {plan}"
+    what = "incremental" if ran else "incremental (ran the sweep)"
+    if result["incremental_why_not"]:
+        print(f"  incremental path not taken: {result['incremental_why_not']}")
+    elif work is not None:
+        print(f"  incremental: {100 * work:.0f}% of the sweep's convolution work")
     print(f"  {what:23s} {inc_s:8.2f} s  {result['incremental_images_per_s']:8.2f} images/s  "
           f"({result['incremental_vs_sweep']:.2f}x the batched sweep)")
     print(f"  incremental vs sweep: max |prob diff| = {result['incremental_max_abs_prob_diff']:.2e}, "

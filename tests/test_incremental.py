@@ -14,6 +14,12 @@ from jobs.attribution.incremental import IncrementalRunner, Unsupported, cached_
 from jobs.attribution.occlusion import OcclusionParams, fill_source, occlusion_sweep
 
 
+@pytest.fixture(autouse=True)
+def always_incremental(monkeypatch):
+    """Tiny models save little work; the comparisons here must run the incremental path anyway."""
+    monkeypatch.setattr(incremental, "WORTH_IT", 1.0)
+
+
 def _calibrate(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random but non-trivial BatchNorm statistics; the model in eval mode."""
     g = torch.Generator().manual_seed(seed)
@@ -270,3 +276,26 @@ def test_functional_pooling():
     got, ref = both(model, x, torch.tensor([0, 2]), 5, 2, chunk=11)
     assert used_incremental(model, (3, 15, 15))
     assert_close(got, ref)
+
+
+def test_too_little_saving_runs_the_sweep(monkeypatch):
+    from pipeline.zoo import CifarResNet, DemoCNN
+
+    monkeypatch.setattr(incremental, "WORTH_IT", 0.6)
+    x = images(1, 64)
+    demo = IncrementalRunner(incremental_plan(_calibrate(DemoCNN()), (3, 64, 64)), x, fill_source(x, "zero", 12),
+                             12, 4, None, chunk=64)
+    assert demo.geo.work < 0.35  # ~1/4 of the multiply-adds
+    resnet = _calibrate(CifarResNet(20))
+    x = images(1, 32)
+    runner = IncrementalRunner(incremental_plan(resnet, (3, 32, 32)), x, fill_source(x, "zero", 8), 8, 4, None, 64)
+    assert runner.geo.work > 0.6  # the region fills the 16x16 maps in the second stage
+    calls: list[int] = []
+    got, ref = both(resnet, x, torch.tensor([1]), 8, 4)
+    assert_close(got, ref)
+    handle = resnet.register_forward_pre_hook(lambda m, i: calls.append(i[0].shape[0]))
+    try:
+        occlusion_sweep(resnet, x, torch.tensor([1]), 8, 4, incremental=False)
+    finally:
+        handle.remove()
+    assert calls == [1, 49]

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from jobs.attribution import incremental as incremental_path
 from jobs.attribution.base import Attribution, AttributionAnalysis, AttributionParams
 from jobs.attribution.incremental import IncrementalRunner, Plan, Unsupported, cached_plan, has_hooks
 from jobs.core.base import FLOATS, MapBatch, register
@@ -236,7 +237,9 @@ def _incremental_runner(model: nn.Module, x: torch.Tensor, source: torch.Tensor,
                         feature: tuple[str, int | None] | None, chunk: int) -> IncrementalRunner | None:
     """The incremental runner of ``model`` for these images, or None when the model must run in full.
 
-    The plan is traced once per model and image shape (:func:`jobs.attribution.incremental.cached_plan`).
+    The plan is traced once per model and image shape (:func:`jobs.attribution.incremental.cached_plan`);
+    when the regions save too little convolution work (``jobs.attribution.incremental.WORTH_IT``),
+    the copies run in full.
     """
     if has_hooks(model):
         return None
@@ -244,9 +247,10 @@ def _incremental_runner(model: nn.Module, x: torch.Tensor, source: torch.Tensor,
     if not isinstance(plan, Plan):
         return None
     try:
-        return IncrementalRunner(plan, x, source, window, stride, None if feature is None else feature[0], chunk)
+        runner = IncrementalRunner(plan, x, source, window, stride, None if feature is None else feature[0], chunk)
     except Unsupported:
         return None
+    return runner if runner.geo.work <= incremental_path.WORTH_IT else None
 
 
 def forwards_needed(n: int, positions: int, chunk: int) -> int:

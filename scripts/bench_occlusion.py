@@ -1,18 +1,26 @@
-"""Benchmark: the chunked ``occlusion_sweep`` against a plain one-forward-per-position loop.
+"""Benchmark: the chunked ``occlusion_sweep`` against a plain one-forward-per-position loop,
+and its incremental path (Nakandala et al., SIGMOD 2019) against the batched sweep.
 
-Both run in one process on the same images and model: the trained CIFAR ResNet-20 and the
+All run in one process on the same images and model: the trained CIFAR ResNet-20 and the
 first ``--images`` CIFAR-10 test images (sorted paths) when ``--shared-dir`` holds them,
-else a random-weights ResNet-20 on random images (it says so). Inputs are normalised with
-the ImageNet mean/std the checkpoint was trained with; targets are the predicted classes.
-The two must agree; ``occlusion_loop`` is also the reference ``tests/test_occlusion.py``
-checks the kernel against.
+else a random-weights ResNet-20 on random images (it says so); ``--model demo`` takes the
+demo CNN (random weights, BatchNorm statistics from random images) on random ``--size``
+images. Inputs are normalised with the ImageNet mean/std the checkpoint was trained with;
+targets are the predicted classes. The loop and the batched sweep must agree, and so must
+the incremental and the batched sweep; ``occlusion_loop`` is also the reference
+``tests/test_occlusion.py`` checks the kernel against. The sweep and the incremental path
+alternate ``--repeat`` times and the fastest run of each counts (the ratio is measured in
+the same run, so a busy machine slows both).
 
     python -m scripts.bench_occlusion --shared-dir ../shared --images 50 --window 8 --stride 2
+    python -m scripts.bench_occlusion --images 8 --window 8 --stride 4 --threads 2 --skip-loop
+    python -m scripts.bench_occlusion --model demo --size 64 --images 8 --window 12 --stride 4 --threads 2 --skip-loop
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -23,7 +31,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from jobs.attribution.occlusion import occlusion_sweep  # noqa: E402
+from jobs.attribution import incremental  # noqa: E402
+from jobs.attribution.incremental import IncrementalRunner, Plan, cached_plan  # noqa: E402
+from jobs.attribution.occlusion import fill_source, occlusion_sweep  # noqa: E402
 from jobs.core.kernels import gaussian_blur  # noqa: E402
 
 MEAN = (0.485, 0.456, 0.406)
@@ -107,6 +117,21 @@ def _random_resnet() -> nn.Module:
     return model.eval()
 
 
+def _random_demo(size: int) -> nn.Module:
+    """A random-weights demo CNN with BatchNorm statistics calibrated on random images."""
+    from pipeline.zoo import DemoCNN
+
+    torch.manual_seed(0)
+    model = DemoCNN()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # cumulative average
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(16, 3, size, size, generator=torch.Generator().manual_seed(1)))
+    return model.eval()
+
+
 def load_inputs(shared: Path, images: int, force_random: bool) -> tuple[nn.Module, torch.Tensor, str]:
     """The model, normalised images (N, 3, 32, 32) and a line saying which ones."""
     weights = shared / "models" / "cifar10-resnet20.th"
@@ -141,19 +166,54 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--chunk", type=int, default=256)
     p.add_argument("--fill", choices=["zero", "mean", "blur"], default="zero")
     p.add_argument("--random", action="store_true", help="random-weights model on random images")
+    p.add_argument("--model", choices=["resnet20", "demo"], default="resnet20")
+    p.add_argument("--size", type=int, default=64, help="image side for --model demo")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--repeat", type=int, default=1, help="timed runs of the sweep and the incremental path")
+    p.add_argument("--skip-loop", action="store_true", help="no plain loop (slow on big grids)")
+    p.add_argument("--force-incremental", action="store_true",
+                   help="run incrementally even when the regions save little work (incremental.WORTH_IT)")
     args = p.parse_args(argv)
+    if args.force_incremental:
+        incremental.WORTH_IT = 1.0
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
-    model, x, source = load_inputs(args.shared_dir, args.images, args.random)
+    if args.model == "demo":
+        model = _random_demo(args.size)
+        mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+        raw = torch.rand(args.images, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+        x, source = (raw - mean) / std, f"random-weights demo CNN on random {args.size}x{args.size} images"
+    else:
+        model, x, source = load_inputs(args.shared_dir, args.images, args.random)
     with torch.inference_mode():
         targets = model(x).argmax(dim=1)  # also the warm-up forward
     n, _, h, w = x.shape
 
-    start = time.perf_counter()
-    ref = occlusion_loop(model, x, targets, args.window, args.stride, args.fill)
-    loop_s = time.perf_counter() - start
-    start = time.perf_counter()
-    got = occlusion_sweep(model, x, targets, args.window, args.stride, args.fill, chunk=args.chunk)
-    sweep_s = time.perf_counter() - start
+    ref, loop_s = None, math.nan
+    if not args.skip_loop:
+        start = time.perf_counter()
+        ref = occlusion_loop(model, x, targets, args.window, args.stride, args.fill)
+        loop_s = time.perf_counter() - start
+    # Traces the model and builds the region tables once, as the first batch of a job would.
+    occlusion_sweep(model, x[:1], targets[:1], args.window, args.stride, args.fill, chunk=args.chunk)
+    sweep_s = inc_s = math.inf
+    for _ in range(max(1, args.repeat)):
+        start = time.perf_counter()
+        got = occlusion_sweep(model, x, targets, args.window, args.stride, args.fill, chunk=args.chunk,
+                              incremental=False)
+        sweep_s = min(sweep_s, time.perf_counter() - start)
+        start = time.perf_counter()
+        inc = occlusion_sweep(model, x, targets, args.window, args.stride, args.fill, chunk=args.chunk)
+        inc_s = min(inc_s, time.perf_counter() - start)
+    if ref is None:
+        ref = got
+    plan = cached_plan(model, tuple(x.shape[1:]))
+    work = None
+    if isinstance(plan, Plan):
+        work = IncrementalRunner(plan, x[:1], fill_source(x[:1], args.fill, args.window), args.window, args.stride,
+                                 None, args.chunk).geo.work
+    ran = isinstance(plan, Plan) and work is not None and work <= incremental.WORTH_IT
 
     ny, nx = got["prob_map"].shape[1:]
     result = {
@@ -170,16 +230,36 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio": loop_s / sweep_s,
         "max_abs_prob_diff": float((got["prob_map"] - ref["prob_map"]).abs().max()),
         "label_agreement": float((got["label_map"] == ref["label_map"]).float().mean()),
+        "incremental": ran,
+        "incremental_work_share": work,
+        "incremental_why_not": None if ran else (plan if not isinstance(plan, Plan) else
+                                                 f"work share {work:.2f} > WORTH_IT {incremental.WORTH_IT}"),
+        "incremental_seconds": inc_s,
+        "incremental_images_per_s": n / inc_s,
+        "incremental_vs_sweep": sweep_s / inc_s,
+        "incremental_max_abs_prob_diff": float((inc["prob_map"] - got["prob_map"]).abs().max()),
+        "incremental_label_agreement": float((inc["label_map"] == got["label_map"]).float().mean()),
     }
     print(source)
     print(f"{n} images {h}x{w}, window {args.window}, stride {args.stride}, fill {args.fill}: "
           f"{ny}x{nx} = {ny * nx} positions per image, {n * ny * nx} occluded forwards in all; "
           f"{result['torch_threads']} torch threads")
-    print(f"  plain loop (batch 1)    {loop_s:8.2f} s  {result['loop_images_per_s']:8.2f} images/s")
+    if not args.skip_loop:
+        print(f"  plain loop (batch 1)    {loop_s:8.2f} s  {result['loop_images_per_s']:8.2f} images/s")
     print(f"  occlusion_sweep ({args.chunk:>4})  {sweep_s:8.2f} s  {result['sweep_images_per_s']:8.2f} images/s  "
           f"({result['ratio']:.1f}x the loop)")
-    print(f"  agree: max |prob diff| = {result['max_abs_prob_diff']:.2e}, "
-          f"labels equal at {100 * result['label_agreement']:.2f}% of positions")
+    if not args.skip_loop:
+        print(f"  agree: max |prob diff| = {result['max_abs_prob_diff']:.2e}, "
+              f"labels equal at {100 * result['label_agreement']:.2f}% of positions")
+    what = "incremental" if ran else "incremental (ran the sweep)"
+    if result["incremental_why_not"]:
+        print(f"  incremental path not taken: {result['incremental_why_not']}")
+    elif work is not None:
+        print(f"  incremental: {100 * work:.0f}% of the sweep's convolution work")
+    print(f"  {what:23s} {inc_s:8.2f} s  {result['incremental_images_per_s']:8.2f} images/s  "
+          f"({result['incremental_vs_sweep']:.2f}x the batched sweep)")
+    print(f"  incremental vs sweep: max |prob diff| = {result['incremental_max_abs_prob_diff']:.2e}, "
+          f"labels equal at {100 * result['incremental_label_agreement']:.2f}% of positions")
     return result
 
 

@@ -5,7 +5,10 @@ Sec. 4.2 and Fig. 7. For each position of a ``window`` x ``window`` square moved
 ``stride``: the target's probability (``prob_map``), the most probable class
 (``label_map``) and, with ``feature``, the total activation of one unit (``feature_map``).
 All positions of all images of a batch run as one stream of forwards of at most ``chunk``
-inputs: never one forward per position, and memory bounded whatever the image count.
+inputs: never one forward per position, and memory bounded whatever the image count. Models
+built from convolutions, pooling, BatchNorm, elementwise activations and residual sums run
+incrementally (:mod:`jobs.attribution.incremental`, Nakandala et al., SIGMOD 2019): each copy
+recomputes only what its square changes, with the same maps; ``incremental: false`` turns it off.
 
 Example manifest entry::
 
@@ -14,6 +17,7 @@ Example manifest entry::
       stride: 4
       fill: zero          # zero (model input 0: the normalisation mean colour) | mean | blur
       feature: {layer: layer3, channel: 7}   # or channel: strongest (per image, Z&F Fig. 7 b-c)
+      incremental: true   # recompute only the changed region of each layer (same maps)
 
 With ``channel: strongest`` each image's channel is the one of ``layer`` with the largest total
 activation on the clean image (``feature_channel``), and ``feature_projection`` (3, H, W,
@@ -37,7 +41,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from jobs.attribution import incremental as incremental_path
 from jobs.attribution.base import Attribution, AttributionAnalysis, AttributionParams
+from jobs.attribution.incremental import IncrementalRunner, Plan, Unsupported, cached_plan, has_hooks
 from jobs.core.base import FLOATS, MapBatch, register
 from jobs.core.hooks import Hook, forward_hooks
 from jobs.core.kernels import gaussian_blur
@@ -130,7 +136,8 @@ def _feature_hook(model: nn.Module, feature: tuple[str, int | None], sink: list[
 
 def occlusion_sweep(model: nn.Module, x: torch.Tensor, targets: torch.Tensor | Sequence[int], window: int,
                     stride: int, fill: Fill = "zero", blur_sigma: float | None = None,
-                    feature: tuple[str, int | None] | None = None, chunk: int = 256) -> dict[str, torch.Tensor]:
+                    feature: tuple[str, int | None] | None = None, chunk: int = 256,
+                    incremental: bool = True) -> dict[str, torch.Tensor]:
     """Occlusion maps of a batch: target probability, predicted class and optionally a unit's total.
 
     Zeiler & Fergus (ECCV 2014), Fig. 7: a ``window`` x ``window`` square slides with
@@ -154,6 +161,12 @@ def occlusion_sweep(model: nn.Module, x: torch.Tensor, targets: torch.Tensor | S
     The clean images take ``ceil(N / chunk)`` forwards more. Results do not depend on
     ``chunk`` or on how images are batched (up to float rounding). The model is put in
     eval mode; outputs are on the CPU.
+
+    With ``incremental`` (the default) and a model :mod:`jobs.attribution.incremental` can
+    trace and run (Nakandala et al., SIGMOD 2019), each copy recomputes only the part of each
+    layer the square changes, reading the rest from the clean image's activations; the maps
+    are the same up to float rounding. Other models, and ``incremental=False``, run the copies
+    through the model in full.
     """
     if x.dim() != 4:
         raise ValueError(f"occlusion_sweep expects images (N, C, H, W), got shape {tuple(x.shape)}")
@@ -170,28 +183,38 @@ def occlusion_sweep(model: nn.Module, x: torch.Tensor, targets: torch.Tensor | S
     feats: list[torch.Tensor] = []
     hooks = _feature_hook(model, feature, feats) if feature is not None else {}
     clean, probs, labels = [], [], []
-    with forward_hooks(model, hooks), torch.inference_mode():
-        source = fill_source(x, fill, window, blur_sigma)
-        for s in range(0, n, chunk):
-            logits = model(x[s:s + chunk]).float()
-            if s == 0 and not 0 <= int(targets.min()) <= int(targets.max()) < logits.shape[1]:
-                raise ValueError(f"targets must lie in [0, {logits.shape[1]}), got "
-                                 f"{int(targets.min())}..{int(targets.max())}")
-            clean.append(logits.softmax(dim=1).gather(1, targets[s:s + chunk, None])[:, 0].cpu())
+    with torch.inference_mode():
+        with forward_hooks(model, hooks):
+            source = fill_source(x, fill, window, blur_sigma)
+            for s in range(0, n, chunk):
+                logits = model(x[s:s + chunk]).float()
+                if s == 0 and not 0 <= int(targets.min()) <= int(targets.max()) < logits.shape[1]:
+                    raise ValueError(f"targets must lie in [0, {logits.shape[1]}), got "
+                                     f"{int(targets.min())}..{int(targets.max())}")
+                clean.append(logits.softmax(dim=1).gather(1, targets[s:s + chunk, None])[:, 0].cpu())
         clean_feats, feats[:] = list(feats), []
         strongest = None
         if feature is not None and feature[1] is None:
             totals = torch.cat(clean_feats)
             strongest = totals.argmax(dim=1)
             clean_feats = [totals.gather(1, strongest[:, None])[:, 0]]
+        # Checked with the feature hook removed: the incremental path reports the feature itself.
+        runner = _incremental_runner(model, x, source, window, stride, feature, chunk) if incremental else None
         total = n * ny * nx
-        for s in range(0, total, chunk):
-            flat = torch.arange(s, min(s + chunk, total), device=x.device)
-            logits = model(occluded_batch(x, source, flat, nx, window, stride)).float()
-            if strongest is not None:  # each copy keeps its own image's strongest channel only
-                feats[-1] = feats[-1].gather(1, strongest[flat // (ny * nx), None].to(feats[-1].device))[:, 0]
-            probs.append(logits.softmax(dim=1).gather(1, targets[flat // (ny * nx), None])[:, 0].cpu())
-            labels.append(logits.argmax(dim=1).cpu())
+        with forward_hooks(model, hooks if runner is None else {}):
+            for s in range(0, total, chunk):
+                flat = torch.arange(s, min(s + chunk, total), device=x.device)
+                if runner is not None:
+                    copies, unit = runner.logits(flat)
+                    logits = copies.float()
+                    if unit is not None:
+                        feats.append(unit if feature is None or feature[1] is None else unit[:, feature[1]])
+                else:
+                    logits = model(occluded_batch(x, source, flat, nx, window, stride)).float()
+                if strongest is not None:  # each copy keeps its own image's strongest channel only
+                    feats[-1] = feats[-1].gather(1, strongest[flat // (ny * nx), None].to(feats[-1].device))[:, 0]
+                probs.append(logits.softmax(dim=1).gather(1, targets[flat // (ny * nx), None])[:, 0].cpu())
+                labels.append(logits.argmax(dim=1).cpu())
 
     def joined(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         # Concatenated outside inference mode, so callers get ordinary tensors.
@@ -208,6 +231,26 @@ def occlusion_sweep(model: nn.Module, x: torch.Tensor, targets: torch.Tensor | S
     if strongest is not None:
         out["feature_channel"] = joined([strongest.cpu()], torch.int64)
     return out
+
+
+def _incremental_runner(model: nn.Module, x: torch.Tensor, source: torch.Tensor, window: int, stride: int,
+                        feature: tuple[str, int | None] | None, chunk: int) -> IncrementalRunner | None:
+    """The incremental runner of ``model`` for these images, or None when the model must run in full.
+
+    The plan is traced once per model and image shape (:func:`jobs.attribution.incremental.cached_plan`);
+    when the regions save too little convolution work (``jobs.attribution.incremental.WORTH_IT``),
+    the copies run in full.
+    """
+    if has_hooks(model):
+        return None
+    plan = cached_plan(model, tuple(x.shape[1:]))
+    if not isinstance(plan, Plan):
+        return None
+    try:
+        runner = IncrementalRunner(plan, x, source, window, stride, None if feature is None else feature[0], chunk)
+    except Unsupported:
+        return None
+    return runner if runner.geo.work <= incremental_path.WORTH_IT else None
 
 
 def forwards_needed(n: int, positions: int, chunk: int) -> int:
@@ -233,6 +276,11 @@ class OcclusionParams(AttributionParams):
     fill: Literal["mean", "zero", "blur"] = "zero"
     blur_sigma: float | None = Field(default=None, gt=0, description="with fill 'blur'; default window / 2")
     feature: OcclusionFeature | None = None
+    incremental: bool = Field(
+        default=True,
+        description="recompute only the part of each layer the square changes, reading the rest from the clean "
+                    "image's activations (Nakandala et al., SIGMOD 2019; same maps up to float rounding); models "
+                    "with layers it cannot run this way, and false, run every occluded copy in full")
     map_only: ClassVar[dict[str, Any]] = {"feature": None}  # the unit's maps are extra columns
 
 
@@ -276,7 +324,8 @@ class Occlusion(AttributionAnalysis):
         f = p.feature
         feature = None if f is None else (f.layer, None if f.channel == "strongest" else int(f.channel))
         sweep = occlusion_sweep(batch.model, x, targets, window=p.window, stride=p.stride, fill=p.fill,
-                                blur_sigma=p.blur_sigma, feature=feature, chunk=p.chunk)
+                                blur_sigma=p.blur_sigma, feature=feature, chunk=self.chunk(x),
+                                incremental=p.incremental)
         columns = {"prob_map": sweep["prob_map"], "label_map": sweep["label_map"]}
         if feature is not None:
             columns["feature_map"] = sweep["feature_map"]
@@ -286,7 +335,7 @@ class Occlusion(AttributionAnalysis):
         if feature is not None and feature[1] is None:
             result.columns["feature_channel"] = sweep["feature_channel"]
             result.columns["feature_projection"] = strongest_projection(batch.model, x, feature[0],
-                                                                        sweep["feature_channel"], p.chunk)
+                                                                        sweep["feature_channel"], self.chunk(x))
             if p.render:
                 result.extra["panels"] = {"projection": [projection_picture(g, p.cell) for g in
                                                          result.columns["feature_projection"]]}

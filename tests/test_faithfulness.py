@@ -255,3 +255,18 @@ def test_default_chunk_follows_the_device_and_the_image_size():
     assert chunk_size(None, torch.zeros(2, 3, 160, 160)) == 13
     assert chunk_size(None, torch.zeros(2, 3, 64, 64, device="meta")) == GPU_CHUNK == 256  # not a CPU
     assert chunk_size(5, torch.zeros(2, 3, 64, 64)) == 5
+
+
+@pytest.mark.parametrize(("shape", "sigma"), [((4, 3, 64, 64), 8.0), ((2, 3, 17, 30), 2.5), ((1, 1, 5, 5), 3.0),
+                                              ((1, 3, 1, 9), 1.0), ((2, 2, 40, 12), 0.5)])
+def test_separable_blur_equals_torchvision(shape, sigma):
+    from torchvision.transforms.v2.functional import gaussian_blur as reference
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    h, w = shape[-2:]
+
+    def size(limit: int) -> int:  # +-3 sigma, odd, at most the image
+        return max(1, min(2 * math.ceil(3 * sigma) + 1, limit if limit % 2 else limit - 1))
+
+    want = reference(x, kernel_size=[size(w), size(h)], sigma=[sigma, sigma])
+    torch.testing.assert_close(gaussian_blur(x, sigma), want, atol=2e-6, rtol=0)

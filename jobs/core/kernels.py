@@ -226,22 +226,28 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Gaussian blur of a batch (N, C, H, W) with standard deviation ``sigma`` pixels.
 
     The kernel spans about +-3 sigma (odd, at most the image size); borders reflect.
-    ``sigma`` <= 0 returns ``x`` unchanged.
+    ``sigma`` <= 0 returns ``x`` unchanged. The same as torchvision's ``gaussian_blur`` up to
+    float rounding, but as two 1-D passes over the once-padded image: 2k rather than k^2
+    multiplications a pixel (a 49 px kernel, sigma 8 on the demo's 64 px images: ~20x faster).
 
     >>> gaussian_blur(torch.ones(1, 3, 8, 8), 2.0).allclose(torch.ones(1, 3, 8, 8))
     True
     """
-    from torchvision.transforms.v2.functional import gaussian_blur as tv_blur
-
     if sigma <= 0:
         return x
-    h, w = x.shape[-2:]
+    n, c, h, w = x.shape
 
-    def size(limit: int) -> int:
-        k = 2 * int(np.ceil(3 * sigma)) + 1
-        return max(1, min(k, limit if limit % 2 else limit - 1))
+    def kernel(limit: int) -> torch.Tensor:
+        k = max(1, min(2 * int(np.ceil(3 * sigma)) + 1, limit if limit % 2 else limit - 1))
+        t = torch.linspace(-(k // 2), k // 2, steps=k, dtype=torch.float32, device=x.device)
+        pdf = torch.exp(-0.5 * (t / float(sigma)) ** 2)
+        return (pdf / pdf.sum()).to(x.dtype)
 
-    return tv_blur(x, kernel_size=[size(w), size(h)], sigma=[float(sigma), float(sigma)])
+    kx, ky = kernel(w), kernel(h)
+    padded = F.pad(x.reshape(n * c, 1, h, w), [len(kx) // 2, len(kx) // 2, len(ky) // 2, len(ky) // 2],
+                   mode="reflect")
+    rows = F.conv2d(padded, kx.view(1, 1, 1, -1))
+    return F.conv2d(rows, ky.view(1, 1, -1, 1)).reshape(n, c, h, w)
 
 
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -173,11 +173,15 @@ def part_name(block: int, chunk: int) -> str:
     return f"part-{block:09d}-{chunk:03d}.parquet"
 
 
+PNG_LEVEL = 1
+
+
 def encode_png(image: Image.Image | bytes) -> bytes:
     if isinstance(image, (bytes, bytearray)):
         return bytes(image)
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    # zlib level 1: a third of the default's (6) time for files ~13% larger (the demo's overlays).
+    image.save(buf, format="PNG", compress_level=PNG_LEVEL)
     return buf.getvalue()
 
 

@@ -165,9 +165,9 @@ class StderrFilter:
                 keep.append(held)
                 held = b""
             if keep:
-                os.write(out, b"".join(keep))
+                _write(out, b"".join(keep))
         if held:
-            os.write(out, held)
+            _write(out, held)
         os.close(read)
 
     def __exit__(self, *exc: object) -> None:
@@ -179,3 +179,14 @@ class StderrFilter:
         if not self._thread.is_alive():  # else a child process still holds the pipe; keep its target open
             os.close(self._saved)
         self._saved = self._thread = None
+
+
+def _write(fd: int, data: bytes) -> None:
+    """All of ``data`` to ``fd``; a closed stderr (its reader gone) drops it rather than stop
+    the pump, whose writers would then block on a full pipe."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        pass

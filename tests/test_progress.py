@@ -75,3 +75,28 @@ def test_stderr_filter_drops_only_rays_false_alarm_and_passes_the_rest_at_once()
     assert proc.wait(timeout=60) == 0, seen
     assert seen == (b"[2026-12-03 15:14:30,000 E 1 1] core_worker.cc:1: a real error\n"
                     b"bar 10%\r[a line in two writes]\nnative code writes to descriptor 2 again\n")
+
+
+GONE = r"""
+import os
+from pipeline.progress import StderrFilter
+with StderrFilter():
+    for _ in range(64):  # far more than a pipe holds: the pump must keep draining it
+        os.write(2, b"x" * 4095 + b"\n")
+print("done", flush=True)
+"""
+
+
+def test_stderr_filter_keeps_draining_when_stderr_is_gone():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-c", GONE], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.stderr is not None
+    proc.stderr.close()  # nobody reads stderr any more
+    out, _ = proc.communicate(timeout=60)
+    assert out == b"done\n" and proc.returncode == 0

@@ -24,7 +24,7 @@ from jobs.core.hooks import layer_module
 from jobs.core.pixels import pixels_to_inputs
 from pipeline.decode import decode_image
 from pipeline.models import capture
-from pipeline.worker import autocast
+from pipeline.worker import autocast, resolve_device
 
 
 @dataclass
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
 
     manifest = load_manifest(args.manifest)
     ex = manifest.execution
-    device = torch.device("cuda" if ex.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    device = resolve_device(ex.device)
     paths = list_dataset(manifest.dataset).table.column("source").to_pylist()
     loop = Loop(paths, manifest.model, ex.batch_size, args.loader_workers, device, ex.precision, ex.channels_last)
     _, features = features_loop(loop, args.layers)

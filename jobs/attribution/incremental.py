@@ -476,6 +476,14 @@ def _make_gather(source: fx.Node, region: _Region, start: tuple[torch.Tensor, to
                    (region.size[0] + 2 * py) * wp, None if mask is None else mask.to(device))
 
 
+def _place(node: fx.Node, region: _Region, regions: dict[fx.Node, _Region], full: set[fx.Node]) -> None:
+    """``node`` is whole on the copies when its region covers the map, else a region."""
+    if region.full:
+        full.add(node)
+    else:
+        regions[node] = region
+
+
 def _geometry(plan: Plan, window: int, stride: int, device: torch.device) -> _Geometry:
     """Changed regions of every node for a ``window`` square moved by ``stride``."""
     _, h, w = plan.input_shape
@@ -490,8 +498,7 @@ def _geometry(plan: Plan, window: int, stride: int, device: torch.device) -> _Ge
         if step.kind in ("static", "output"):
             continue
         if step.kind == "input":
-            reg = _Region((h, w), (ys, xs), (ys + window, xs + window))
-            (full.add(node) if reg.full else regions.__setitem__(node, reg))
+            _place(node, _Region((h, w), (ys, xs), (ys + window, xs + window)), regions, full)
             continue
         inputs = [a for a in node.all_input_nodes if a in regions or a in full]
         partial = [a for a in inputs if a in regions]
@@ -540,7 +547,7 @@ def _geometry(plan: Plan, window: int, stride: int, device: torch.device) -> _Ge
                                               with_mask=win.count is not None)
         # Window and binary nodes whose region is the whole map are computed from their gathered
         # windows and are whole from here on; partial ones stay regions.
-        (full.add(node) if reg.full else regions.__setitem__(node, reg))
+        _place(node, reg, regions, full)
     run = total = 0
     for node, step in plan.steps.items():
         if step.kind == "window" and step.window is not None and step.shape is not None and step.window.cost:

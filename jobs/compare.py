@@ -21,7 +21,8 @@ Sign convention: every ``delta`` is B minus A (positive: B is higher). The thres
 
 from __future__ import annotations
 
-from collections.abc import Sequence, Set as AbstractSet
+from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import numpy as np
@@ -90,13 +91,17 @@ def to_table(name: str, df: pd.DataFrame) -> pa.Table:
     schema = SCHEMAS[name]
     columns = []
     for f in schema:
-        values = [_plain(v) for v in df[f.name].tolist()] if f.name in df.columns else [None] * len(df)
+        values = [plain(v) for v in df[f.name].tolist()] if f.name in df.columns else [None] * len(df)
         columns.append(pa.array(values, f.type))
     return pa.table(columns, schema=schema)
 
 
-def _plain(value: Any) -> Any:
-    """A Python value for Arrow: NaN and pandas' NA as None, numpy scalars as Python's."""
+def plain(value: Any) -> Any:
+    """A Python value for Arrow or JSON: NaN and pandas' NA as None, numpy scalars as Python's.
+
+    >>> [plain(float("nan")), plain(np.int64(3)), plain("x")]
+    [None, 3, 'x']
+    """
     if value is None or value is pd.NA or (isinstance(value, float | np.floating) and np.isnan(value)):
         return None
     if isinstance(value, np.integer):
@@ -291,6 +296,7 @@ def topk_overlap(a: pd.DataFrame, b: pd.DataFrame, entry: str) -> pd.DataFrame:
 
 MAP_COLUMNS = ("map", "prob_map")  # the attribution map: ``map``, or occlusion's target probability map
 SHAPE_COLUMNS = ("channels", "height", "width")
+MAP_KEYS = ["image_id", "method", "target", "neuron_layer", "neuron_channel"]  # what pairs two maps
 
 
 def map_column(columns: Sequence[str]) -> str | None:
@@ -323,18 +329,20 @@ def correlation(x: Any, y: Any) -> float:
     return float((xs * ys).sum() / denom) if denom > 0 else float("nan")
 
 
-def _map_keys(df: pd.DataFrame) -> pd.DataFrame:
-    """The columns that pair maps across runs, nulls made comparable (-1, "")."""
+def map_keys(df: pd.DataFrame) -> pd.DataFrame:
+    """The columns that pair maps across runs (:data:`MAP_KEYS`), nulls made comparable (-1, "").
+
+    >>> map_keys(pd.DataFrame({"image_id": ["x"], "target": [None]})).values.tolist()
+    [['x', '', -1, '', -1]]
+    """
     out = pd.DataFrame({"image_id": df["image_id"].astype(str)})
     out["method"] = df["method"].fillna("").astype(str) if "method" in df.columns else ""
     for col in ("target", "neuron_channel"):
         out[col] = (pd.to_numeric(df[col], errors="coerce").astype("Float64").astype("Int64").fillna(-1)
                     if col in df.columns else -1)
     out["neuron_layer"] = df["neuron_layer"].fillna("").astype(str) if "neuron_layer" in df.columns else ""
-    return out
+    return out[MAP_KEYS]
 
-
-MAP_KEYS = ["image_id", "method", "target", "neuron_layer", "neuron_channel"]
 
 
 def map_correlations(a: pd.DataFrame, b: pd.DataFrame, entry: str) -> pd.DataFrame:
@@ -354,7 +362,7 @@ def map_correlations(a: pd.DataFrame, b: pd.DataFrame, entry: str) -> pd.DataFra
         return empty("attribution")
 
     def side(df: pd.DataFrame, col: str) -> pd.DataFrame:
-        keyed = _map_keys(df)
+        keyed = map_keys(df)
         keyed["label"] = labels(df["label"]) if "label" in df.columns else pd.NA
         keyed["map"] = df[col].to_numpy()
         keyed["shape"] = ([tuple(r) for r in df[list(SHAPE_COLUMNS)].itertuples(index=False)]

@@ -4,9 +4,11 @@
     convscope validate MANIFEST [--set key=value ...]
     convscope layers MODEL-SPEC | MANIFEST
     convscope report RUN_DIR [--out DIR]
+    convscope compare RUN_A RUN_B [--output DIR] [--fail-on accuracy_drop=0.01,flips=0.05]
     convscope schema [--out FILE]
 
-Exit codes: 0 done, 1 an analysis failed (the rest is committed), 2 bad input.
+Exit codes: 0 done, 1 an analysis failed (the rest is committed) or a compare threshold was
+exceeded, 2 bad input.
 """
 
 from __future__ import annotations
@@ -38,6 +40,15 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="build RUN_DIR/report/index.html, a static site over a run's output")
     rep.add_argument("run_dir", help="a run's output folder or URI (s3://bucket/prefix, ...)")
     rep.add_argument("--out", help="write the report here instead of RUN_DIR/report (a local folder)")
+
+    cmp = sub.add_parser("compare", help="what changed between two runs: accuracy, flips, top-k overlap, maps, probes")
+    cmp.add_argument("run_a", help="the earlier (reference) run's output folder or URI")
+    cmp.add_argument("run_b", help="the later run's output folder or URI")
+    cmp.add_argument("--output", "-o", help="where to write the comparison (a local folder; "
+                                            "default: RUN_B/compare-<name of RUN_A's folder>)")
+    cmp.add_argument("--fail-on", dest="fail_on", action="append", default=[], metavar="KEY=X[,KEY=X]",
+                     help="exit with 1 past a threshold: accuracy_drop=X (accuracy A - B > X), flips=Y "
+                          "(fraction of common labelled images whose prediction flipped > Y)")
 
     sch = sub.add_parser("schema", help="print the manifest's JSON Schema (for editors' YAML language servers)")
     sch.add_argument("--out", type=Path, help="write it to this file instead of standard output")
@@ -128,6 +139,30 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from pipeline.compare import compare_runs
+
+    result = compare_runs(args.run_a, args.run_b, output=args.output, fail_on=args.fail_on,
+                          log=lambda message: print(message, file=sys.stderr))
+    summary = result.summary
+    print(f"compare: {summary['a']['path']} (A) -> {summary['b']['path']} (B); results in {result.output}")
+    for row in summary["accuracy"]:
+        if row["labelled"]:
+            print(f"  {row['entry']}: accuracy {row['accuracy_a']:.4f} -> {row['accuracy_b']:.4f} "
+                  f"({row['delta']:+.4f}) on {row['labelled']:,} labelled images; {row['flipped']:,} flipped "
+                  f"({row['fixed']:,} fixed, {row['broke']:,} broke)")
+        else:
+            print(f"  {row['entry']}: {row['images']:,} common images, none labelled")
+    for name, entry in summary["entries"].items():
+        if not entry["compared"]:
+            print(f"  {name}: not compared ({entry['reason']})")
+    for note in summary["notes"]:
+        print(f"  note: {note}")
+    for failure in result.failures:
+        print(f"convscope compare: threshold exceeded: {failure}", file=sys.stderr)
+    return 1 if result.failures else 0
+
+
 def cmd_schema(args) -> int:
     from pipeline.manifest import json_schema_text
     from pipeline.store import Store
@@ -147,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `convscope layers ... | head` ends quietly
     args = _parser().parse_args(argv)
     handler = {"run": cmd_run, "validate": cmd_validate, "layers": cmd_layers, "report": cmd_report,
-               "schema": cmd_schema}[args.command]
+               "compare": cmd_compare, "schema": cmd_schema}[args.command]
     try:
         return handler(args)
     except UserError as e:

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from pipeline.cli import main as cli
 
@@ -27,22 +26,11 @@ ANALYSES = [
 ]
 
 
-def noisy_weights(trained: Path, out: Path, seed: int, scale: float) -> Path:
-    """The trained demo CNN with seeded noise on its conv and linear weights: a weaker model
-    whose mistakes depend on the seed."""
-    state = torch.load(trained, weights_only=True)
-    gen = torch.Generator().manual_seed(seed)
-    for name, value in state.items():
-        if name.endswith("weight") and value.dim() > 1:
-            state[name] = value + scale * value.std() * torch.randn(value.shape, generator=gen)
-    torch.save(state, out)
-    return out
-
-
 @pytest.fixture(scope="module")
-def runs(ray_session, demo_cnn_weights, tmp_path_factory) -> tuple[Path, Path]:
-    """Run A and run B: the same shapes dataset, two noisy copies of the demo CNN; A also has
-    a features entry that B lacks."""
+def runs(ray_session, tmp_path_factory) -> tuple[Path, Path]:
+    """Run A and run B: the same shapes dataset, the demo CNN trained briefly from two seeds
+    (weak models whose mistakes differ); A also has a features entry that B lacks."""
+    from pipeline.demo import train_demo_model
     from pipeline.execute import run_manifest
     from pipeline.manifest import load_manifest
 
@@ -50,7 +38,8 @@ def runs(ray_session, demo_cnn_weights, tmp_path_factory) -> tuple[Path, Path]:
     dataset = {"kind": "shapes", "root": str(root / "shapes"), "n": 24, "size": 32}
     outs = []
     for name, seed, extra in (("a", 1, [{"type": "features", "layers": ["relu4"]}]), ("b", 2, [])):
-        weights = noisy_weights(demo_cnn_weights, root / f"{name}.pt", seed, 0.6)
+        weights = root / f"{name}.pt"
+        train_demo_model(weights, n_train=256, epochs=2, size=32, seed=seed, log=lambda message: None)
         model = {"source": "builtin", "name": "demo_cnn", "num_classes": 4, "weights": str(weights),
                  "preprocess": {"resize": 32, "crop": 32}}
         path = write_manifest(root / f"{name}.yaml", model=model, dataset=dataset, analyses=ANALYSES + extra,
@@ -101,7 +90,7 @@ def test_flips_and_per_class_against_pandas(runs, compared):
     assert np.allclose(got.prob_a, want.prob_a) and np.allclose(got.prob_b, want.prob_b)
     expected = np.where(want.pred_b == want.label_a, "fixed", np.where(want.pred_a == want.label_a, "broke", "other"))
     assert (got.change.to_numpy() == expected).all()
-    assert {"fixed", "broke"} <= set(flips.change), "noise seeds should give both kinds of flips"
+    assert {"fixed", "broke"} <= set(flips.change), "the two seeds should give both kinds of flips"
     smaller = np.minimum(flips.prob_a, flips.prob_b).to_numpy()
     assert (np.diff(smaller) <= 0).all(), "most confident flips first"
 
@@ -144,8 +133,10 @@ def test_attribution_correlations_against_corrcoef(runs, compared):
         got = attribution[attribution.entry == entry].set_index(["image_id", "target"])
         assert len(pairs) and len(got) == len(pairs), entry
         for row in pairs.itertuples():
-            want = np.corrcoef(np.asarray(row.map_a, float), np.asarray(row.map_b, float))[0, 1]
-            assert got.loc[(row.image_id, row.target), "correlation"] == pytest.approx(want, abs=1e-9)
+            with np.errstate(invalid="ignore", divide="ignore"):  # a constant map: NaN, as compare says
+                want = np.corrcoef(np.asarray(row.map_a, float), np.asarray(row.map_b, float))[0, 1]
+            assert got.loc[(row.image_id, row.target), "correlation"] == pytest.approx(want, abs=1e-9, nan_ok=True)
+        assert got.correlation.notna().sum() > len(got) / 2, entry
     assert len(attribution[attribution.entry == "saliency"]) == 24  # target: label pairs every image
 
 

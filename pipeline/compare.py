@@ -36,13 +36,12 @@ from typing import Any
 
 import pandas as pd
 import pyarrow.parquet as pq
-from markupsafe import Markup
 
 from jobs import REGISTRY
 from jobs import compare as kernels
 from pipeline.errors import UserError
 from pipeline.report.charts import bar_chart
-from pipeline.report.html import esc, render, table_html
+from pipeline.report.html import render, table_html
 from pipeline.report.site import ASSETS
 from pipeline.store import Store, is_uri
 from pipeline.writers import SUCCESS
@@ -278,8 +277,8 @@ def check_thresholds(accuracy: pd.DataFrame, fail_on: dict[str, float]) -> list[
     labelled = accuracy[accuracy["labelled"].fillna(0).astype(int) > 0] if len(accuracy) else accuracy
     for key, limit in fail_on.items():
         if not len(accuracy):
-            raise UserError(f"--fail-on {key}={limit:g}: nothing to check: neither run pair has a committed "
-                            "predictions entry in common")
+            raise UserError(f"--fail-on {key}={limit:g}: nothing to check: the runs share no committed "
+                            "predictions entry")
         if not len(labelled):
             raise UserError(f"--fail-on {key}={limit:g}: nothing to check: the predictions entries the runs "
                             "share have no labelled image in common")
@@ -436,5 +435,5 @@ def report_page(tables: dict[str, pd.DataFrame], summary: dict[str, Any], a: Run
         unmatched=table_html(tables["unmatched"]) if len(tables["unmatched"]) else None,
     )
     title = f"{a.name} → {b.name}"
-    return str(render("page.html", title=f"Comparison: {title}", run_name=Markup(esc(title)), nav=[],
+    return str(render("page.html", title="Comparison", run_name=title, nav=[],
                       current="", body=body, built=summary["created"], folder=f"{a.where} and {b.where}"))

@@ -30,10 +30,35 @@ Example manifest entry::
       max_iter: 1000
       standardize: true      # scale features to unit variance (fitted on the train split only)
       solver: auto           # auto | sklearn | torch (logistic only; see above)
+      shots_per_class: [5, 10, 20]   # few-shot curves (optional; see below)
+      repeats: 3             # draws per shot count (needs shots_per_class)
 
 Table ``probes/part-*.parquet``: ``layer``, ``classifier``, ``train_accuracy``,
 ``test_accuracy``, ``n_train``, ``n_test``; one row per layer, in manifest order. run.json's
-stats name each layer's solver.
+stats name each layer's solver and give each layer's ``test_accuracy``.
+
+Few-shot curves (Zeiler & Fergus 2014, Tables 4-5, with 15/30/45/60 training images per class
+on Caltech-101 and 5 draws each): with ``shots_per_class``, every layer's probe is also fitted,
+for each shot count ``k`` and each of ``repeats`` draws, on ``k`` training images per class drawn
+from the same train split (:func:`few_shot_indices`: seeded per shot count, draw and class, so
+it does not depend on dataset order) and scored on the same test split. The table then has two
+more int64 columns, ``shots`` and ``repeat`` (null on the full-data rows), and each layer's
+full-data row is followed by its few-shot rows (shots ascending, then repeat); ``n_train`` is the
+size of the draw. A class with fewer than ``k`` training images gives all it has (so ``n_train``
+can be less than ``k`` times the classes; the log says which classes). run.json's stats gain
+``few_shot_test_accuracy``: ``{layer: {shots: {"mean", "std"}}}`` over the draws (``std`` the
+sample standard deviation; null for a single draw). Without ``shots_per_class`` the table and
+the stats are exactly as before.
+
+Saved heads: the full-data probe of every layer is kept, as a sidecar table
+``probes/_heads/part-*.parquet`` (:func:`heads_table`; one row per layer: ``layer``,
+``classifier``, ``solver``, ``classes`` (the labels, in logit order), ``class_names``,
+``dims``, ``weight`` (classes x dims, row-major, float64), ``bias``, and the standardisation
+``mean`` / ``scale`` (null without ``standardize``)). The folder starts with ``_`` so that
+Parquet readers of the probes table skip it; :class:`LinearHead` (and ``pipeline.heads``) maps
+a layer's pooled features to logits: ``((x - mean) / scale) @ weight.T + bias``. A binary
+probe's single scikit-learn decision function ``z`` is kept as the logits ``[0, z]`` (the same
+argmax, and for the logistic probe the same probabilities under a softmax).
 
 Unlabelled images are left out. The split is ``train_test_split`` stratified by label with
 ``random_state=seed`` over the labelled images sorted by image id, so it is the same for
@@ -52,12 +77,13 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from jobs.core.base import (
     AnalysisParams,
@@ -69,7 +95,9 @@ from jobs.core.base import (
     ReduceInputs,
     ReduceOutput,
     Rows,
+    listed_twice,
     register,
+    unit_seed,
 )
 from jobs.core.kernels import pooled_features, pooled_features_schema, read_features, worth_logging
 
@@ -96,6 +124,33 @@ class ProbesParams(AnalysisParams):
     standardize: bool = True
     solver: Literal["auto", "sklearn", "torch"] = "auto"
     batch_size: int = Field(default=1024, ge=1, description="torch solver: images per step")
+    shots_per_class: list[int] | None = Field(
+        default=None, description="few-shot curves: training images per class for each extra fit (distinct, >= 1)")
+    repeats: int = Field(default=1, ge=1, description="few-shot draws per shot count (needs shots_per_class)")
+
+    @field_validator("shots_per_class")
+    @classmethod
+    def _distinct_shots(cls, shots: list[int] | None) -> list[int] | None:
+        if shots is None:
+            return None
+        if not shots:
+            raise ValueError("needs at least one shot count (or leave shots_per_class out)")
+        small = [k for k in shots if k < 1]
+        if small:
+            raise ValueError(f"every shot count must be at least 1 training image per class, got {small}")
+        twice = listed_twice(shots)
+        if twice:
+            raise ValueError(f"shot counts must be distinct; listed more than once: {', '.join(map(str, twice))}")
+        return sorted(shots)
+
+    @field_validator("repeats")
+    @classmethod
+    def _repeats_need_shots(cls, repeats: int, info: ValidationInfo) -> int:
+        # Absent from ``data`` when shots_per_class itself failed: that error is enough.
+        if repeats > 1 and "shots_per_class" in info.data and info.data["shots_per_class"] is None:
+            raise ValueError(f"repeats {repeats} draws few-shot subsets, which needs shots_per_class "
+                             "(e.g. shots_per_class: [5, 10, 20])")
+        return repeats
 
     @model_validator(mode="after")
     def _solver_fits(self) -> ProbesParams:

@@ -659,10 +659,10 @@ class Probes(ReduceAnalysis):
             x_train, x_test = labelled[train], labelled[test]
             # features[x_train] is a copy of our own.
             model, solver = self.fit(features[x_train], labels[train], ctx, f"layer {layer!r}")
-            test_x = features[x_test]
             rows["layer"].append(layer)
             solvers[layer] = solver
             rows["train_accuracy"].append(float(model.score(features[x_train], labels[train])))
+            test_x = features[x_test]  # kept for the few-shot probes' scores
             rows["test_accuracy"].append(float(model.score(test_x, labels[test])))
             rows["n_train"].append(len(train))
             rows["n_test"].append(len(test))

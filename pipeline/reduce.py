@@ -44,6 +44,7 @@ from pipeline.writers import (
     StagedEntry,
     as_table,
     read_success,
+    table_part,
     write_result,
 )
 
@@ -65,8 +66,7 @@ class ParquetInputs:
 
     def _files(self, partition: str, required: bool = True) -> list[str]:
         folder = f"{self.folder}/{partition}" if partition else self.folder
-        files = [f for f in self.store.files(folder) if f.rsplit("/", 1)[-1].startswith("part-")
-                 and f.endswith(".parquet")]
+        files = [f for f in self.store.files(folder) if table_part(f.rsplit("/", 1)[-1])]
         if required and not files:
             raise ValueError(f"no partials for partition {partition or '(root)'!r}: no image of the dataset "
                              "could be used")
@@ -179,8 +179,8 @@ class EntryInputs(ParquetInputs):
         if partition not in self.entries:
             raise KeyError(f"{partition!r} is not one of the entries read: {', '.join(self.entries)}")
         # Hive-partitioned entries keep their parts in key=value folders.
-        files = [f for f in self.store.files(partition, recursive=True)
-                 if f.rsplit("/", 1)[-1].startswith("part-") and f.endswith(".parquet")]
+        # Sidecar tables (folders starting with "_", as the probes' saved heads) are not the entry's.
+        files = [f for f in self.store.files(partition, recursive=True) if table_part(f[len(partition) + 1:])]
         if required and not files:
             raise ValueError(f"entry {partition!r} has no rows")
         return files

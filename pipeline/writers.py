@@ -50,6 +50,19 @@ LEDGER = "_ledger"
 KEY = "_key.json"
 
 
+def is_sidecar(rel: str) -> bool:
+    """Whether a path inside an entry folder (``_heads/part-0.parquet``, ``layer=a/_x/...``) lies in
+    a folder whose name starts with ``_``: a sidecar table beside the entry's own (the probes'
+    saved heads), or its shards. Readers of an entry's table skip them, as pyarrow's and pandas'
+    dataset readers do."""
+    return any(part.startswith("_") for part in rel.strip("/").split("/")[:-1])
+
+
+def table_part(rel: str) -> bool:
+    """Whether a path inside an entry folder is a Parquet part of the entry's own table (not a sidecar's)."""
+    return rel.rsplit("/", 1)[-1].startswith("part-") and rel.endswith(".parquet") and not is_sidecar(rel)
+
+
 def to_arrow(values: np.ndarray) -> pa.Array:
     """A column from a numpy array: 1-D as is, (N, D) as ``list<...>`` (float arrays as float32)."""
     if values.ndim == 1:
@@ -262,7 +275,8 @@ class BlockWriter:
                 final = folder + part_name(self.block, chunk)
                 size = self.store.write_table(f"{final}.{self.attempt}", part)
                 record.files.append(FileRecord(f"{final}.{self.attempt}", final, part.num_rows, size))
-                record.rows += part.num_rows
+                if not is_sidecar(final):  # the entry's rows are its own table's
+                    record.rows += part.num_rows
         self.tables = {}
         return record
 
@@ -425,7 +439,7 @@ class StagedEntry:
     def commit(self, records: Iterable[BlockRecord], marker: dict | None = None) -> str:
         """Rename the recorded files into ``<base>/<entry>`` and seal it with ``_SUCCESS``."""
         files = [f for r in sorted(records, key=lambda r: r.block) for f in r.files]
-        rows = sum(f.rows for f in files if f.final.endswith(".parquet"))
+        rows = sum(f.rows for f in files if f.final.endswith(".parquet") and not is_sidecar(f.final))
         seal = {**self.key, "rows": rows, **(marker or {})}
         if self.store.local:
             for f in files:

@@ -83,11 +83,19 @@ def test_cifar10_probes_rise_with_depth(ray_session, tmp_path):
     manifest.analyses = [a for a in manifest.analyses if a.type == "probes"]
     result = run_manifest(manifest, log=lambda m: None)
     assert result.ok, result.analyses
-    probes = pd.read_parquet(tmp_path / "probes" / "probes").set_index("layer")
+    table = pd.read_parquet(tmp_path / "probes" / "probes")
+    probes = table[table.shots.isna()].set_index("layer")  # the full-data rows
     acc = probes.test_accuracy
     assert acc["layer1"] < acc["layer2"] < acc["layer3"], acc.to_dict()
     assert acc["layer3"] > 0.7  # near the network's own 81%: its last block is nearly linearly separable
     assert (probes.n_train + probes.n_test == 10_000).all() and (probes.n_test == 2_500).all()
+    # Few-shot (Zeiler & Fergus 2014, Tables 4-5): the deepest layer's curve rises with the shots,
+    # and stays under the full-data probe.
+    few = table[table.shots.notna()]
+    assert len(few) == 3 * 4 * 5 and (few.n_train == few.shots * 10).all()
+    curve = result.analyses["probes"]["few_shot_test_accuracy"]["layer3"]
+    means = [curve[str(k)]["mean"] for k in (15, 30, 45, 60)]
+    assert means[0] < means[-1] <= acc["layer3"] + 0.01, means
 
 
 @needs_shared
@@ -96,8 +104,9 @@ def test_cifar10_torch_probes_agree_with_scikit_learn(ray_session, tmp_path):
     features and split: test accuracy within half a point at every layer."""
     manifest = load_manifest(ROOT / "manifests" / "cifar10.yaml", output=tmp_path / "probes")
     probes = next(a for a in manifest.analyses if a.type == "probes")
-    manifest.analyses = [probes.model_copy(update={"solver": "sklearn"}),
-                         probes.model_copy(update={"solver": "torch", "name": "probes_torch"})]
+    full = {"shots_per_class": None, "repeats": 1}  # the full-data probes only
+    manifest.analyses = [probes.model_copy(update={"solver": "sklearn", **full}),
+                         probes.model_copy(update={"solver": "torch", "name": "probes_torch", **full})]
     result = run_manifest(manifest, log=lambda m: None)
     assert result.ok, result.analyses
     reference = pd.read_parquet(tmp_path / "probes" / "probes").set_index("layer").test_accuracy

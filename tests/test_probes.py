@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 from sklearn.linear_model import LogisticRegression
@@ -249,3 +253,200 @@ def test_memory_plan_refuses_over_the_budget_with_the_fix():
     message = str(refused.value)
     assert "200 x 16 of b" in message and "pool: avg (not none)" in message and "dataset.sample" in message
     assert "classifier: logistic with solver: torch" in message  # liblinear's copies are the larger
+
+
+# ----------------------------------------------------------------------------- few-shot curves and saved heads
+
+
+def _uneven(seed: int = 0):
+    """Three overlapping Gaussian classes of 30, 24 and 6 images (the last too small for 5 shots)."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat([0, 1, 2], [30, 24, 6])
+    x = np.eye(3, 6)[labels] * 1.5 + rng.normal(size=(len(labels), 6))
+    return x, labels
+
+
+def test_few_shot_indices_are_stratified_sized_deterministic_and_order_free():
+    _, labels = _uneven()
+    train, _ = probes.split(labels, 0.25, seed=1)
+    by_class = {c: set(train[labels[train] == c].tolist()) for c in range(3)}
+    assert len(by_class[2]) == 4  # fewer than 5 shots
+    chosen = probes.few_shot_indices(labels, train, 5, seed=1, repeat=0)
+    assert set(chosen.tolist()) <= set(train.tolist()) and (np.diff(chosen) > 0).all()
+    counts = {c: int((labels[chosen] == c).sum()) for c in range(3)}
+    assert counts == {0: 5, 1: 5, 2: 4}  # the short class gives all it has
+    assert set(chosen[labels[chosen] == 2].tolist()) == by_class[2]
+    again = probes.few_shot_indices(labels, np.random.default_rng(9).permutation(train), 5, seed=1, repeat=0)
+    assert again.tolist() == chosen.tolist()  # deterministic, whatever the order of the train indices
+    others = [probes.few_shot_indices(labels, train, 5, seed=s, repeat=r).tolist() for s, r in ((1, 1), (2, 0))]
+    assert all(o != chosen.tolist() for o in others)  # another draw, another seed: other images
+    # A class's draw depends on its own images only: dropping class 1 keeps class 0's choice.
+    no_dogs = train[labels[train] != 1]
+    kept = probes.few_shot_indices(np.where(labels == 1, 0, labels), no_dogs, 5, seed=1, repeat=0)
+    assert kept[labels[kept] == 0].tolist() == chosen[labels[chosen] == 0].tolist()
+    with pytest.raises(ValueError, match="at least 1 image per class"):
+        probes.few_shot_indices(labels, train, 0)
+    with pytest.raises(ValueError, match=r"1 class\(es\) have no training image \(2 \(eel\)\)"):
+        probes.few_shot_indices(labels, train[labels[train] != 2], 3, label_names=["cat", "dog", "eel"])
+
+
+@pytest.mark.parametrize("classifier", ["logistic", "linear_svm"])
+def test_few_shot_rows_equal_direct_sklearn_fits_on_the_drawn_images(classifier):
+    x, labels = _uneven()
+    ids = [f"img{(i * 7) % 60:04d}" for i in range(60)]  # not in id order
+    out = _run({"l": x, "m": x[:, ::-1] * 2}, labels, ids=ids, classifier=classifier, seed=3,
+               shots_per_class=[2, 5], repeats=3)
+    t = as_table(out)
+    assert t.schema.field("shots").type == pa.int64() and t.schema.field("repeat").type == pa.int64()
+    rows = t.to_pylist()
+    assert [(r["layer"], r["shots"], r["repeat"]) for r in rows] == [
+        (layer, k, r) for layer in ("l", "m") for k, r in [(None, None)] + [(k, r) for k in (2, 5) for r in range(3)]]
+    # Independently: labelled images sorted by id, the same stratified split, a fit on each draw.
+    order = np.argsort(np.array(ids))
+    xs, ys = x[order].astype(np.float32), labels[order]
+    train, test = train_test_split(np.arange(60), test_size=0.25, stratify=ys, random_state=3)
+    for row in rows[1:7]:
+        chosen = probes.few_shot_indices(ys, train, row["shots"], 3, row["repeat"])
+        assert set(chosen) <= set(train)
+        assert np.bincount(ys[chosen]).tolist() == [min(row["shots"], int((ys[train] == c).sum())) for c in range(3)]
+        model = (LogisticRegression(C=1.0, max_iter=1000, random_state=3) if classifier == "logistic"
+                 else LinearSVC(C=1.0, max_iter=1000, random_state=3))
+        clf = make_pipeline(StandardScaler(), model).fit(xs[chosen], ys[chosen])
+        assert row["n_train"] == len(chosen) and row["n_test"] == len(test)
+        assert row["test_accuracy"] == clf.score(xs[test], ys[test])
+        assert row["train_accuracy"] == clf.score(xs[chosen], ys[chosen])
+    # Draws differ; the stats are their mean and sample std per layer and shot count.
+    five = [r["test_accuracy"] for r in rows if r["layer"] == "l" and r["shots"] == 5]
+    stats = out.stats["few_shot_test_accuracy"]
+    assert set(stats) == {"l", "m"} and set(stats["l"]) == {"2", "5"}
+    assert stats["l"]["5"]["mean"] == pytest.approx(np.mean(five))
+    assert stats["l"]["5"]["std"] == pytest.approx(np.std(five, ddof=1))
+    assert out.stats["test_accuracy"]["l"] == rows[0]["test_accuracy"]
+
+
+def test_few_shot_rows_do_not_depend_on_row_order():
+    x, labels = _uneven(seed=1)
+    ids = [f"img{i:04d}" for i in range(60)]
+    perm = np.random.default_rng(5).permutation(60)
+    a = as_table(_run({"l": x}, labels, ids=ids, shots_per_class=[3], repeats=2, solver="sklearn"))
+    b = as_table(_run({"l": x[perm]}, labels[perm], ids=[ids[i] for i in perm], batch_rows=7,
+                      shots_per_class=[3], repeats=2, solver="sklearn"))
+    assert a.equals(b)
+    assert "shots" not in as_table(_run({"l": x}, labels, ids=ids)).column_names  # unchanged without shots
+
+
+def test_few_shot_parameters_are_checked():
+    assert ProbesParams(layers=["l"], shots_per_class=[10, 5]).shots_per_class == [5, 10]
+    for bad, phrase in (([], "at least one shot count"), ([0, 3], "at least 1 training image"),
+                        ([5, 5], "listed more than once: 5")):
+        with pytest.raises(ValidationError, match=phrase) as info:
+            ProbesParams(layers=["l"], shots_per_class=bad)
+        assert info.value.errors()[0]["loc"] == ("shots_per_class",)
+    with pytest.raises(ValidationError, match="needs shots_per_class") as info:
+        ProbesParams(layers=["l"], repeats=3)
+    assert info.value.errors()[0]["loc"] == ("repeats",)
+    with pytest.raises(ValidationError) as info:
+        ProbesParams(layers=["l"], shots_per_class=[5], repeats=0)
+    assert info.value.errors()[0]["loc"] == ("repeats",)
+
+
+def test_bad_few_shot_fields_are_named_in_the_manifest(tmp_path, image_folder):
+    from pipeline.errors import ManifestError
+    from tests.test_manifest import good, load
+
+    doc = good(tmp_path, image_folder)
+    doc["analyses"] = [{"type": "probes", "layers": ["layer1"], "shots_per_class": [3, 3]},
+                       {"type": "probes", "name": "p2", "layers": ["layer1"], "repeats": 4}]
+    with pytest.raises(ManifestError) as info:
+        load(tmp_path, doc)
+    message = str(info.value)
+    assert "analyses[0].shots_per_class" in message and "listed more than once: 3" in message
+    assert "analyses[1].repeats" in message and "needs shots_per_class" in message
+
+
+def _commit(root, output) -> None:
+    """The reduction's tables committed as the runner does: staged as block 0, then renamed."""
+    from pipeline.reduce import as_table as arrow
+    from pipeline.store import Store
+    from pipeline.writers import Result, StagedEntry, write_result
+
+    store = Store.open(root)
+    staged = StagedEntry(store, "probes", {"key": "k"})
+    staged.open()
+    record = write_result(staged.folder, 0, Result(tables={p: arrow(t) for p, t in output.tables.items()}))
+    staged.record(record)
+    staged.commit([record])
+
+
+@pytest.mark.parametrize("classifier,solver,classes", [("logistic", "sklearn", 3), ("linear_svm", "sklearn", 3),
+                                                       ("logistic", "torch", 3), ("logistic", "sklearn", 2),
+                                                       ("linear_svm", "sklearn", 2)])
+def test_saved_heads_reproduce_the_full_data_accuracy(tmp_path, classifier, solver, classes):
+    from pipeline.heads import load_head, load_heads
+
+    x, labels = _noisy(n=150, classes=classes, dims=8, seed=5)
+    x = x * np.arange(1, 9) + 3.0  # scales and offsets for the standardisation to matter
+    ids = [f"img{i:04d}" for i in range(150)]
+    # torch: the heads alone, few epochs (the head is whatever was fitted).
+    few = {"shots_per_class": [4], "repeats": 2} if solver == "sklearn" else {"max_iter": 20}
+    out = _run({"l": x, "m": -x}, labels, ids=ids, classifier=classifier, solver=solver, C=0.5, **few)
+    _commit(tmp_path, out)
+    entry = tmp_path / "probes"
+    table = pd.read_parquet(entry)  # pyarrow's dataset reader skips the _heads folder
+    full = (table[table.shots.isna()] if "shots" in table else table).set_index("layer")
+    assert len(table) == (2 * 3 if "shots" in table else 2)
+    heads = load_heads(entry)
+    assert list(heads) == ["l", "m"]
+    train, test = train_test_split(np.arange(150), test_size=0.25, stratify=labels, random_state=0)
+    for layer, features in (("l", x), ("m", -x)):
+        head = load_head(entry, layer)
+        assert head.classifier == classifier and head.solver == solver
+        assert head.classes.tolist() == list(range(classes)) and head.class_names == ["cat", "dog", "eel"][:classes]
+        assert head.logits(features[test]).shape == (len(test), classes) and head.mean is not None
+        assert head.score(features[test], labels[test]) == full.loc[layer, "test_accuracy"]
+        assert head.score(features[train], labels[train]) == full.loc[layer, "train_accuracy"]
+    with pytest.raises(KeyError, match="saved: l, m"):
+        load_head(entry, "n")
+
+
+def test_heads_round_trip_and_the_sidecar_is_no_table_part(tmp_path):
+    from pipeline.reduce import EntryInputs
+    from pipeline.report import Run
+    from pipeline.store import Store
+
+    x, labels = _noisy(n=90, seed=1)
+    out = _run({"l": x}, labels, standardize=False)
+    heads = probes.heads_from_table(as_table(out, probes.HEADS))
+    assert heads[0].mean is None and heads[0].scale is None
+    again = probes.heads_from_table(probes.heads_table(heads))
+    assert again[0].weight.tobytes() == heads[0].weight.tobytes() and again[0].layer == "l"
+    _commit(tmp_path, out)
+    (tmp_path / "run.json").write_text('{"analyses": {"probes": {"type": "probes", "status": "complete"}}}')
+    parts = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "probes").rglob("*.parquet"))
+    assert parts == ["probes/_heads/part-000000000-000.parquet", "probes/part-000000000-000.parquet"]
+    run = Run(tmp_path, tmp_path / "report")
+    assert run.parts("probes") == ["probes/part-000000000-000.parquet"]
+    assert list(run.table("probes").columns) == as_table(out).column_names
+    assert EntryInputs(Store.open(tmp_path), ["probes"]).read("probes").equals(as_table(out))
+    assert json.loads((tmp_path / "probes" / "_SUCCESS").read_text())["rows"] == 1  # the heads are not rows
+    assert pd.read_parquet(tmp_path / "probes").shape == (1, 6)
+
+
+def test_the_report_draws_the_few_shot_curve(tmp_path):
+    from pipeline.report.views.dataset import few_shot_summary
+
+    x, labels = _uneven()
+    out = _run({"l": x, "m": x[:, ::-1]}, labels, shots_per_class=[2, 5], repeats=3)
+    _commit(tmp_path, out)
+    (tmp_path / "run.json").write_text(json.dumps({
+        "name": "t", "status": "complete", "analyses": {"probes": {"type": "probes", "status": "complete"}},
+        "dataset": {"label_names": ["cat", "dog", "eel"]}, "model": {}, "execution": {}}))
+    pq.write_table(pa.table({"image_id": pa.array([], pa.string()), "stage": pa.array([], pa.string()),
+                             "error": pa.array([], pa.string())}), tmp_path / "errors.parquet")
+    from pipeline.report import build_report
+
+    page = (build_report(tmp_path).parent / "probes.html").read_text()
+    assert "few-shot linear probe test accuracy" in page and "training images per class" in page
+    summary = few_shot_summary(pd.read_parquet(tmp_path / "probes"))
+    assert summary[["layer", "shots"]].values.tolist() == [["l", 2], ["l", 5], ["m", 2], ["m", 5]]
+    assert (summary.draws == 3).all() and summary.n_train.tolist() == [6, 15, 6, 15]

@@ -30,10 +30,35 @@ Example manifest entry::
       max_iter: 1000
       standardize: true      # scale features to unit variance (fitted on the train split only)
       solver: auto           # auto | sklearn | torch (logistic only; see above)
+      shots_per_class: [5, 10, 20]   # few-shot curves (optional; see below)
+      repeats: 3             # draws per shot count (needs shots_per_class)
 
 Table ``probes/part-*.parquet``: ``layer``, ``classifier``, ``train_accuracy``,
 ``test_accuracy``, ``n_train``, ``n_test``; one row per layer, in manifest order. run.json's
-stats name each layer's solver.
+stats name each layer's solver and give each layer's ``test_accuracy``.
+
+Few-shot curves (Zeiler & Fergus 2014, Tables 4-5, with 15/30/45/60 training images per class
+on Caltech-101 and 5 draws each): with ``shots_per_class``, every layer's probe is also fitted,
+for each shot count ``k`` and each of ``repeats`` draws, on ``k`` training images per class drawn
+from the same train split (:func:`few_shot_indices`: seeded per shot count, draw and class, so
+it does not depend on dataset order) and scored on the same test split. The table then has two
+more int64 columns, ``shots`` and ``repeat`` (null on the full-data rows), and each layer's
+full-data row is followed by its few-shot rows (shots ascending, then repeat); ``n_train`` is the
+size of the draw. A class with fewer than ``k`` training images gives all it has (so ``n_train``
+can be less than ``k`` times the classes; the log says which classes). run.json's stats gain
+``few_shot_test_accuracy``: ``{layer: {shots: {"mean", "std"}}}`` over the draws (``std`` the
+sample standard deviation; null for a single draw). Without ``shots_per_class`` the table and
+the stats are exactly as before.
+
+Saved heads: the full-data probe of every layer is kept, as a sidecar table
+``probes/_heads/part-*.parquet`` (:func:`heads_table`; one row per layer: ``layer``,
+``classifier``, ``solver``, ``classes`` (the labels, in logit order), ``class_names``,
+``dims``, ``weight`` (classes x dims, row-major, float64), ``bias``, and the standardisation
+``mean`` / ``scale`` (null without ``standardize``)). The folder starts with ``_`` so that
+Parquet readers of the probes table skip it; :class:`LinearHead` (and ``pipeline.heads``) maps
+a layer's pooled features to logits: ``((x - mean) / scale) @ weight.T + bias``. A binary
+probe's single scikit-learn decision function ``z`` is kept as the logits ``[0, z]`` (the same
+argmax, and for the logistic probe the same probabilities under a softmax).
 
 Unlabelled images are left out. The split is ``train_test_split`` stratified by label with
 ``random_state=seed`` over the labelled images sorted by image id, so it is the same for
@@ -52,12 +77,13 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from jobs.core.base import (
     AnalysisParams,
@@ -69,7 +95,9 @@ from jobs.core.base import (
     ReduceInputs,
     ReduceOutput,
     Rows,
+    listed_twice,
     register,
+    unit_seed,
 )
 from jobs.core.kernels import pooled_features, pooled_features_schema, read_features, worth_logging
 
@@ -96,6 +124,33 @@ class ProbesParams(AnalysisParams):
     standardize: bool = True
     solver: Literal["auto", "sklearn", "torch"] = "auto"
     batch_size: int = Field(default=1024, ge=1, description="torch solver: images per step")
+    shots_per_class: list[int] | None = Field(
+        default=None, description="few-shot curves: training images per class for each extra fit (distinct, >= 1)")
+    repeats: int = Field(default=1, ge=1, description="few-shot draws per shot count (needs shots_per_class)")
+
+    @field_validator("shots_per_class")
+    @classmethod
+    def _distinct_shots(cls, shots: list[int] | None) -> list[int] | None:
+        if shots is None:
+            return None
+        if not shots:
+            raise ValueError("needs at least one shot count (or leave shots_per_class out)")
+        small = [k for k in shots if k < 1]
+        if small:
+            raise ValueError(f"every shot count must be at least 1 training image per class, got {small}")
+        twice = listed_twice(shots)
+        if twice:
+            raise ValueError(f"shot counts must be distinct; listed more than once: {', '.join(map(str, twice))}")
+        return sorted(shots)
+
+    @field_validator("repeats")
+    @classmethod
+    def _repeats_need_shots(cls, repeats: int, info: ValidationInfo) -> int:
+        # Absent from ``data`` when shots_per_class itself failed: that error is enough.
+        if repeats > 1 and "shots_per_class" in info.data and info.data["shots_per_class"] is None:
+            raise ValueError(f"repeats {repeats} draws few-shot subsets, which needs shots_per_class "
+                             "(e.g. shots_per_class: [5, 10, 20])")
+        return repeats
 
     @model_validator(mode="after")
     def _solver_fits(self) -> ProbesParams:
@@ -137,6 +192,164 @@ def split(labels: np.ndarray, test_size: float, seed: int = 0,
                          f"side ({len(classes)} classes)")
     train, test = train_test_split(np.arange(n), test_size=test_size, stratify=labels, random_state=seed)
     return train, test
+
+
+def few_shot_indices(labels: np.ndarray, train: np.ndarray, shots: int, seed: int = 0, repeat: int = 0,
+                     label_names: Sequence[str] | None = None) -> np.ndarray:
+    """``shots`` training images per class: indices into ``labels``, a subset of ``train``, ascending.
+
+    Stratified: each class of ``labels[train]`` gives ``shots`` of its training images, drawn
+    without replacement by ``np.random.default_rng(unit_seed(seed, ["few_shot", shots, repeat,
+    class]))`` from its training indices in ascending order, so the draw depends on the shot
+    count, the repeat and the class only: not on the order of ``train``, nor on the other
+    classes. With ``labels`` in image id order (as :class:`Probes` has them) it does not depend
+    on dataset order either. A class with fewer than ``shots`` training images gives all of
+    them. ValueError when ``shots < 1``, or when a class of ``labels`` has no training image
+    (named with ``label_names``; a stratified :func:`split` always leaves one).
+
+    >>> labels = np.array([0, 1, 0, 1, 0, 1, 2])
+    >>> few_shot_indices(labels, np.array([0, 1, 2, 3, 4, 6]), shots=2).size  # class 2 has one image
+    5
+    """
+    if shots < 1:
+        raise ValueError(f"few-shot probes need at least 1 image per class, got {shots}")
+    labels = np.asarray(labels)
+    train = np.sort(np.asarray(train, np.int64))
+    by_class = labels[train]
+    missing = np.setdiff1d(np.unique(labels[labels >= 0]), by_class)
+    if len(missing):
+        listed = ", ".join(_class_name(int(c), label_names) for c in missing[:10])
+        raise ValueError(f"few-shot probes: {len(missing)} class(es) have no training image ({listed})")
+    chosen = []
+    for c in np.unique(by_class):
+        pool = train[by_class == c]
+        if len(pool) > shots:
+            rng = np.random.default_rng(unit_seed(seed, ["few_shot", int(shots), int(repeat), int(c)]))
+            pool = pool[rng.choice(len(pool), size=shots, replace=False)]
+        chosen.append(pool)
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
+
+
+@dataclass
+class LinearHead:
+    """A fitted linear probe of one layer: pooled features -> logits, in NumPy (float64).
+
+    ``logits(x) = ((x - mean) / scale) @ weight.T + bias`` (no standardisation when ``mean``
+    is None); column ``j`` is the class ``classes[j]`` (a label), named ``class_names[j]`` when
+    the dataset names its classes.
+    """
+
+    layer: str
+    classifier: str
+    solver: str
+    classes: np.ndarray  # (c,) int64 labels, in logit order
+    weight: np.ndarray  # (c, d) float64
+    bias: np.ndarray  # (c,) float64
+    mean: np.ndarray | None = None  # (d,) float64
+    scale: np.ndarray | None = None  # (d,) float64
+    class_names: list[str] | None = None
+
+    @property
+    def dims(self) -> int:
+        return int(self.weight.shape[1])
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        """(n, c) float64 logits of the features (n, d)."""
+        x = np.asarray(features, np.float64)
+        if x.ndim != 2 or x.shape[1] != self.dims:
+            raise ValueError(f"the head of {self.layer!r} takes (n, {self.dims}) features, got {x.shape}")
+        if self.mean is not None:
+            x = x - self.mean
+        if self.scale is not None:
+            x = x / self.scale
+        return x @ self.weight.T + self.bias
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """The predicted labels (n,) of the features (n, d)."""
+        return self.classes[self.logits(features).argmax(axis=1)]
+
+    def score(self, features: np.ndarray, labels: np.ndarray) -> float:
+        """Accuracy on ``features``, ``labels``."""
+        labels = np.asarray(labels)
+        return float((self.predict(features) == labels).mean()) if len(labels) else float("nan")
+
+
+def linear_head(model: Any, layer: str, classifier: str, solver: str,
+                label_names: Sequence[str] | None = None) -> LinearHead:
+    """The :class:`LinearHead` of a fitted probe: a :class:`TorchLogistic`, or a scikit-learn
+    linear model (alone, or after a StandardScaler in a pipeline, as :func:`make_classifier` builds)."""
+    mean: np.ndarray | None
+    scale: np.ndarray | None
+    if isinstance(model, TorchLogistic):
+        classes = np.asarray(model.classes, np.int64)
+        weight = model.linear.weight.detach().double().cpu().numpy()
+        bias = model.linear.bias.detach().double().cpu().numpy()
+        mean, scale = (model.mean.double().cpu().numpy(), model.scale.double().cpu().numpy()) \
+            if model.standardize else (None, None)
+    else:
+        steps = getattr(model, "steps", None)
+        estimator = steps[-1][1] if steps else model
+        scaler = steps[0][1] if steps and len(steps) > 1 else None
+        classes = np.asarray(estimator.classes_, np.int64)
+        weight = np.asarray(estimator.coef_, np.float64)
+        bias = np.asarray(estimator.intercept_, np.float64).reshape(-1)
+        if len(classes) == 2 and weight.shape[0] == 1:
+            # One decision function z for the second class: logits [0, z] have its sign as argmax.
+            weight = np.vstack([np.zeros_like(weight), weight])
+            bias = np.array([0.0, bias[0]])
+        mean = np.asarray(scaler.mean_, np.float64) if scaler is not None and scaler.mean_ is not None else None
+        scale = np.asarray(scaler.scale_, np.float64) if scaler is not None and scaler.scale_ is not None else None
+    names = [label_names[int(c)] if 0 <= int(c) < len(label_names) else str(int(c)) for c in classes] \
+        if label_names is not None else None
+    return LinearHead(layer=layer, classifier=classifier, solver=solver, classes=classes, weight=weight, bias=bias,
+                      mean=mean, scale=scale, class_names=names)
+
+
+HEADS = "_heads"  # the sidecar partition of the saved heads: readers of the table skip "_" folders
+FLOATS64 = pa.list_(pa.float64())
+HEADS_SCHEMA = pa.schema([
+    ("layer", pa.string()), ("classifier", pa.string()), ("solver", pa.string()),
+    ("classes", pa.list_(pa.int64())), ("class_names", pa.list_(pa.string())), ("dims", pa.int64()),
+    ("weight", FLOATS64), ("bias", FLOATS64), ("mean", FLOATS64), ("scale", FLOATS64),
+])
+
+
+def _floats(a: np.ndarray | None) -> list[float] | None:
+    return None if a is None else np.asarray(a, np.float64).reshape(-1).tolist()
+
+
+def heads_table(heads: Sequence[LinearHead]) -> pa.Table:
+    """The heads as a table, one row per head (:data:`HEADS_SCHEMA`; ``weight`` row-major)."""
+    return pa.table({
+        "layer": [h.layer for h in heads],
+        "classifier": [h.classifier for h in heads],
+        "solver": [h.solver for h in heads],
+        "classes": [np.asarray(h.classes, np.int64).tolist() for h in heads],
+        "class_names": [h.class_names for h in heads],
+        "dims": [h.dims for h in heads],
+        "weight": [_floats(h.weight) for h in heads],
+        "bias": [_floats(h.bias) for h in heads],
+        "mean": [_floats(h.mean) for h in heads],
+        "scale": [_floats(h.scale) for h in heads],
+    }, schema=HEADS_SCHEMA)
+
+
+def _vector(values: list[float] | None) -> np.ndarray | None:
+    return None if values is None else np.asarray(values, np.float64)
+
+
+def heads_from_table(table: pa.Table) -> list[LinearHead]:
+    """The heads of a :func:`heads_table` (in its row order)."""
+    heads = []
+    for row in table.to_pylist():
+        classes = np.asarray(row["classes"], np.int64)
+        dims = int(row["dims"])
+        heads.append(LinearHead(
+            layer=row["layer"], classifier=row["classifier"], solver=row["solver"], classes=classes,
+            weight=np.asarray(row["weight"], np.float64).reshape(len(classes), dims),
+            bias=np.asarray(row["bias"], np.float64), mean=_vector(row["mean"]), scale=_vector(row["scale"]),
+            class_names=row["class_names"]))
+    return heads
 
 
 def physical_memory() -> int:
@@ -400,11 +613,37 @@ class Probes(ReduceAnalysis):
         fix = "Use " + ", or ".join(fixes)
         return MemoryPlan(bytes=int(size), what=what, fix=fix)
 
+    def fit(self, x: np.ndarray, y: np.ndarray, ctx: ReduceContext, what: str) -> tuple[Any, str]:
+        """A probe fitted on features ``x`` (a copy of our own: the torch solver standardises it in
+        place) and labels ``y``, and its solver; the fit's warnings go to the log."""
+        p = self.params
+        solver = choose_solver(p.solver, p.classifier, len(y), x.shape[1], ctx.device)
+        model: TorchLogistic | Any
+        if solver == "torch":
+            model = TorchLogistic(C=p.C, max_epochs=p.max_iter, batch_size=p.batch_size, seed=p.seed,
+                                  standardize=p.standardize, device=ctx.device)
+        else:
+            model = make_classifier(p.classifier, p.C, p.max_iter, p.seed, p.standardize)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if isinstance(model, TorchLogistic):
+                model.fit(x, y, inplace=True)
+            else:
+                model.fit(x, y)
+        # E.g. not converged within max_iter: worth knowing, not fatal.
+        for message in dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught if worth_logging(w)):
+            ctx.log(f"probes: {what}: {message}")
+        return model, solver
+
     def reduce(self, inputs: ReduceInputs, ctx: ReduceContext) -> ReduceOutput:
         p = self.params
-        rows: dict[str, list] = {k: [] for k in ("layer", "train_accuracy", "test_accuracy", "n_train", "n_test")}
+        shots = p.shots_per_class or []
+        columns = ("layer", "train_accuracy", "test_accuracy", "n_train", "n_test", "shots", "repeat")
+        rows: dict[str, list] = {k: [] for k in columns}
         solvers: dict[str, str] = {}
         accuracy: dict[str, float] = {}
+        few_shot: dict[str, dict[str, dict[str, float | None]]] = {}
+        heads: list[LinearHead] = []
         first_ids: np.ndarray | None = None
         for layer in p.layers:
             ids, labels, features = read_features(inputs, layer)
@@ -418,30 +657,46 @@ class Probes(ReduceAnalysis):
                 raise ValueError(f"probes: layer {layer!r} has other images than layer {p.layers[0]!r}")
             train, test = split(labels, p.test_size, p.seed, ctx.label_names)
             x_train, x_test = labelled[train], labelled[test]
-            solver = choose_solver(p.solver, p.classifier, len(train), features.shape[1], ctx.device)
-            model: TorchLogistic | Any
-            if solver == "torch":
-                model = TorchLogistic(C=p.C, max_epochs=p.max_iter, batch_size=p.batch_size, seed=p.seed,
-                                      standardize=p.standardize, device=ctx.device)
-            else:
-                model = make_classifier(p.classifier, p.C, p.max_iter, p.seed, p.standardize)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                if isinstance(model, TorchLogistic):
-                    model.fit(features[x_train], labels[train], inplace=True)  # features[x_train] is a copy of our own
-                else:
-                    model.fit(features[x_train], labels[train])
-            # E.g. not converged within max_iter: worth knowing, not fatal.
-            for message in dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught if worth_logging(w)):
-                ctx.log(f"probes: layer {layer!r}: {message}")
+            # features[x_train] is a copy of our own.
+            model, solver = self.fit(features[x_train], labels[train], ctx, f"layer {layer!r}")
             rows["layer"].append(layer)
             solvers[layer] = solver
             rows["train_accuracy"].append(float(model.score(features[x_train], labels[train])))
-            rows["test_accuracy"].append(float(model.score(features[x_test], labels[test])))
+            test_x = features[x_test]  # kept for the few-shot probes' scores
+            rows["test_accuracy"].append(float(model.score(test_x, labels[test])))
             rows["n_train"].append(len(train))
             rows["n_test"].append(len(test))
+            rows["shots"].append(None)
+            rows["repeat"].append(None)
             accuracy[layer] = rows["test_accuracy"][-1]
-            del features, model  # before the next layer's are read
+            heads.append(linear_head(model, layer, p.classifier, solver, ctx.label_names))
+            del model
+            if shots:
+                classes, counts = np.unique(labels[train], return_counts=True)
+                short = [f"{_class_name(int(c), ctx.label_names)}: {n}" for c, n in zip(classes, counts)
+                         if n < shots[-1]]
+                if short and layer == p.layers[0]:
+                    ctx.log(f"probes: {len(short)} class(es) have fewer training images than {shots[-1]} shots "
+                            f"and give all they have ({', '.join(short[:10])})")
+                few_shot[layer] = {}
+                for k in shots:
+                    scores = []
+                    for repeat in range(p.repeats):
+                        chosen = few_shot_indices(labels, train, k, p.seed, repeat, ctx.label_names)
+                        model, _ = self.fit(features[labelled[chosen]], labels[chosen], ctx,
+                                            f"layer {layer!r}, {k} shots, repeat {repeat}")
+                        rows["layer"].append(layer)
+                        rows["train_accuracy"].append(float(model.score(features[labelled[chosen]], labels[chosen])))
+                        rows["test_accuracy"].append(float(model.score(test_x, labels[test])))
+                        rows["n_train"].append(len(chosen))
+                        rows["n_test"].append(len(test))
+                        rows["shots"].append(k)
+                        rows["repeat"].append(repeat)
+                        scores.append(rows["test_accuracy"][-1])
+                        del model
+                    few_shot[layer][str(k)] = {"mean": float(np.mean(scores)),
+                                               "std": float(np.std(scores, ddof=1)) if len(scores) > 1 else None}
+            del features, test_x  # before the next layer's are read
         table = pa.table({
             "layer": pa.array(rows["layer"], pa.string()),
             "classifier": pa.array([p.classifier] * len(rows["layer"]), pa.string()),
@@ -450,4 +705,9 @@ class Probes(ReduceAnalysis):
             "n_train": pa.array(rows["n_train"], pa.int64()),
             "n_test": pa.array(rows["n_test"], pa.int64()),
         })
-        return ReduceOutput(tables={"": table}, stats={"test_accuracy": accuracy, "solver": solvers})
+        stats: dict[str, Any] = {"test_accuracy": accuracy, "solver": solvers}
+        if shots:
+            table = table.append_column("shots", pa.array(rows["shots"], pa.int64()))
+            table = table.append_column("repeat", pa.array(rows["repeat"], pa.int64()))
+            stats["few_shot_test_accuracy"] = few_shot
+        return ReduceOutput(tables={"": table, HEADS: heads_table(heads)}, stats=stats)

@@ -70,9 +70,10 @@ def bar_chart(values: Sequence[tuple[str, float]], title: str, top: float = 1.0,
 
 
 def line_chart(x_labels: Sequence[str], series: Sequence[tuple[str, Sequence[float], Sequence[float], Sequence[float]]],
-               title: str, y_label: str = "") -> Markup:
+               title: str, y_label: str = "", x_label: str = "", error_bars: bool = False) -> Markup:
     """One line per ``(name, values, lo, hi)`` over the points ``x_labels`` (NaN: no point), with
-    a shaded band from ``lo`` to ``hi``."""
+    a shaded band from ``lo`` to ``hi``, or with ``error_bars`` a bar from ``lo`` to ``hi`` at each
+    point (NaN: none)."""
     fig = Figure(figsize=(6.4, 3.2))
     ax = fig.add_subplot()
     x = np.arange(len(x_labels))
@@ -80,10 +81,17 @@ def line_chart(x_labels: Sequence[str], series: Sequence[tuple[str, Sequence[flo
         colour = np.array(PALETTE[s % len(PALETTE)]) / 255
         v, low, high = (np.array([np.nan if a is None else float(a) for a in arr], dtype=float)
                         for arr in (values, lo, hi))
-        ax.fill_between(x, low, high, color=colour, alpha=0.18, linewidth=0)
-        ax.plot(x, v, marker="o", markersize=3, color=colour, label=plain_text(name))
+        if error_bars:
+            below, above = np.nan_to_num(v - low, nan=0.0), np.nan_to_num(high - v, nan=0.0)
+            ax.errorbar(x, v, yerr=np.vstack([np.maximum(below, 0), np.maximum(above, 0)]), marker="o",
+                        markersize=3, color=colour, capsize=3, linewidth=1.2, label=plain_text(name))
+        else:
+            ax.fill_between(x, low, high, color=colour, alpha=0.18, linewidth=0)
+            ax.plot(x, v, marker="o", markersize=3, color=colour, label=plain_text(name))
     ax.set_xticks(x, [plain_text(label) for label in x_labels], fontsize=7, rotation=30, ha="right")
     ax.set_ylabel(plain_text(y_label), fontsize=8)
+    if x_label:
+        ax.set_xlabel(plain_text(x_label), fontsize=8)
     ax.set_title(plain_text(title), fontsize=9, loc="left")
     ax.spines[["top", "right"]].set_visible(False)
     ax.tick_params(axis="y", labelsize=7)

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from jobs.core.base import safe_key
 from pipeline.errors import UserError
 from pipeline.store import Store
-from pipeline.writers import SHARDS, SUCCESS
+from pipeline.writers import SHARDS, SUCCESS, table_part
 
 
 class Run:
@@ -43,9 +43,9 @@ class Run:
         return self.store.is_file(f"{entry}/{SUCCESS}")
 
     def parts(self, entry: str) -> list[str]:
-        """The entry's Parquet parts (paths relative to the run), partitions included, sorted."""
-        return [f for f in self.store.files(entry, recursive=True)
-                if f.rsplit("/", 1)[-1].startswith("part-") and f.endswith(".parquet")]
+        """The entry's Parquet parts (paths relative to the run), partitions included, sorted;
+        sidecar tables (folders starting with ``_``, as ``probes/_heads``) are not among them."""
+        return [f for f in self.store.files(entry, recursive=True) if table_part(f[len(entry) + 1:])]
 
     def schema(self, part: str):
         with self.store.open_input(part) as f:

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 from markupsafe import Markup
 
 from jobs.core.base import safe_key
-from pipeline.report.charts import bar_chart
+from pipeline.report.charts import bar_chart, line_chart
 from pipeline.report.html import esc, figure, num, render, script_json, table_html
 from pipeline.report.run import Run
 from pipeline.report.views.base import Page, view
@@ -38,13 +38,47 @@ def predictions(page: Page) -> Markup:
     return predictions_body(page.run, page.entry)
 
 
+def few_shot_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Per layer (in table order) and shot count: the few-shot rows' test accuracy, mean and
+    sample std over the draws (NaN for one draw), the draws and the mean training images."""
+    few = df[df.shots.notna()].astype({"shots": int})
+    if not len(few):
+        return pd.DataFrame(columns=["layer", "shots", "mean", "std", "draws", "n_train"])
+    summary = few.groupby(["layer", "shots"], sort=False).agg(
+        mean=("test_accuracy", "mean"), std=("test_accuracy", "std"), draws=("test_accuracy", "size"),
+        n_train=("n_train", "mean")).reset_index()
+    order = {layer: i for i, layer in enumerate(dict.fromkeys(df.layer))}
+    return summary.sort_values(["layer", "shots"], key=lambda c: c.map(order) if c.name == "layer" else c,
+                               kind="stable").reset_index(drop=True)
+
+
+def few_shot_section(df: pd.DataFrame) -> Markup:
+    """Test accuracy against training images per class, a line per layer with ±1 std bars
+    (Zeiler & Fergus 2014, Tables 4-5), and the numbers beside."""
+    summary = few_shot_summary(df)
+    shots = sorted(summary.shots.unique())
+    series = []
+    for layer, rows in summary.groupby("layer", sort=False):
+        by = rows.set_index("shots")
+        mean = [float(by["mean"].get(k, np.nan)) for k in shots]
+        std = [float(by["std"].get(k, np.nan)) for k in shots]
+        series.append((str(layer), mean, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)]))
+    chart = line_chart([str(k) for k in shots], series, "few-shot linear probe test accuracy (mean ± std over draws)",
+                       y_label="test accuracy", x_label="training images per class", error_bars=True)
+    return chart + table_html(summary)
+
+
 @view("probes")
 def probes(page: Page) -> Markup:
     df = page.run.table(page.entry)
-    chart = bar_chart([(f"{r.layer} ({r.classifier})", r.test_accuracy) for r in df.itertuples()],
+    full = df[df.shots.isna()] if "shots" in df.columns else df
+    chart = bar_chart([(f"{r.layer} ({r.classifier})", r.test_accuracy) for r in full.itertuples()],
                       "linear probe accuracy per layer",
-                      series=[("test", list(df.test_accuracy)), ("train", list(df.train_accuracy))])
-    return render("cards.html", sections=[("", chart + table_html(df))])
+                      series=[("test", list(full.test_accuracy)), ("train", list(full.train_accuracy))])
+    sections = [("", chart + table_html(full.drop(columns=["shots", "repeat"], errors="ignore")))]
+    if "shots" in df.columns and df.shots.notna().any():
+        sections.append(("Few-shot", few_shot_section(df)))
+    return render("cards.html", sections=sections)
 
 
 @view("activation_stats")

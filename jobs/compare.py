@@ -16,7 +16,7 @@ Sign convention: every ``delta`` is B minus A (positive: B is higher). The thres
   image sets.
 - attribution entries (a ``map`` or ``prob_map`` column): :func:`map_correlations`, the
   Pearson correlation of the two maps of one image and target.
-- ``probes`` entries: :func:`probe_change`, test accuracy per layer.
+- ``probes`` entries: :func:`probe_change`, test accuracy per layer and shot count.
 """
 
 from __future__ import annotations
@@ -58,9 +58,11 @@ SCHEMAS: dict[str, pa.Schema] = {
     "attribution": pa.schema([
         ENTRY, IMAGE_ID, LABEL, ("method", pa.string()), ("target", pa.int64()), ("neuron_layer", pa.string()),
         ("neuron_channel", pa.int64()), ("correlation", pa.float64())]),
-    # One row per (entry, layer, classifier) of probes, full-data fits only.
+    # One row per (entry, layer, classifier, shots) of probes: the full-data fit (shots null),
+    # then the few-shot fits' mean over their repeats.
     "probes": pa.schema([
-        ENTRY, ("layer", pa.string()), ("classifier", pa.string()), ("test_accuracy_a", pa.float64()),
+        ENTRY, ("layer", pa.string()), ("classifier", pa.string()), ("shots", pa.int64()),
+        ("test_accuracy_a", pa.float64()),
         ("test_accuracy_b", pa.float64()), ("delta", pa.float64()), ("train_accuracy_a", pa.float64()),
         ("train_accuracy_b", pa.float64()), ("n_test_a", pa.int64()), ("n_test_b", pa.int64())]),
     # One row per entry that could not be compared, and the run(s) it is missing from.
@@ -389,22 +391,34 @@ def map_correlations(a: pd.DataFrame, b: pd.DataFrame, entry: str) -> pd.DataFra
 # ----------------------------------------------------------------------------- probes
 
 
-def full_fit(probes: pd.DataFrame) -> pd.DataFrame:
-    """The probes fitted on all training data: rows whose ``shots`` is null where the table has
-    that column (few-shot rows name their shots and repeat), every row otherwise.
+def probe_rows(probes: pd.DataFrame) -> pd.DataFrame:
+    """One row per (layer, classifier, shots): the full-data fit as it is (``shots`` null), and per
+    shot count the mean of its repeats (test and train accuracy; ``n_test`` of the first draw).
 
-    >>> full_fit(pd.DataFrame({"layer": ["l1", "l1"], "shots": [None, 5]})).layer.tolist()
-    ['l1']
+    >>> t = pd.DataFrame({"layer": ["l1"] * 3, "classifier": ["logistic"] * 3, "shots": [None, 2, 2],
+    ...                   "repeat": [None, 0, 1], "test_accuracy": [0.9, 0.5, 0.7],
+    ...                   "train_accuracy": [1.0, 1.0, 1.0], "n_test": [4, 4, 4]})
+    >>> probe_rows(t)[["layer", "shots", "test_accuracy"]].values.tolist()
+    [['l1', nan, 0.9], ['l1', 2.0, 0.6]]
     """
-    if "shots" in probes.columns:
-        probes = probes[probes["shots"].isna()]
-    return probes.reset_index(drop=True)
+    out = pd.DataFrame({"layer": probes["layer"].astype(str),
+                        "classifier": probes["classifier"].astype(str) if "classifier" in probes.columns else "",
+                        "shots": pd.to_numeric(probes["shots"], errors="coerce") if "shots" in probes.columns
+                        else np.nan})
+    for col in ("test_accuracy", "train_accuracy", "n_test"):
+        out[col] = pd.to_numeric(probes[col], errors="coerce") if col in probes.columns else np.nan
+    full = out[out["shots"].isna()].drop_duplicates(["layer", "classifier"], keep="first")
+    few = (out[out["shots"].notna()]
+           .groupby(["layer", "classifier", "shots"], sort=False, as_index=False)
+           .agg(test_accuracy=("test_accuracy", "mean"), train_accuracy=("train_accuracy", "mean"),
+                n_test=("n_test", "first")))
+    return pd.concat([full, few], ignore_index=True)
 
 
 def probe_change(a: pd.DataFrame, b: pd.DataFrame, entry: str) -> pd.DataFrame:
-    """Per layer (and classifier), the probes' test accuracy in each run and its change
-    ``delta = test_accuracy_b - test_accuracy_a``; a layer only one run probed has NaN on the
-    other side. Only full-data fits count (:func:`full_fit`).
+    """Per layer, classifier and shot count (:func:`probe_rows`: the full-data fit, and the mean
+    over repeats of each few-shot fit), the probes' test accuracy in each run and its change
+    ``delta = test_accuracy_b - test_accuracy_a``; a row only one run has is NaN on the other side.
 
     >>> a = pd.DataFrame({"layer": ["l1", "l2"], "classifier": ["logistic"] * 2, "train_accuracy": [1.0, 1.0],
     ...                   "test_accuracy": [0.5, 0.75], "n_train": [6, 6], "n_test": [4, 4]})
@@ -412,20 +426,16 @@ def probe_change(a: pd.DataFrame, b: pd.DataFrame, entry: str) -> pd.DataFrame:
     >>> probe_change(a, b, "probes")[["layer", "delta"]].values.tolist()
     [['l1', 0.25], ['l2', -0.25]]
     """
-    def side(df: pd.DataFrame) -> pd.DataFrame:
-        df = full_fit(df)
-        out = pd.DataFrame({"layer": df["layer"].astype(str),
-                            "classifier": df["classifier"].astype(str) if "classifier" in df.columns else ""})
-        for col in ("test_accuracy", "train_accuracy", "n_test"):
-            out[col] = pd.to_numeric(df[col], errors="coerce") if col in df.columns else np.nan
-        return out.drop_duplicates(["layer", "classifier"], keep="first")
-
-    sa, sb = side(a), side(b)
-    order = list(dict.fromkeys(list(zip(sa["layer"], sa["classifier"])) + list(zip(sb["layer"], sb["classifier"]))))
-    m = sa.merge(sb, on=["layer", "classifier"], how="outer", suffixes=("_a", "_b"))
+    keys = ["layer", "classifier", "shots"]
+    sa, sb = probe_rows(a), probe_rows(b)
+    # -1 stands for "full data" while merging: NaN keys do not match in a merge on every pandas.
+    sa["shots"], sb["shots"] = sa["shots"].fillna(-1), sb["shots"].fillna(-1)
+    order = list(dict.fromkeys([*map(tuple, sa[keys].values.tolist()), *map(tuple, sb[keys].values.tolist())]))
+    m = sa.merge(sb, on=keys, how="outer", suffixes=("_a", "_b"))
     rank = {key: i for i, key in enumerate(order)}
-    m = m.assign(_order=[rank[k] for k in zip(m["layer"], m["classifier"])]).sort_values("_order")
+    m = m.assign(_order=[rank[tuple(k)] for k in m[keys].values.tolist()]).sort_values("_order")
     m["delta"] = m["test_accuracy_b"] - m["test_accuracy_a"]
     m["classifier"] = m["classifier"].replace("", None)
+    m["shots"] = m["shots"].where(m["shots"] >= 0).astype("Int64")
     m["entry"] = entry
     return m[SCHEMAS["probes"].names].reset_index(drop=True)

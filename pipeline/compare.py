@@ -8,7 +8,7 @@ committed with the same type are compared with the pure functions of :mod:`jobs.
 predictions   ``accuracy/`` (one row per entry), ``per_class/``, ``flips/``
 top_patches   ``channels/``: overlap of each channel's top-k image sets
 attribution   ``attribution/``: correlation of the two maps of each image and target
-probes        ``probes/``: test accuracy per layer (full-data fits)
+probes        ``probes/``: test accuracy per layer, full-data fits and few-shot means
 ============  =====================================================================
 
 Entries only one run committed, or committed with different types, are rows of
@@ -44,7 +44,7 @@ from pipeline.report.charts import bar_chart
 from pipeline.report.html import render, table_html
 from pipeline.report.site import ASSETS
 from pipeline.store import Store, is_uri
-from pipeline.writers import SUCCESS
+from pipeline.writers import SUCCESS, table_part
 
 KIND = "convscope-compare"  # summary.json's "kind": marks a folder compare may replace
 TABLES = ("accuracy", "per_class", "flips", "channels", "attribution", "probes", "unmatched")
@@ -122,8 +122,8 @@ class RunFolder:
         return (self.info.get("dataset") or {}).get("label_names")
 
     def parts(self, entry: str) -> list[str]:
-        return [f for f in self.store.files(entry, recursive=True)
-                if f.rsplit("/", 1)[-1].startswith("part-") and f.endswith(".parquet")]
+        # The entry's own table only: sidecars (``probes/_heads``) are not its rows.
+        return [f for f in self.store.files(entry, recursive=True) if table_part(f[len(entry) + 1:])]
 
     def read_part(self, entry: str, part: str, wanted: Sequence[str]) -> pd.DataFrame:
         """One Parquet part, the ``wanted`` columns it has, Hive partition values as columns."""

@@ -22,7 +22,7 @@ ANALYSES = [
      "per_class": True, "render": False},
     {"type": "saliency", "target": "label", "render": False, "metrics": False},
     {"type": "grad_cam", "layer": "relu3", "target": {"top": 2}, "render": False, "metrics": False},
-    {"type": "probes", "layers": ["relu2", "relu4"]},
+    {"type": "probes", "layers": ["relu2", "relu4"], "shots_per_class": [1, 2], "repeats": 2},
 ]
 
 
@@ -141,11 +141,19 @@ def test_attribution_correlations_against_corrcoef(runs, compared):
 
 
 def test_probes_per_layer(runs, compared):
-    a, b = (pd.read_parquet(r / "probes").set_index("layer") for r in runs)
-    probes = table(compared, "probes").set_index("layer")
-    assert list(probes.index) == ["relu2", "relu4"]
-    assert np.allclose(probes.test_accuracy_a, a.test_accuracy.loc[probes.index])
-    assert np.allclose(probes.delta, b.test_accuracy.loc[probes.index] - a.test_accuracy.loc[probes.index])
+    """Full-data fits as they are; few-shot fits as the mean of their repeats (a pandas groupby)."""
+    tables = [pd.read_parquet(r / "probes") for r in runs]
+    probes = table(compared, "probes")
+    full = probes[probes.shots.isna()].set_index("layer")
+    a, b = (t[t.shots.isna()].set_index("layer") for t in tables)
+    assert list(full.index) == ["relu2", "relu4"]
+    assert np.allclose(full.test_accuracy_a, a.test_accuracy.loc[full.index])
+    assert np.allclose(full.delta, b.test_accuracy.loc[full.index] - a.test_accuracy.loc[full.index])
+    means = [t[t.shots.notna()].groupby(["layer", "shots"]).test_accuracy.mean() for t in tables]
+    few = probes[probes.shots.notna()].set_index(["layer", "shots"]).sort_index()
+    assert list(few.index) == [(layer, shots) for layer in ("relu2", "relu4") for shots in (1, 2)]
+    assert np.allclose(few.test_accuracy_a, means[0].loc[few.index])
+    assert np.allclose(few.delta, means[1].loc[few.index] - means[0].loc[few.index])
 
 
 def test_fail_on_exit_codes(runs, compared, tmp_path, capsys):

@@ -6,6 +6,7 @@ Its known accuracy on these files (81.0%) checks decoding, preprocessing and loa
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from jobs.attribution.base import ATTRIBUTION
 from pipeline.execute import run_manifest
@@ -13,77 +14,85 @@ from pipeline.manifest import load_manifest
 
 from .conftest import ROOT, needs_shared, smaller
 
-# What test_cifar10_manifest runs smaller than the manifest does. Most of the manifest's time
-# is not its dataset pass but the attribution of 500 images by eight methods (deletion and
-# insertion scoring alone is 34 forwards per map: 136,000 forwards against the pass's 10,000),
-# then t-SNE and UMAP of all 10,000 images. The test runs every analysis on the real data, with
-# attribution on 50 images, 100 neighbour queries, t-SNE and UMAP of a 2,000-image sample, and
-# fewer units of the two views nothing here reads, the sanity checks on 4 images (every map again
-# per randomised block, class, noisy copy and ROAD point) and the adversarial search on 20. What
-# the assertions read (the whole pass's predictions and features, the class models, the
-# inversions) is as the manifest has it.
-SAMPLE, QUERIES, EMBEDDED, CHECKED = 50, 100, 2000, 4
+# What the cifar10 run below does smaller than the manifest. Most of the manifest's time is not
+# its dataset pass but the attribution of 500 images by eight methods (deletion and insertion
+# scoring alone is 34 forwards per map: 136,000 forwards against the pass's 10,000), then t-SNE
+# and UMAP of all 10,000 images. The tests run every analysis on the real data, with attribution
+# on 50 images, 100 neighbour queries, t-SNE and UMAP of a 2,000-image sample, fewer units of the
+# two views nothing here reads, the sanity checks on 4 images (every map again per randomised
+# block, class, noisy copy and ROAD point), the adversarial search on 20 and the class facets
+# clustered from 300 images, not 1,000. What the assertions read (the whole pass's predictions,
+# features and probes, the class models, the inversions) is as the manifest has it.
+SAMPLE, QUERIES, EMBEDDED, CHECKED, FACET_SAMPLE = 50, 100, 2000, 4, 300
 SMALLER = {**{name: {"sample.n": SAMPLE} for name in ATTRIBUTION},
            "neighbours": {"queries.sample": QUERIES}, "embedding": {"max_points": EMBEDDED},
            "neuron_ascent": {"channels": [0, 1]}, "deepdream": {"sample.n": 1},
-           "sanity_checks": {"sample.n": CHECKED}, "adversarial": {"sample.n": 20}}
+           "sanity_checks": {"sample.n": CHECKED}, "adversarial": {"sample.n": 20},
+           "class_model": {"facets.sample.n": FACET_SAMPLE}}
+
+
+@pytest.fixture(scope="module")
+def cifar10(ray_session, tmp_path_factory):
+    """One run of the shipped manifest (smaller as above) and, beside its probes, the same probes
+    fitted by the torch solver on the full data: every test below reads this one 10,000-image pass."""
+    path = ROOT / "manifests" / "cifar10.yaml"
+    out = tmp_path_factory.mktemp("cifar10") / "run"
+    manifest = load_manifest(path, output=out, overrides=smaller(path, SMALLER))
+    probes = next(a for a in manifest.analyses if a.type == "probes")
+    full = {"shots_per_class": None, "repeats": 1}  # the full-data probes only
+    manifest.analyses.append(probes.model_copy(update={"solver": "torch", "name": "probes_torch", **full}))
+    return manifest, run_manifest(manifest, log=lambda m: None), out
 
 
 @needs_shared
-def test_cifar10_manifest(ray_session, tmp_path):
+def test_cifar10_manifest(cifar10):
     """Accuracy and features, and the model-level views of the trained network."""
-    path = ROOT / "manifests" / "cifar10.yaml"
-    manifest = load_manifest(path, output=tmp_path / "cifar10", overrides=smaller(path, SMALLER))
-    result = run_manifest(manifest, log=lambda m: None)
+    manifest, result, out = cifar10
     assert result.ok and result.errors == 0
     # Every attribution method mapped the same seeded sample, one map per image (eight methods
     # explaining the predicted class, and one unit's guided-backprop projection).
     methods = [p.entry_name for p in manifest.analyses if p.type in ATTRIBUTION]
     assert len(methods) == 9 and "neuron_guided_backprop" in methods
-    samples = {name: set(pd.read_parquet(tmp_path / "cifar10" / name, columns=["image_id"]).image_id)
-               for name in methods}
+    samples = {name: set(pd.read_parquet(out / name, columns=["image_id"]).image_id) for name in methods}
     assert all(len(ids) == SAMPLE for ids in samples.values()), {k: len(v) for k, v in samples.items()}
     assert all(ids == samples[methods[0]] for ids in samples.values())
     assert result.analyses["embedding"]["points"] == EMBEDDED
-    pred = pd.read_parquet(tmp_path / "cifar10" / "predictions")
+    pred = pd.read_parquet(out / "predictions")
     assert len(pred) == 10_000 and pred.image_id.is_unique
     accuracy = (pred.pred == pred.label).mean()
     assert abs(accuracy - 0.810) <= 0.003, f"top-1 accuracy {accuracy:.4f}, expected 0.810 +- 0.003"
-    feats = pd.read_parquet(tmp_path / "cifar10" / "features")
+    feats = pd.read_parquet(out / "features")
     assert feats.groupby("layer", observed=True).size().to_dict() == {"layer1": 10_000, "layer2": 10_000,
                                                                       "layer3": 10_000}
     dims = feats.groupby("layer", observed=True).vector.apply(lambda v: len(v.iloc[0])).to_dict()
     assert dims == {"layer1": 16, "layer2": 32, "layer3": 64}
     # Class models of all ten classes, each called its class by the model.
-    models = pd.read_parquet(tmp_path / "cifar10" / "class_model")
+    models = pd.read_parquet(out / "class_model")
     assert sorted(models["class"].unique()) == list(range(10))
     assert (models.probability > 0.9).all() and (models.predicted == models["class"]).all()
     assert (models.final_value > models.start_value + 20).all()
     # The neuron-level entries: projections of every top patch, the strongest map per image, a
     # facet per class and cluster, a search per sampled image.
-    top = pd.read_parquet(tmp_path / "cifar10" / "top_patches")
+    top = pd.read_parquet(out / "top_patches")
     assert len(top) == 9 * (16 + 32 + 64)
     assert all(len(p) == 3 * (b[3] - b[1]) * (b[2] - b[0]) for p, b in zip(top.projection_deconvnet, top.box))
-    occlusion = pd.read_parquet(tmp_path / "cifar10" / "occlusion")
+    occlusion = pd.read_parquet(out / "occlusion")
     assert occlusion.feature_channel.between(0, 63).all()
     assert occlusion.feature_projection.map(len).eq(3 * 32 * 32).all()
-    facets = pd.read_parquet(tmp_path / "cifar10" / "class_model_facets")
+    facets = pd.read_parquet(out / "class_model_facets")
     assert len(facets) == 30 and set(facets.facet) == {0, 1, 2}
-    assert len(pd.read_parquet(tmp_path / "cifar10" / "adversarial")) == 20
+    assert len(pd.read_parquet(out / "adversarial")) == 20
     # Inversion keeps more of the image at layer1 than at layer3.
-    inversion = pd.read_parquet(tmp_path / "cifar10" / "inversion")
+    inversion = pd.read_parquet(out / "inversion")
     error = inversion.groupby("layer").pixel_error.mean()
     assert error["layer1"] < error["layer2"] < error["layer3"], error.to_dict()
 
 
 @needs_shared
-def test_cifar10_probes_rise_with_depth(ray_session, tmp_path):
+def test_cifar10_probes_rise_with_depth(cifar10):
     """Zeiler & Fergus' Table 7 on CIFAR-10: a linear probe reads more from deeper layers."""
-    manifest = load_manifest(ROOT / "manifests" / "cifar10.yaml", output=tmp_path / "probes")
-    manifest.analyses = [a for a in manifest.analyses if a.type == "probes"]
-    result = run_manifest(manifest, log=lambda m: None)
-    assert result.ok, result.analyses
-    table = pd.read_parquet(tmp_path / "probes" / "probes")
+    _, result, out = cifar10
+    table = pd.read_parquet(out / "probes")
     probes = table[table.shots.isna()].set_index("layer")  # the full-data rows
     acc = probes.test_accuracy
     assert acc["layer1"] < acc["layer2"] < acc["layer3"], acc.to_dict()
@@ -99,17 +108,14 @@ def test_cifar10_probes_rise_with_depth(ray_session, tmp_path):
 
 
 @needs_shared
-def test_cifar10_torch_probes_agree_with_scikit_learn(ray_session, tmp_path):
-    """The minibatch torch solver and scikit-learn's lbfgs, the reference, on the same CIFAR-10
-    features and split: test accuracy within half a point at every layer."""
-    manifest = load_manifest(ROOT / "manifests" / "cifar10.yaml", output=tmp_path / "probes")
-    probes = next(a for a in manifest.analyses if a.type == "probes")
-    full = {"shots_per_class": None, "repeats": 1}  # the full-data probes only
-    manifest.analyses = [probes.model_copy(update={"solver": "sklearn", **full}),
-                         probes.model_copy(update={"solver": "torch", "name": "probes_torch", **full})]
-    result = run_manifest(manifest, log=lambda m: None)
-    assert result.ok, result.analyses
-    reference = pd.read_parquet(tmp_path / "probes" / "probes").set_index("layer").test_accuracy
-    fitted = pd.read_parquet(tmp_path / "probes" / "probes_torch").set_index("layer").test_accuracy
+def test_cifar10_torch_probes_agree_with_scikit_learn(cifar10):
+    """The minibatch torch solver and the manifest's probes (scikit-learn's lbfgs on a CPU, the
+    reference) on the same CIFAR-10 features and split: test accuracy within half a point at every layer."""
+    manifest, result, out = cifar10
+    table = pd.read_parquet(out / "probes")
+    assert set(result.analyses["probes"]["solver"].values()) == {"sklearn"}
+    reference = table[table.shots.isna()].set_index("layer").test_accuracy
+    fitted = pd.read_parquet(out / "probes_torch").set_index("layer").test_accuracy
     assert (abs(fitted - reference) <= 0.005).all(), pd.DataFrame({"sklearn": reference, "torch": fitted})
-    assert result.analyses["probes_torch"]["solver"] == {layer: "torch" for layer in probes.layers}
+    layers = next(a for a in manifest.analyses if a.type == "probes").layers
+    assert result.analyses["probes_torch"]["solver"] == {layer: "torch" for layer in layers}

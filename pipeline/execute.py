@@ -67,18 +67,25 @@ class RunResult:
 
 
 def versions() -> dict[str, str]:
+    """The versions of what produced a run, for run.json. torchvision's comes from its package
+    metadata: a run that never needs torchvision does not import it (about 2 s) just to name it."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import pandas
     import PIL
     import pydantic
     import ray
     import torch
-    import torchvision
 
     from pipeline import __version__
 
+    try:
+        vision = version("torchvision")
+    except PackageNotFoundError:
+        vision = "not installed"
     return {
         "convscope": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
-        "torchvision": torchvision.__version__, "ray": ray.__version__, "pyarrow": pa.__version__,
+        "torchvision": vision, "ray": ray.__version__, "pyarrow": pa.__version__,
         "pandas": pandas.__version__, "pillow": PIL.__version__, "pydantic": pydantic.__version__,
     }
 

@@ -26,9 +26,13 @@ from jobs.core.base import (
     ReduceOutput,
     Rendered,
     TableInputs,
+    TrainAnalysis,
+    TrainData,
+    TrainOutput,
     register,
 )
 
 __all__ = ["REGISTRY", "Analysis", "AnalysisParams", "LocalContext", "MapAnalysis", "MapBatch", "MapOutput",
            "MemoryPlan", "ModelAnalysis", "ModelContext", "ReduceAnalysis",
-           "ReduceContext", "ReduceInputs", "ReduceOutput", "Rendered", "TableInputs", "register"]
+           "ReduceContext", "ReduceInputs", "ReduceOutput", "Rendered", "TableInputs", "TrainAnalysis",
+           "TrainData", "TrainOutput", "register"]

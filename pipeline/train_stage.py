@@ -6,8 +6,8 @@ Per entry, on the driver::
                     ─► one TrainData in the object store
                     ─► TorchTrainer: ``workers`` Ray Train workers (gloo on CPUs, NCCL on GPUs),
                         each loads the model and runs analysis.fit on the same data;
-                        worker 0 reports its rows and stats with a checkpoint (model.pt)
-                    ─► the table, _split.parquet and model.pt ─► ledger ─► commit
+                        worker 0 reports its rows and stats with a checkpoint (the weights)
+                    ─► the table, _split.parquet and _model.pt ─► ledger ─► commit
 
 The images go to the workers as one object in Ray's object store (uint8 pixels, read in place
 by every worker on a node), not as a Ray Data stream: fine-tuning visits the same images every
@@ -47,12 +47,18 @@ from pipeline.writers import BlockRecord, FileRecord, Result, StagedEntry, as_ta
 
 Log = Callable[[str], None]
 
-MODEL_FILE = "model.pt"
-# Beside the entry's table; the leading underscore keeps dataset readers (pandas, pyarrow,
-# duckdb reading the entry folder) to the table's own parts, as with _SUCCESS and _shards.
+# Beside the entry's table. The leading underscore keeps dataset readers (pandas, pyarrow, duckdb
+# given the entry folder) to the table's own parts, as with _SUCCESS and _shards: they read every
+# other file of the folder as a part of the table.
+MODEL_FILE = "_model.pt"
 SPLIT_FILE = "_split.parquet"
+CHECKPOINT_FILE = "model.pt"  # in Ray Train's checkpoint
 TRAIN_DIR = "_train"  # Ray Train's storage for the run, inside the entry's staging folder
 DECODE_CHUNK = 1024  # images per decode task
+# How often Ray Train's controller polls its workers (Ray's default: 2 s). A fine-tune of a few
+# epochs is short, and each poll it waits for at the end is time the run waits too; a value set
+# in the environment is kept.
+POLL_ENV, POLL_SECONDS = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
 
 
 def _decode(source: ImageSource, ids: list[str]) -> dict[str, np.ndarray]:
@@ -83,10 +89,11 @@ def train_worker(config: dict[str, Any]) -> None:
 
     from pipeline.models import load_model, spec_from_json
 
-    if config["threads"]:
-        torch.set_num_threads(config["threads"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    if not config["use_gpu"]:
+        # A fixed thread count (Ray starts workers with one): results depend on it, by rounding.
+        torch.set_num_threads(config["threads"] or max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
     entry = config["entry"]
     params = REGISTRY[entry["type"]].Params.model_validate(entry)
@@ -105,7 +112,7 @@ def train_worker(config: dict[str, Any]) -> None:
         checkpoint = None
         if rank == 0:
             state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            torch.save(state, os.path.join(folder, MODEL_FILE))
+            torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
             with open(os.path.join(folder, "output.json"), "w") as f:
                 json.dump({"rows": output.rows, "stats": output.stats, "log": messages}, f)
             checkpoint = ray.train.Checkpoint.from_directory(folder)
@@ -185,12 +192,16 @@ def fit_on_ray(manifest: Manifest, analysis: TrainAnalysis, data: TrainData, sta
 
     ex = manifest.execution
     workers = analysis.workers()
-    threads = ex.threads_per_worker or (None if use_gpu else max(1, (os.cpu_count() or 1) // workers))
+    threads = ex.threads_per_worker  # default: the node's CPUs shared by its workers
     config = {"entry": analysis.params.model_dump(mode="json"), "model": manifest.model.model_dump(mode="json"),
               "data": ray.put(data), "threads": threads, "use_gpu": use_gpu}
     rel = f"{staged.staging}/{TRAIN_DIR}"
     staged.store.delete(rel)
     path, filesystem = _storage(staged.store, rel)
+    # Ray Train hands this variable on to its controller when the trainer is made.
+    polled = POLL_ENV not in os.environ
+    if polled:
+        os.environ[POLL_ENV] = POLL_SECONDS
     trainer = TorchTrainer(
         train_worker, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
@@ -207,9 +218,11 @@ def fit_on_ray(manifest: Manifest, analysis: TrainAnalysis, data: TrainData, sta
         with result.checkpoint.as_directory() as folder:
             with open(os.path.join(folder, "output.json")) as f:
                 output = json.load(f)
-            with open(os.path.join(folder, MODEL_FILE), "rb") as g:
+            with open(os.path.join(folder, CHECKPOINT_FILE), "rb") as g:
                 weights = g.read()
     finally:
+        if polled:
+            os.environ.pop(POLL_ENV, None)
         staged.store.delete(rel)
     return output, weights
 

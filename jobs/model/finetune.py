@@ -41,7 +41,7 @@ Which parameters train:
 Modules with no trained parameter stay in eval mode while training: their BatchNorm statistics
 are not updated and dropout is off, so with ``train_layers: head`` every other parameter and
 buffer is bit-identical to the pretrained model's (a fixed feature extractor). Trained
-modules are in train mode. The head keeps its shape, so the fine-tuned ``model.pt`` loads
+modules are in train mode. The head keeps its shape, so the fine-tuned ``_model.pt`` loads
 into the manifest's model as ``model.weights``; labels must be classes of the model.
 
 Training is plain SGD with momentum and weight decay (on trained parameters only), constant
@@ -63,13 +63,15 @@ model before training): ``epoch``, ``phase`` (start | head | fine_tune), ``phase
 epoch), ``held_out_loss``, ``held_out_accuracy``, ``lr_head``, ``lr_body`` (null when the
 phase trains the head only), ``trained`` (the trained modules), ``trainable_parameters``,
 ``seconds``. Beside it: ``_split.parquet`` (``image_id``, ``label``, ``split``: train |
-held_out) and ``model.pt`` (the fine-tuned state dict). run.json: the final and the starting
+held_out) and ``_model.pt`` (the fine-tuned state dict; both start with ``_`` so that dataset
+readers given the entry folder read the table alone). run.json: the final and the starting
 held-out accuracy, the probe's held-out and train accuracy, the split sizes and the seconds of
 training and of the probe.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import time
 import warnings
@@ -80,7 +82,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from jobs.core.base import AnalysisParams, TrainAnalysis, TrainData, TrainOutput, Workers, register
 from jobs.core.kernels import worth_logging
@@ -124,6 +126,27 @@ class FinetuneParams(AnalysisParams):
     reset_head: bool = Field(default=False, description="start from a new seeded head of the same shape")
     probe: bool = Field(default=True, description="fit the linear probe on the frozen penultimate features")
     workers: int = Field(default=1, ge=1, description="Ray Train workers (one GPU each on a GPU run)")
+
+    @field_validator("train_layers", mode="before")
+    @classmethod
+    def _train_layers(cls, value: Any) -> Any:
+        """One message for every wrong value, with what is allowed (not one per branch of the union)."""
+        allowed = "head, all or {top: n}"
+        if isinstance(value, str) and value not in ("head", "all"):
+            close = difflib.get_close_matches(value, ["head", "all", "top"], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close and close[0] != "top" else (
+                "; write {top: n}" if close else "")
+            raise ValueError(f"expected {allowed} (got {value!r}{hint})")
+        if isinstance(value, dict):
+            if set(value) != {"top"}:
+                raise ValueError(f"expected {allowed}: a mapping with the one key 'top' (got keys "
+                                 f"{', '.join(map(repr, value)) or 'none'})")
+            top = value["top"]
+            if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+                raise ValueError(f"top: expected a whole number of blocks >= 1 (got {top!r})")
+        elif not isinstance(value, (str, TopBlocks)):
+            raise ValueError(f"expected {allowed} (got {value!r})")
+        return value
 
     @model_validator(mode="after")
     def _schedule_fields(self) -> FinetuneParams:
@@ -425,10 +448,10 @@ class Finetune(TrainAnalysis):
                              f"({classes} outputs); fine-tuning keeps the head's shape")
         if p.reset_head:
             reset_linear(head, p.seed)
-        started = time.time()
         stats: dict[str, Any] = {"n_train": len(data.train), "n_held_out": len(data.held_out)}
         if p.probe and workers.rank == 0:
             stats.update(linear_probe(model, data, device, p.batch_size, p.seed, log))
+        started = time.time()
         rows: list[dict[str, Any]] = []
 
         def add(row: dict[str, Any]) -> None:

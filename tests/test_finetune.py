@@ -29,6 +29,7 @@ from pipeline.errors import ManifestError
 from pipeline.execute import run_manifest
 from pipeline.manifest import load_manifest
 from pipeline.models import check_manifest
+from pipeline.report import build_report
 from pipeline.zoo import CifarResNet
 
 from .conftest import make_images, write_manifest
@@ -220,3 +221,7 @@ def test_ray_train_run_is_reproducible_and_its_checkpoint_scores_what_it_reports
     pre = manifest.model.preprocess
     assert plain_accuracy(out / "_model.pt", images, held.image_id.tolist(), held.label.tolist(), pre.mean,
                           pre.std) == pytest.approx(stats["held_out_accuracy"], abs=1e-12)
+    # The report's page: the curves, and the fine-tuned model against the linear probe.
+    page = (Path(build_report(out.parent)).parent / "finetune.html").read_text()
+    assert page.count("<svg") == 3 and "linear probe (frozen features)" in page
+    assert f"Held-out accuracy after fine-tuning <b>{stats['held_out_accuracy']:.3f}</b>" in page

@@ -86,7 +86,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from jobs.core.base import AnalysisParams, TrainAnalysis, TrainData, TrainOutput, Workers, register
 from jobs.core.kernels import worth_logging
-from jobs.core.views import Summary, Table
 from jobs.dataset.probes import make_classifier
 from jobs.dataset.probes import split as stratified_split
 
@@ -409,10 +408,6 @@ class Finetune(TrainAnalysis):
 
     Params = FinetuneParams
     params: FinetuneParams
-    view = (Summary("held-out accuracy after fine-tuning "
-                    "<b>{{ rows.held_out_accuracy.iloc[-1]|num }}</b> (before: "
-                    "{{ rows.held_out_accuracy.iloc[0]|num }})"),
-            Table())
 
     def workers(self) -> int:
         return self.params.workers

@@ -3,7 +3,7 @@
 - :mod:`jobs.core`: the analysis interface and registry, hooks, tensor kernels, pictures;
 - :mod:`jobs.attribution`: maps per image (saliency ... occlusion) and their scores;
 - :mod:`jobs.dataset`: features, predictions and the dataset-wide reductions;
-- :mod:`jobs.model`: pictures of the model itself (filters, ascent, inversion, dreams).
+- :mod:`jobs.model`: pictures of the model itself (filters, ascent, inversion, dreams), fine-tuning.
 
 An analysis is registered under its module's name, which is also its manifest ``type``.
 """

@@ -32,7 +32,7 @@ from pipeline.models import check_manifest
 from pipeline.report import build_report
 from pipeline.zoo import CifarResNet
 
-from .conftest import make_images, write_manifest
+from .conftest import CIFAR, RESNET20, ROOT, make_images, needs_shared, write_manifest
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -68,6 +68,15 @@ def test_top_blocks_are_checked_against_the_model(tmp_path, resnet20_weights, im
         check_manifest(manifest)
     assert ("analyses[0].train_layers.top: top 6: the model has 5 blocks with parameters "
             "(conv1, bn1, layer1, layer2, layer3)") in str(err.value)
+
+
+@needs_shared
+def test_the_cifar10_finetune_manifest_validates():
+    manifest = load_manifest(ROOT / "manifests" / "cifar10-finetune.yaml")
+    assert manifest.dataset.root == CIFAR and manifest.model.weights == RESNET20
+    check_manifest(manifest)
+    (entry,) = manifest.analyses
+    assert isinstance(entry, FinetuneParams) and entry.train_layers == "head" and entry.split.held_out == 0.5
 
 
 def test_which_modules_train():

@@ -62,6 +62,14 @@ def test_params_are_checked_before_anything_runs(tmp_path, resnet20_weights, ima
     assert message in re.sub(r" \(line \d+\)", "", str(err.value))
 
 
+def test_params_round_trip_as_the_workers_and_the_resolved_manifest_see_them():
+    for entry in ({"type": "finetune"}, {"type": "finetune", "schedule": "one_step", "epochs": 3}):
+        params = FinetuneParams.model_validate(entry)
+        assert FinetuneParams.model_validate(params.model_dump(mode="json")) == params
+    assert FinetuneParams.model_validate({"type": "finetune"}).head_epochs == 2
+    assert FinetuneParams.model_validate({"type": "finetune", "schedule": "one_step"}).head_epochs is None
+
+
 def test_top_blocks_are_checked_against_the_model(tmp_path, resnet20_weights, image_folder):
     manifest = load_manifest(manifest_with(tmp_path, resnet20_weights, image_folder, train_layers={"top": 6}), [])
     with pytest.raises(ManifestError) as err:

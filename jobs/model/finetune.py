@@ -108,12 +108,16 @@ class HeldOut(BaseModel):
     seed: int = 0
 
 
+DEFAULT_HEAD_EPOCHS = 2
+
+
 class FinetuneParams(AnalysisParams):
     train_layers: TrainLayers = Field(default="head", description="head | {top: n} | all")
     schedule: Literal["two_step", "one_step"] = Field(
         default="two_step", description="two_step: the head alone for head_epochs, then train_layers for "
                                         "epochs (Branson et al. 2014) | one_step: train_layers for epochs")
-    head_epochs: int = Field(default=2, ge=1, description="two_step: epochs of the head alone first")
+    head_epochs: int | None = Field(default=None, ge=1, description="two_step: epochs of the head alone first "
+                                                                    "(default 2); none with one_step")
     epochs: int = Field(default=5, ge=1)
     lr_head: float = Field(default=0.01, gt=0, description="learning rate of the last linear layer")
     lr_body: float = Field(default=0.001, gt=0, description="learning rate of every other trained parameter")
@@ -149,9 +153,11 @@ class FinetuneParams(AnalysisParams):
 
     @model_validator(mode="after")
     def _schedule_fields(self) -> FinetuneParams:
-        if self.schedule == "one_step" and "head_epochs" in self.model_fields_set:
+        if self.schedule == "one_step" and self.head_epochs is not None:
             raise ValueError("head_epochs: only schedule 'two_step' trains the head alone first; "
                              "leave it out with schedule 'one_step'")
+        if self.schedule == "two_step" and self.head_epochs is None:
+            self.head_epochs = DEFAULT_HEAD_EPOCHS  # filled in, so the resolved manifest says it
         return self
 
 
@@ -242,7 +248,7 @@ def phases(model: torch.nn.Module, params: FinetuneParams) -> list[Phase]:
     """The schedule: two_step's head phase first, then the fine-tuning phase of ``train_layers``."""
     out = []
     if params.schedule == "two_step":
-        out.append(Phase("head", params.head_epochs, trained_modules(model, "head"), True))
+        out.append(Phase("head", params.head_epochs or DEFAULT_HEAD_EPOCHS, trained_modules(model, "head"), True))
     chosen = trained_modules(model, params.train_layers)
     out.append(Phase("fine_tune", params.epochs, chosen, chosen == [head_name(model)]))
     return out

@@ -45,7 +45,11 @@ modules are in train mode. The head keeps its shape, so the fine-tuned ``_model.
 into the manifest's model as ``model.weights``; labels must be classes of the model.
 
 Training is plain SGD with momentum and weight decay (on trained parameters only), constant
-learning rates per group, cross-entropy, no augmentation; a new optimiser per phase. Each epoch
+learning rates per group, cross-entropy, no augmentation; a new optimiser per phase. While the
+head alone trains on a body that has not changed, the penultimate features are computed once
+(they are the probe's too) and the head trains on them: the same computation, with epochs that
+cost a linear layer's, provided the model's output is its head's on those features (checked;
+otherwise the whole model runs every step). Each epoch
 visits the train split in a seeded order (``seed`` and the epoch); ``batch_size`` is the
 batch of all workers together, each worker computing an equal share and the gradients summed
 over workers, so the update is that of one process over the whole batch (BatchNorm statistics
@@ -285,38 +289,52 @@ def held_out_split(image_ids: Sequence[str], labels: np.ndarray, held_out: float
 # ----------------------------------------------------------------------------- kernels
 
 
+# Logits of the images at some rows of the data: the whole model, or the head on cached features.
+Forward = Callable[[np.ndarray], torch.Tensor]
+
+
+def whole_model(model: torch.nn.Module, data: TrainData, device: torch.device) -> Forward:
+    return lambda rows: model(data.inputs(rows, device))
+
+
 def penultimate_features(model: torch.nn.Module, data: TrainData, rows: np.ndarray, device: torch.device,
-                         batch_size: int) -> np.ndarray:
-    """The head's inputs (float32 (len(rows), D)) for the images at ``rows``, the model in eval mode."""
+                         batch_size: int) -> tuple[torch.Tensor, bool]:
+    """The head's inputs (float32 (len(rows), D), on ``device``) for the images at ``rows``, the model
+    in eval mode; and whether the model's output is the head's output on them (then training the
+    head alone can run on these features instead of the whole model)."""
     head = model.get_submodule(head_name(model))
     caught: list[torch.Tensor] = []
 
     def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        caught.append(args[0].detach().float().flatten(1).cpu())
+        caught.append(args[0].detach().float())
 
-    was_training = model.training
+    was = {m: m.training for m in model.modules()}
     model.eval()
     handle = head.register_forward_pre_hook(hook)
+    outputs: list[torch.Tensor] = []
     try:
         with torch.inference_mode():
             for start in range(0, len(rows), batch_size):
-                model(data.inputs(rows[start:start + batch_size], device))
+                outputs.append(model(data.inputs(rows[start:start + batch_size], device)))
+            handle.remove()
+            last = len(outputs) == len(caught) and all(
+                out.shape == (len(x), getattr(head, "out_features", -1))
+                and bool(torch.allclose(out.float(), head(x.to(out.dtype)).float(), rtol=1e-4, atol=1e-5))
+                for out, x in zip(outputs, caught))
     finally:
         handle.remove()
-        model.train(was_training)
+        for m, training in was.items():
+            m.training = training
     if caught:
-        return torch.cat(caught).numpy()
-    return np.zeros((0, int(getattr(head, "in_features", 0))), np.float32)
+        return torch.cat(caught).clone(), last  # a normal tensor (out of inference mode)
+    return torch.zeros((0, int(getattr(head, "in_features", 0))), device=device), last
 
 
-def linear_probe(model: torch.nn.Module, data: TrainData, device: torch.device, batch_size: int, seed: int,
+def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_held: np.ndarray, y_held: np.ndarray, seed: int,
                  log: Callable[[str], None] | None = None) -> dict[str, float]:
     """Train and held-out accuracy of a logistic regression (``probes``' classifier, standardised,
-    C = 1) fitted on the train split's penultimate features of ``model`` as it is."""
+    C = 1) fitted on the train split's penultimate features."""
     start = time.time()
-    x_train = penultimate_features(model, data, data.train, device, batch_size)
-    x_held = penultimate_features(model, data, data.held_out, device, batch_size)
-    y_train, y_held = data.labels[data.train], data.labels[data.held_out]
     probe = make_classifier("logistic", C=1.0, max_iter=1000, seed=seed, standardize=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -329,8 +347,8 @@ def linear_probe(model: torch.nn.Module, data: TrainData, device: torch.device, 
             "probe_seconds": round(time.time() - start, 3)}
 
 
-def evaluate(model: torch.nn.Module, data: TrainData, device: torch.device, workers: Workers, batch_size: int
-             ) -> tuple[float, float]:
+def evaluate(model: torch.nn.Module, forward: Forward, data: TrainData, device: torch.device, workers: Workers,
+             batch_size: int) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over the held-out images, the model in eval mode; each
     worker takes every ``world``-th batch and the sums are reduced."""
     was = {m: m.training for m in model.modules()}
@@ -341,7 +359,7 @@ def evaluate(model: torch.nn.Module, data: TrainData, device: torch.device, work
         starts = list(range(0, len(rows), batch_size))
         for start in starts[workers.rank::workers.world]:
             chunk = rows[start:start + batch_size]
-            logits = model(data.inputs(chunk, device))
+            logits = forward(chunk)
             y = data.targets(chunk, device)
             totals[0] += torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum").double()
             totals[1] += (logits.argmax(1) == y).sum()
@@ -353,7 +371,7 @@ def evaluate(model: torch.nn.Module, data: TrainData, device: torch.device, work
     return float(totals[0]) / n, float(totals[1]) / n
 
 
-def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: TrainData, device: torch.device,
+def train_epoch(forward: Forward, optimizer: torch.optim.Optimizer, data: TrainData, device: torch.device,
                 workers: Workers, batch_size: int, seed: int, epoch: int) -> tuple[float, float, int]:
     """One pass over the train split in a seeded order: (mean loss, accuracy, optimiser steps).
 
@@ -370,7 +388,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: 
         mine = batch[workers.rank::workers.world]
         optimizer.zero_grad(set_to_none=False)
         if len(mine):
-            logits = model(data.inputs(mine, device))
+            logits = forward(mine)
             y = data.targets(mine, device)
             loss = torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum")
             (loss / len(batch)).backward()
@@ -450,8 +468,19 @@ class Finetune(TrainAnalysis):
         if p.reset_head:
             reset_linear(head, p.seed)
         stats: dict[str, Any] = {"n_train": len(data.train), "n_held_out": len(data.held_out)}
-        if p.probe and workers.rank == 0:
-            stats.update(linear_probe(model, data, device, p.batch_size, p.seed, log))
+        schedule = phases(model, p)
+        whole = whole_model(model, data, device)
+        on_features: Forward | None = None
+        if any(phase.head_only for phase in schedule) or (p.probe and workers.rank == 0):
+            t0 = time.time()
+            features, last = penultimate_features(model, data, np.arange(len(data.labels)), device, p.batch_size)
+            if last:  # the model's output is its head's: the head alone trains on these features
+                on_features = lambda rows: head(features[torch.from_numpy(rows).to(features.device)])  # noqa: E731
+            if p.probe and workers.rank == 0:
+                x = features.cpu().numpy()
+                stats.update(linear_probe(x[data.train], data.labels[data.train], x[data.held_out],
+                                          data.labels[data.held_out], p.seed, log))
+                stats["probe_seconds"] = round(time.time() - t0, 3)
         started = time.time()
         rows: list[dict[str, Any]] = []
 
@@ -461,30 +490,34 @@ class Finetune(TrainAnalysis):
                 report(row)
 
         t0 = time.time()
-        loss, acc = evaluate(model, data, device, workers, p.batch_size)
+        loss, acc = evaluate(model, on_features or whole, data, device, workers, p.batch_size)
         add({"epoch": 0, "phase": "start", "phase_epoch": 0, "steps": 0, "train_loss": None,
              "train_accuracy": None, "held_out_loss": loss, "held_out_accuracy": acc, "lr_head": None,
              "lr_body": None, "trained": [], "trainable_parameters": 0, "seconds": round(time.time() - t0, 3)})
         epoch = steps = 0
-        for phase in phases(model, p):
+        for phase in schedule:
             trainable = set_trainable(model, phase.modules)
             groups = param_groups(model, phase.modules, p.lr_head, p.lr_body)
             optimizer = torch.optim.SGD([{k: v for k, v in g.items() if k != "names"} for g in groups],
                                         lr=p.lr_head, momentum=p.momentum, weight_decay=p.weight_decay)
             lrs = {g["name"]: g["lr"] for g in groups}
+            # The body frozen (eval mode) and not yet trained: its features are the cached ones.
+            forward = on_features if phase.head_only and on_features is not None else whole
             for e in range(1, phase.epochs + 1):
                 t0 = time.time()
                 epoch += 1
-                train_loss, train_acc, n = train_epoch(model, optimizer, data, device, workers, p.batch_size,
+                train_loss, train_acc, n = train_epoch(forward, optimizer, data, device, workers, p.batch_size,
                                                        p.seed, epoch)
                 steps += n
                 self._same_buffers(model, workers)
-                loss, acc = evaluate(model, data, device, workers, p.batch_size)
+                loss, acc = evaluate(model, forward, data, device, workers, p.batch_size)
                 add({"epoch": epoch, "phase": phase.name, "phase_epoch": e, "steps": steps,
                      "train_loss": train_loss, "train_accuracy": train_acc, "held_out_loss": loss,
                      "held_out_accuracy": acc, "lr_head": lrs["head"], "lr_body": lrs.get("body"),
                      "trained": list(phase.modules), "trainable_parameters": trainable,
                      "seconds": round(time.time() - t0, 3)})
+            if not phase.head_only:
+                on_features = None  # the body has changed
         model.eval()
         model.requires_grad_(False)
         stats.update({"held_out_accuracy": rows[-1]["held_out_accuracy"],

@@ -23,6 +23,7 @@ from jobs.model.finetune import (
     head_name,
     held_out_split,
     param_groups,
+    penultimate_features,
     trained_modules,
 )
 from pipeline.errors import ManifestError
@@ -188,6 +189,34 @@ def test_two_step_schedule_and_the_probe():
     assert out.rows[2]["trainable_parameters"] > out.rows[1]["trainable_parameters"] == 64 * 3 + 3
     assert 0 <= out.stats["probe_held_out_accuracy"] <= 1 and out.stats["probe_train_accuracy"] == 1.0
     assert out.stats["held_out_accuracy"] == out.rows[-1]["held_out_accuracy"]
+
+
+class LogSoftmaxAfter(torch.nn.Module):
+    """The same classifier with an operation after its head: its output is not the head's."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.inner(x), dim=1)
+
+
+def test_the_head_trains_on_cached_features_as_on_the_whole_model():
+    data = tiny_data()
+    rows = np.arange(len(data.labels))
+    model = tiny_resnet()
+    features, last = penultimate_features(model, data, rows, torch.device("cpu"), batch_size=4)
+    assert last and features.shape == (len(rows), 64)
+    _, wrapped_last = penultimate_features(LogSoftmaxAfter(tiny_resnet()), data, rows, torch.device("cpu"), 4)
+    assert not wrapped_last  # so it trains through the whole model every step
+    params = FinetuneParams(schedule="one_step", epochs=2, batch_size=4, probe=False)
+    cached, whole = tiny_resnet(), LogSoftmaxAfter(tiny_resnet())
+    a = Finetune(params).fit(cached, data, torch.device("cpu"), OneWorker())
+    b = Finetune(params).fit(whole, data, torch.device("cpu"), OneWorker())
+    # Cross-entropy of log-softmax outputs is that of the logits: the same training, up to rounding.
+    torch.testing.assert_close(cached.linear.weight, whole.inner.linear.weight, rtol=1e-4, atol=1e-5)
+    assert [r["held_out_accuracy"] for r in a.rows] == [r["held_out_accuracy"] for r in b.rows]
 
 
 def plain_accuracy(weights: Path, images: Path, held_out: list[str], labels: list[int], mean, std) -> float:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tempfile
 import time
@@ -89,6 +90,8 @@ def train_worker(config: dict[str, Any]) -> None:
 
     from pipeline.models import load_model, spec_from_json
 
+    # Ray Train says every report it receives at info level; the run's log says what counts.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     if not config["use_gpu"]:
@@ -123,7 +126,7 @@ def decode_images(ctx: RunContext, ids: Sequence[str], log: Log) -> dict[str, np
     """The images ``ids`` decoded as the model sees them (Ray tasks of DECODE_CHUNK images)."""
     chunks = [list(ids[s:s + DECODE_CHUNK]) for s in range(0, len(ids), DECODE_CHUNK)]
     decoded: dict[str, np.ndarray] = {}
-    for part in ctx.parallel_map(_decode, chunks, shared=ctx.put(ctx.image_reader)):
+    for part in ctx.parallel_map(_decode, chunks, shared=ctx.image_reader):  # put in the object store once
         decoded.update(part)
     return decoded
 

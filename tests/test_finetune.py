@@ -26,6 +26,7 @@ from jobs.model.finetune import (
     penultimate_features,
     trained_modules,
 )
+from pipeline import train_stage
 from pipeline.errors import ManifestError
 from pipeline.execute import run_manifest
 from pipeline.manifest import load_manifest
@@ -235,7 +236,8 @@ def plain_accuracy(weights: Path, images: Path, held_out: list[str], labels: lis
 
 
 def test_ray_train_run_is_reproducible_and_its_checkpoint_scores_what_it_reports(ray_session, resnet20_weights,
-                                                                                 tmp_path):
+                                                                                 tmp_path, monkeypatch):
+    monkeypatch.setattr(train_stage, "DECODE_CHUNK", 10)  # the images decoded by several tasks
     images = tmp_path / "images"
     make_images(images, classes=3, per_class=8)
     entry = {"train_layers": "head", "head_epochs": 1, "epochs": 1, "batch_size": 4, "lr_head": 0.1, "seed": 7}

@@ -475,7 +475,7 @@ class Finetune(TrainAnalysis):
             t0 = time.time()
             features, last = penultimate_features(model, data, np.arange(len(data.labels)), device, p.batch_size)
             if last:  # the model's output is its head's: the head alone trains on these features
-                on_features = lambda rows: head(features[torch.from_numpy(rows).to(features.device)])  # noqa: E731
+                on_features = lambda rows: head(features[torch.tensor(rows, device=features.device)])  # noqa: E731
             if p.probe and workers.rank == 0:
                 x = features.cpu().numpy()
                 stats.update(linear_probe(x[data.train], data.labels[data.train], x[data.held_out],

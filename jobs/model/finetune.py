@@ -70,7 +70,7 @@ phase trains the head only), ``trained`` (the trained modules), ``trainable_para
 held_out) and ``_model.pt`` (the fine-tuned state dict; both start with ``_`` so that dataset
 readers given the entry folder read the table alone). run.json: the final and the starting
 held-out accuracy, the probe's held-out and train accuracy, the split sizes and the seconds of
-training and of the probe.
+training, of the one pass for the penultimate features, and of the probe's fit.
 """
 
 from __future__ import annotations
@@ -474,13 +474,13 @@ class Finetune(TrainAnalysis):
         if any(phase.head_only for phase in schedule) or (p.probe and workers.rank == 0):
             t0 = time.time()
             features, last = penultimate_features(model, data, np.arange(len(data.labels)), device, p.batch_size)
+            stats["features_seconds"] = round(time.time() - t0, 3)
             if last:  # the model's output is its head's: the head alone trains on these features
                 on_features = lambda rows: head(features[torch.tensor(rows, device=features.device)])  # noqa: E731
             if p.probe and workers.rank == 0:
                 x = features.cpu().numpy()
                 stats.update(linear_probe(x[data.train], data.labels[data.train], x[data.held_out],
                                           data.labels[data.held_out], p.seed, log))
-                stats["probe_seconds"] = round(time.time() - t0, 3)
         started = time.time()
         rows: list[dict[str, Any]] = []
 

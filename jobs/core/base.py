@@ -13,7 +13,7 @@ for one stage of the plan:
   parallel map). ``reduce`` returns tables and rendered images (:class:`ReduceOutput`).
 * ``train``: the model is trained (fine-tuned) on the dataset's labelled images. The entry
   splits them (:meth:`TrainAnalysis.split`); the runner decodes them once and runs
-  :meth:`TrainAnalysis.fit` on every training worker with a :class:`Workers` to average
+  :meth:`TrainAnalysis.fit` on every training worker with a :class:`Workers` to sum
   gradients over; ``fit`` returns a row per epoch and the trained model stays in place.
 * ``model``: no pass over the dataset. The entry lists independent *units* of work (a class,
   a channel, a layer, a chosen image) from a :class:`ModelContext`; the runner spreads groups

@@ -3,7 +3,7 @@
 - :mod:`jobs.core`: the analysis interface and registry, hooks, tensor kernels, pictures;
 - :mod:`jobs.attribution`: maps per image (saliency ... occlusion) and their scores;
 - :mod:`jobs.dataset`: features, predictions and the dataset-wide reductions;
-- :mod:`jobs.model`: pictures of the model itself (filters, ascent, inversion, dreams).
+- :mod:`jobs.model`: pictures of the model itself (filters, ascent, inversion, dreams), fine-tuning.
 
 An analysis is registered under its module's name, which is also its manifest ``type``.
 """
@@ -26,9 +26,13 @@ from jobs.core.base import (
     ReduceOutput,
     Rendered,
     TableInputs,
+    TrainAnalysis,
+    TrainData,
+    TrainOutput,
     register,
 )
 
 __all__ = ["REGISTRY", "Analysis", "AnalysisParams", "LocalContext", "MapAnalysis", "MapBatch", "MapOutput",
            "MemoryPlan", "ModelAnalysis", "ModelContext", "ReduceAnalysis",
-           "ReduceContext", "ReduceInputs", "ReduceOutput", "Rendered", "TableInputs", "register"]
+           "ReduceContext", "ReduceInputs", "ReduceOutput", "Rendered", "TableInputs", "TrainAnalysis",
+           "TrainData", "TrainOutput", "register"]

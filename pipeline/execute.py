@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from jobs import REGISTRY, ModelAnalysis, ReduceAnalysis
+from jobs import REGISTRY, ModelAnalysis, ReduceAnalysis, TrainAnalysis
 from pipeline.datasets import DatasetIndex, list_dataset
 from pipeline.decode import decode_batch
 from pipeline.errors import UserError
@@ -42,6 +42,7 @@ from pipeline.plan import Stage, entry_key, plan
 from pipeline.progress import RAY_FALSE_ALARMS, Progress, RunLog, StderrFilter
 from pipeline.reduce import run_reduce_stage
 from pipeline.store import Store
+from pipeline.train_stage import run_train_stage
 from pipeline.worker import ModelWorker, default_threads, entries_json
 from pipeline.writers import INPUTS, STAGING, BlockRecord, StagedEntry, invalidate, labels_to_arrow, read_success
 
@@ -554,6 +555,10 @@ def _run(manifest: Manifest, store: Store, index: DatasetIndex, model, log: RunL
                     carried = ("map_seconds", "partial_rows", "fused_with", "errors", "blocks", "blocks_resumed")
                     info.update({k: before[k] for k in carried if k in before})
                     info["stage"] = "reduce"
+            elif stage.kind == "train":
+                stats = run_train_stage(manifest, store, index, stage.analyses_of(TrainAnalysis), keys, log)
+                for info in stats.values():
+                    info["stage"] = "train"
             else:
                 stats = run_model_stage(manifest, store, index, stage.analyses_of(ModelAnalysis), keys, log)
                 for info in stats.values():

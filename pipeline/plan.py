@@ -3,8 +3,9 @@
 Every ``map`` analysis of a manifest, and the per-batch part of every ``reduce`` analysis,
 runs in one pass over the dataset: one decode and one forward per batch, hooks on the union
 of their layers. The ``reduce`` stage then reads what that pass committed; ``model``
-analyses need no dataset pass. Entries already committed with the same key (resume) are
-left out of the plan, and so is the dataset pass of a reduce entry whose partials are.
+analyses need no dataset pass; ``train`` analyses decode their own images and train, last.
+Entries already committed with the same key (resume) are left out of the plan, and so is the
+dataset pass of a reduce entry whose partials are.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import TypeVar
 from jobs import REGISTRY, Analysis, AnalysisParams
 from pipeline.manifest import Manifest
 
-ORDER = {"map": 0, "reduce": 1, "model": 2}
+ORDER = {"map": 0, "reduce": 1, "model": 2, "train": 3}
 
 A = TypeVar("A", bound=Analysis)
 

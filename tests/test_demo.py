@@ -70,3 +70,7 @@ def test_demo_manifest_end_to_end(ray_session, tmp_path):
         assert projected.target.isna().all() and (projected.neuron_value >= 0).all()
     untouched = checks[(checks.test == "mprt_cascading") & (checks.step == 0) & checks.image_id.notna()]
     assert len(untouched) == 8 * 8 * 4 and (untouched.value == 1.0).all()
+    # The short fine-tune: a new head on the frozen features, scored on the held-out half.
+    tuned = pd.read_parquet(tmp_path / "demo" / "finetune")
+    assert tuned.phase.tolist() == ["start", "head", "fine_tune"]
+    assert info["analyses"]["finetune"]["held_out_accuracy"] > 0.9

@@ -337,7 +337,8 @@ def test_every_registered_analysis_runs_end_to_end(ray_session, resnet20_weights
                "inversion": {"layers": ["layer1"], "sample": {"n": 2}, "steps": 3},
                "deepdream": {"layers": ["layer2"], "sample": {"n": 2}, "steps": 2, "octaves": 2},
                "invariance": {"layers": ["layer1"], "sample": {"n": 2}, "scale": [1.0], "rotate": [0, 90],
-                              "translate": [0, 4], "axis": ["x", "y"]}}
+                              "translate": [0, 4], "axis": ["x", "y"]},
+               "finetune": {"schedule": "one_step", "epochs": 1, "batch_size": 9, "probe": False}}
     assert set(minimal) == set(REGISTRY), "add the new analysis to this table"
     entries = [{"type": name, **params} for name, params in minimal.items()]
     manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights,

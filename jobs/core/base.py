@@ -11,6 +11,10 @@ for one stage of the plan:
   sums); the runner commits them as Parquet, then calls ``reduce`` once with those tables
   (:class:`ReduceInputs`) and a :class:`ReduceContext` (the model, the input pixels, a
   parallel map). ``reduce`` returns tables and rendered images (:class:`ReduceOutput`).
+* ``train``: the model is trained (fine-tuned) on the dataset's labelled images. The entry
+  splits them (:meth:`TrainAnalysis.split`); the runner decodes them once and runs
+  :meth:`TrainAnalysis.fit` on every training worker with a :class:`Workers` to sum
+  gradients over; ``fit`` returns a row per epoch and the trained model stays in place.
 * ``model``: no pass over the dataset. The entry lists independent *units* of work (a class,
   a channel, a layer, a chosen image) from a :class:`ModelContext`; the runner spreads groups
   of units over the workers as tasks, and ``run`` computes one group (one batch on the
@@ -47,10 +51,10 @@ from PIL import Image
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.fields import FieldInfo
 
-from jobs.core.pixels import normalize
+from jobs.core.pixels import normalize, pixels_to_inputs
 from jobs.core.views import Block
 
-Stage = Literal["map", "reduce", "model"]
+Stage = Literal["map", "reduce", "model", "train"]
 
 # Rows an analysis returns: {partition: {column: array with one entry per image}}.
 # The partition is "" or a Hive-style "key=value" folder such as "layer=layer3".
@@ -615,3 +619,99 @@ class ModelAnalysis(Analysis):
     def summary(self, tables: dict[str, pa.Table]) -> dict[str, Any]:
         """Numbers for run.json from the entry's whole table (per partition)."""
         return {}
+
+
+# ----------------------------------------------------------------------------- train stage
+
+
+class Workers(Protocol):
+    """The training workers as one ``fit`` sees them: its ``rank`` among ``world`` processes,
+    and the collectives the runner provides (torch.distributed under Ray Train; nothing to do
+    in one process)."""
+
+    rank: int
+    world: int
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        """Sum ``tensor`` over the workers, in place."""
+        ...
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+        """Overwrite ``tensor`` with worker ``src``'s, in place."""
+        ...
+
+
+class OneWorker:
+    """:class:`Workers` of a single process (tests, notebooks): the collectives are no-ops."""
+
+    rank = 0
+    world = 1
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        pass
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+        pass
+
+
+@dataclass
+class TrainData:
+    """What a training analysis trains and evaluates on: decoded images and their split.
+
+    ``pixels``: uint8 (N, H, W, 3), as the model sees them before normalisation (possibly a
+    read-only view of the object store); ``labels``: int64 (N,); ``train`` and ``held_out``:
+    indices into both. ``mean``/``std``: the normalisation, as in :class:`MapBatch`.
+    """
+
+    image_ids: list[str]
+    labels: np.ndarray
+    pixels: np.ndarray
+    train: np.ndarray
+    held_out: np.ndarray
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    label_names: list[str] | None = None
+
+    def inputs(self, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+        """Model inputs (len(rows), 3, H, W) float32 of the images at ``rows``, on ``device``."""
+        pixels = torch.from_numpy(np.ascontiguousarray(self.pixels[rows]))  # fancy indexing copies
+        return pixels_to_inputs(pixels.to(device), self.mean, self.std)
+
+    def targets(self, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.labels[rows], dtype=np.int64)).to(device)
+
+
+@dataclass
+class TrainOutput:
+    """``rows``: the entry's table (one dict per row, e.g. per epoch); ``stats``: numbers for run.json."""
+
+    rows: list[dict[str, Any]]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class TrainAnalysis(Analysis):
+    """An analysis that trains the model on the dataset (on the runner's training workers).
+
+    The runner lists the labelled images, asks :meth:`split` for the train and held-out
+    images, decodes them once, and calls :meth:`fit` on every worker with the same data, a
+    fresh copy of the model on the worker's device, and its :class:`Workers`. ``fit`` trains
+    the model in place, the same on every worker (gradients averaged with ``all_reduce``), and
+    returns its table; the runner keeps worker 0's model and output.
+    """
+
+    stage: ClassVar[Stage] = "train"
+
+    def workers(self) -> int:
+        """How many training workers the entry asks for."""
+        return int(getattr(self.params, "workers", 1) or 1)
+
+    def split(self, image_ids: Sequence[str], labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Indices of the train and the held-out images among ``image_ids`` (labels all >= 0)."""
+        raise NotImplementedError
+
+    def fit(self, model: torch.nn.Module, data: TrainData, device: torch.device, workers: Workers,
+            report: Callable[[dict[str, Any]], None] | None = None,
+            log: Callable[[str], None] | None = None) -> TrainOutput:
+        """Train ``model`` (on ``device``) in place; ``report`` is called with each row as it is
+        made, ``log`` with anything worth telling (not converged, ...)."""
+        raise NotImplementedError

@@ -1,4 +1,5 @@
-"""Analyses of the model itself: pictures of its filters and units, gradient ascent, inversion, dreams."""
+"""Analyses of the model itself: pictures of its filters and units, gradient ascent, inversion, dreams;
+and fine-tuning it on the dataset (transfer learning, on Ray Train)."""
 
 from jobs.core.base import import_family
 

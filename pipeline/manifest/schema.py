@@ -290,6 +290,10 @@ class _Checkpointed(_Model):
     check sees the fields before it.
     """
 
+    if TYPE_CHECKING:  # declared by each subclass, after its weights
+        checkpoints: list[Checkpoint] | None
+        weights_glob: str | None
+
     @field_validator("checkpoints", check_fields=False)
     @classmethod
     def _checkpoints(cls, checkpoints: list[Checkpoint] | None, info: ValidationInfo) -> list[Checkpoint] | None:
@@ -321,7 +325,7 @@ class _Checkpointed(_Model):
 
     @model_validator(mode="after")
     def _expand(self, info: ValidationInfo) -> _Checkpointed:
-        pattern = getattr(self, "weights_glob", None)
+        pattern = self.weights_glob
         if pattern is not None:
             # The resolved manifest lists the checkpoints the pattern found.
             self.checkpoints = glob_checkpoints(pattern, (info.context or {}).get("base"))

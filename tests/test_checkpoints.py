@@ -89,8 +89,9 @@ def setup(tmp_path_factory):
 def _manifest(root: Path, name: str, model: dict, analyses: list[dict] | None = None) -> Path:
     spec = {"source": "python", "entrypoint": "tiny_model:build", "python_path": [str(root)],
             "preprocess": {"resize": 16, "crop": 16}, **model}
-    return write_manifest(root / f"{name}.yaml", model=spec, dataset={"kind": "image_folder", "root": str(root / "images")},
-                          analyses=analyses or ANALYSES, output=str(root / name))
+    dataset = {"kind": "image_folder", "root": str(root / "images")}
+    return write_manifest(root / f"{name}.yaml", model=spec, dataset=dataset, analyses=analyses or ANALYSES,
+                          output=str(root / name))
 
 
 def _run(path: Path, *overrides: str):
@@ -165,6 +166,18 @@ def test_series_equals_one_run_per_checkpoint_and_decodes_once(ray_session, setu
     assert len(decodes.read_text().split()) == 18
     assert (out / "features" / SUCCESS).is_file()
     pd.testing.assert_frame_equal(_read(out / "features" / "checkpoint=epoch01" / "layer=relu2"), a)
+
+    # The report: an evolution page with the accuracy chart and each checkpoint's top patch and filters.
+    from pipeline.report import build_report
+
+    build_report(out)
+    page = (out / "report" / "evolution.html").read_text()
+    assert "<svg" in page and "accuracy per checkpoint" in page
+    for name in ("epoch01", "epoch02"):
+        for image in (f"img/top_patches_checkpoint_{name}/relu2-c0000-r01.png",
+                      f"img/filters_checkpoint_{name}/conv1-filter-grid.png"):
+            assert f'src="{image}"' in page and (out / "report" / image).is_file()
+    assert "evolution.html" in (out / "report" / "index.html").read_text()
 
 
 def _problem(root: Path, model: dict, field: str, message: str) -> None:

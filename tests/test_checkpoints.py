@@ -81,7 +81,7 @@ def _checkpoints(folder: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("series")
-    make_images(root / "images", classes=3, per_class=6, size=16)  # 18 images, blocks of 8
+    make_images(root / "images", classes=3, per_class=6, size=16)  # 18 images: 2 blocks, 3 batches
     (root / "tiny_model.py").write_text(TINY)
     return root, _checkpoints(root)
 
@@ -91,7 +91,7 @@ def _manifest(root: Path, name: str, model: dict, analyses: list[dict] | None = 
             "preprocess": {"resize": 16, "crop": 16}, **model}
     dataset = {"kind": "image_folder", "root": str(root / "images")}
     return write_manifest(root / f"{name}.yaml", model=spec, dataset=dataset, analyses=analyses or ANALYSES,
-                          output=str(root / name))
+                          output=str(root / name), execution={"batch_size": 8, "decode_batch_size": 16})
 
 
 def _run(path: Path, *overrides: str):
@@ -216,3 +216,20 @@ def test_weights_glob_names_checkpoints_by_their_stems(setup):
     # The resolved manifest lists what the pattern found, and validates again as it is.
     assert "weights_glob" not in manifest.resolved_yaml() or "weights_glob: null" in manifest.resolved_yaml()
     assert "epoch02.pt" in manifest.resolved_yaml()
+
+
+def test_demo_checkpoint_manifest_validates_and_training_saves_epochs(tmp_path):
+    from pipeline.demo import checkpoint_path, train_demo_model
+
+    from .conftest import ROOT
+
+    manifest = load_manifest(ROOT / "manifests" / "demo-checkpoints.yaml")  # missing demo checkpoints train
+    assert [c.name for c in manifest.model.checkpoints] == ["epoch01", "epoch02", "epoch08"]
+    assert [c.weights.name for c in manifest.model.checkpoints] == [
+        "demo_cnn_epoch01.pt", "demo_cnn_epoch02.pt", "demo_cnn_epoch08.pt"]
+    final = tmp_path / "demo_cnn.pt"
+    saved = {e: checkpoint_path(final, e) for e in (1, 2)}
+    train_demo_model(final, n_train=64, epochs=2, size=32, log=lambda message: None, checkpoints=saved)
+    first, last = (torch.load(saved[e], weights_only=True) for e in (1, 2))
+    assert all(torch.equal(v, torch.load(final, weights_only=True)[k]) for k, v in last.items())
+    assert not all(torch.equal(v, last[k]) for k, v in first.items())

@@ -109,6 +109,9 @@ class RunFolder:
                             "`convscope run`?") from None
         except json.JSONDecodeError as e:
             raise UserError(f"run {which}: {self.store.display('run.json')}: not valid JSON ({e})") from None
+        if (self.info.get("model") or {}).get("checkpoints"):
+            raise UserError(f"run {which}: {self.where}: a checkpoint series (its tables hold every checkpoint); "
+                            "compare runs of one checkpoint each")
         self.name = self.where.rstrip("/").rsplit("/", 1)[-1]
         analyses = self.info.get("analyses") or {}
         self.types: dict[str, str] = {name: str(a.get("type")) for name, a in analyses.items()}

@@ -121,13 +121,32 @@ def _tensors(n: int, seed: int, size: int):
     return (x - mean) / std, torch.tensor(labels)
 
 
+def _save(model, path: Path) -> None:
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+
+
+def checkpoint_path(path: Path, epoch: int) -> Path:
+    """Where the state after ``epoch`` goes beside the demo CNN's weights: ``demo_cnn_epoch02.pt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_epoch{epoch:02d}{path.suffix}")
+
+
 def train_demo_model(
-    path: Path, n_train: int = 4000, epochs: int = 8, size: int = 64, seed: int = 0, log=print
+    path: Path | None, n_train: int = 4000, epochs: int = 8, size: int = 64, seed: int = 0, log=print,
+    checkpoints: dict[int, Path] | None = None,
 ) -> float:
-    """Train the demo CNN on generated shapes and save its state dict to ``path``.
+    """Train the demo CNN on generated shapes and save its state dict to ``path`` (when given), and
+    the state after each epoch of ``checkpoints`` ({epoch: file}) to its file: a checkpoint series.
 
     Seeded; the training images come from ``TRAIN_SEED``, never from the dataset the demo
-    analyses. Returns the accuracy on 1,000 held-out generated images.
+    analyses; saving checkpoints changes nothing in the training. Returns the accuracy on 1,000
+    held-out generated images.
     """
     import torch
 
@@ -160,14 +179,31 @@ def train_demo_model(
         with torch.no_grad():
             acc = (model(xv).argmax(1) == yv).float().mean().item()
         log(f"  epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}, held-out accuracy {acc:.3f}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+        if checkpoints and epoch + 1 in checkpoints:
+            _save(model, checkpoints[epoch + 1])
+    if path is not None:
+        _save(model, path)
     log(f"demo CNN trained in {time.time() - start:.0f}s, held-out accuracy {acc:.3f}")
     return acc
 
 
-if __name__ == "__main__":  # python -m pipeline.demo OUT.pt : retrain by hand
-    train_demo_model(Path(sys.argv[1] if len(sys.argv) > 1 else "demo_cnn.pt"))
+def ensure_demo_checkpoints(paths: list[Path], log=print, epochs: int = 8) -> None:
+    """Make the demo CNN checkpoints among ``paths`` that are missing, in one training: each file
+    named ``..._epochNN.pt`` holds the state after epoch NN (the training runs to at least ``epochs``,
+    so every checkpoint is a state of the same training whatever files are asked for)."""
+    from pipeline.manifest.schema import DEMO_EPOCH
+
+    missing = {}
+    for path in paths:
+        match = DEMO_EPOCH.search(Path(path).stem)
+        if not Path(path).is_file() and match is not None:
+            missing[int(match.group(1))] = Path(path)
+    if missing:
+        log(f"training the demo CNN for its checkpoints after epochs {', '.join(map(str, sorted(missing)))}")
+        train_demo_model(None, epochs=max(epochs, *missing), log=log, checkpoints=missing)
+
+
+if __name__ == "__main__":  # python -m pipeline.demo OUT.pt [1,2,8] : retrain by hand (with checkpoints)
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "demo_cnn.pt")
+    epochs = [int(e) for e in sys.argv[2].split(",")] if len(sys.argv) > 2 else []
+    train_demo_model(out, checkpoints={e: checkpoint_path(out, e) for e in epochs})

@@ -32,10 +32,21 @@ import numpy as np
 import pyarrow as pa
 
 from jobs import REGISTRY, ModelAnalysis, ReduceAnalysis, TrainAnalysis
+from pipeline.checkpoints import (
+    checkpoint_names,
+    combined_key,
+    entry_folder,
+    merge_stats,
+    model_specs,
+    prune,
+    remove_empty,
+    seal,
+    with_model,
+)
 from pipeline.datasets import DatasetIndex, list_dataset
 from pipeline.decode import decode_batch
 from pipeline.errors import UserError
-from pipeline.manifest import Manifest, ParquetDataset
+from pipeline.manifest import BuiltinModel, Manifest, ParquetDataset
 from pipeline.model_stage import run_model_stage
 from pipeline.models import check_layers, load_model, model_hash, preprocess_of
 from pipeline.plan import Stage, entry_key, plan
@@ -217,9 +228,11 @@ def _resources(manifest: Manifest) -> Resources:
 
 
 def _map_dataset(manifest: Manifest, index: DatasetIndex, stage: Stage, store: Store,
-                 staged: dict[str, StagedEntry], blocks: list[int], done: dict[str, set[int]]):
+                 staged: dict[str, StagedEntry], blocks: list[int], done: dict[str, set[int]],
+                 slots: dict[str, tuple[str, str | None]] | None = None):
     """The Ray Data pipeline of a map stage over ``blocks`` (lazy; nothing runs until it is
-    iterated). Its output is one small metadata row per block written."""
+    iterated). Its output is one small metadata row per block written. ``slots``: with
+    checkpoints, {folder: (entry, checkpoint)} of every folder the stage writes."""
     import ray
     import ray.data
 
@@ -255,6 +268,9 @@ def _map_dataset(manifest: Manifest, index: DatasetIndex, stage: Stage, store: S
             "threads": res.threads,
             "selections": chosen,
             "samples": samples,
+            **({"checkpoints": {name: spec.model_dump(mode="json")
+                                for name, spec in model_specs(manifest.model).items()},
+                "slots": {folder: list(slot) for folder, slot in slots.items()}} if slots else {}),
         },
         # Ray Data restarts dead actors and retries their blocks by default; a retried block
         # writes under a new attempt id, and the ledger names the files that count.
@@ -332,16 +348,23 @@ def _await_cpus(needed: float, timeout: float = 10.0) -> None:
 
 
 def run_map_stage(manifest: Manifest, store: Store, index: DatasetIndex, stage: Stage, keys: dict[str, dict],
-                  log: RunLog) -> tuple[dict[str, dict], list[dict]]:
+                  log: RunLog, slots: dict[str, tuple[str, str | None]] | None = None
+                  ) -> tuple[dict[str, dict], list[dict]]:
     """Run one fused map stage, resuming inside it from the entries' ledgers; commit every
-    entry; return per-entry stats and the rows of images that could not be used."""
+    entry; return per-entry stats and the rows of images that could not be used.
+
+    ``slots``: with checkpoints, {folder: (entry, checkpoint)} of the folders to write (every
+    checkpoint's model runs on each decoded batch); ``keys`` and the stats are by folder.
+    """
     rows, total = block_rows(manifest, len(index)), len(index)
     nblocks = -(-total // rows)
+    owner = {folder: entry for folder, (entry, _) in slots.items()} if slots else {n: n for n in stage.entries}
     # A reduce entry's partials are committed apart, under .inputs/, for its reduction.
-    partial = {a.params.entry_name for a in stage.analyses if a.stage == "reduce"}
+    reduces = {a.params.entry_name for a in stage.analyses if a.stage == "reduce"}
+    partial = {folder for folder, entry in owner.items() if entry in reduces}
     layout = {"block_rows": rows, "images": total}
     staged = {name: StagedEntry(store, name, keys[name], layout, base=INPUTS if name in partial else "")
-              for name in stage.entries}
+              for name in owner}
     recorded = {name: s.open() for name, s in staged.items()}
     done: dict[str, set[int]] = {}
     for name, records in recorded.items():
@@ -362,7 +385,7 @@ def run_map_stage(manifest: Manifest, store: Store, index: DatasetIndex, stage: 
     try:
         # Ray Data's actor start-up logs a false alarm at error level (see RAY_FALSE_ALARMS).
         with StderrFilter(RAY_FALSE_ALARMS) if todo else contextlib.nullcontext():
-            ds = _map_dataset(manifest, index, stage, store, staged, todo, done) if todo else None
+            ds = _map_dataset(manifest, index, stage, store, staged, todo, done, slots) if todo else None
             batches = [] if ds is None else ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
             for batch in batches:
                 for text in batch["record"]:
@@ -384,7 +407,8 @@ def run_map_stage(manifest: Manifest, store: Store, index: DatasetIndex, stage: 
                    for records in recorded.values() for r in records.values() for e in r.errors}.values())
     stats = {}
     for name, entry in staged.items():
-        common = {"seconds": round(seconds, 3), "stage": "map", "fused_with": [e for e in stage.entries if e != name],
+        common = {"seconds": round(seconds, 3), "stage": "map",
+                  "fused_with": [e for e in stage.entries if e != owner[name]],
                   "blocks": nblocks, "blocks_resumed": len(done[name])}
         records = recorded[name]
         if name not in failures and len(covered_blocks(records, rows, total)[0]) != nblocks:
@@ -479,14 +503,24 @@ def run_manifest(manifest: Manifest, log: Log = _stderr) -> RunResult:
     started = time.time()
     store = Store.open(manifest.output)
     # Everything `convscope validate` checks comes first: an invalid manifest leaves no output behind.
-    model = load_model(manifest.model)  # trains the demo CNN here, once, if it is missing
-    check_layers(manifest, model)
+    specs = model_specs(manifest.model)
+    if isinstance(manifest.model, BuiltinModel) and manifest.model.name == "demo_cnn" and manifest.model.checkpoints:
+        from pipeline.demo import ensure_demo_checkpoints
+
+        ensure_demo_checkpoints([c.weights for c in manifest.model.checkpoints], log=log)
+    hashes: dict[str | None, str] = {}
+    for name, spec in specs.items():
+        model = load_model(spec)  # trains the demo CNN here, once, if it is missing
+        if not hashes:
+            check_layers(manifest, model)
+        hashes[name] = model_hash(spec, model)  # a checkpoint that does not fit the model fails here
+        del model
     index = list_dataset(manifest.dataset)
     check_dataset(manifest, index)
     _prepare_output(store)
     run_log, upload = _run_log(store, log)
     try:
-        return _run(manifest, store, index, model, run_log, started)
+        return _run(manifest, store, index, hashes, run_log, started)
     finally:
         run_log.close()
         if upload is not None:
@@ -496,34 +530,59 @@ def run_manifest(manifest: Manifest, log: Log = _stderr) -> RunResult:
                 log(f"could not upload {RUN_LOG}: {e}")
 
 
-def _run(manifest: Manifest, store: Store, index: DatasetIndex, model, log: RunLog, started: float) -> RunResult:
+def _run(manifest: Manifest, store: Store, index: DatasetIndex, hashes: dict[str | None, str], log: RunLog,
+         started: float) -> RunResult:
     log(f"convscope run {manifest.name} -> {store.display()}")
     store.write_text("manifest.resolved.yaml", manifest.resolved_yaml())
-    mhash = model_hash(manifest.model, model)
-    del model
+    checkpoints = checkpoint_names(manifest.model)
+    series = checkpoints != [None]  # a checkpoint series: every entry once per checkpoint
+    names = [str(c) for c in checkpoints]
+    mhash = hashes[None] if not series else combined_key([{"key": hashes[c]} for c in checkpoints], names)
     log(f"dataset: {len(index):,} images ({manifest.dataset.kind}), fingerprint {index.fingerprint[:19]}")
+    if series:
+        log(f"checkpoints: {', '.join(names)}")
 
-    keys = {p.entry_name: entry_key(p, manifest, index.fingerprint, mhash) for p in manifest.analyses}
-    for p in manifest.analyses:
-        sources = REGISTRY[p.type](p).sources(manifest.analyses)
-        if sources:
-            keys[p.entry_name] = entry_key(p, manifest, index.fingerprint, mhash, {s: keys[s] for s in sources})
-    done, partials_done = set(), set()
+    # Keys, ledgers and commits are by folder: the entry, or with checkpoints each of its checkpoint=<name>.
+    folders = {p.entry_name: {c: entry_folder(p.entry_name, c) for c in checkpoints} for p in manifest.analyses}
+    keys: dict[str, dict] = {}
+    for c in checkpoints:
+        for p in manifest.analyses:
+            keys[folders[p.entry_name][c]] = entry_key(p, manifest, index.fingerprint, hashes[c])
+        for p in manifest.analyses:
+            sources = REGISTRY[p.type](p).sources(manifest.analyses)
+            if sources:
+                keys[folders[p.entry_name][c]] = entry_key(p, manifest, index.fingerprint, hashes[c],
+                                                           {s: keys[folders[s][c]] for s in sources})
+    sealed: set[str] = set()
+    if series:
+        for name, by_checkpoint in folders.items():
+            committed = read_success(store, name)
+            if committed and committed.get("key") == combined_key([keys[f] for f in by_checkpoint.values()], names):
+                sealed.add(name)
+                continue
+            if committed:
+                log(f"{name}: inputs changed since it was committed; recomputing")
+            prune(store, name, names)
+    done_folders, partials_folders = set(), set()
     for name, key in keys.items():
         committed = read_success(store, name)
         if committed and committed.get("key") == key["key"]:
-            done.add(name)
+            done_folders.add(name)
         elif committed:
-            log(f"{name}: inputs changed since it was committed; recomputing")
+            if not series:
+                log(f"{name}: inputs changed since it was committed; recomputing")
             invalidate(store, name)
         partials = read_success(store, f"{INPUTS}/{name}")
-        if name not in done and partials and partials.get("key") == key["key"]:
-            partials_done.add(name)
+        if name not in done_folders and partials and partials.get("key") == key["key"]:
+            partials_folders.add(name)
         elif partials:
             invalidate(store.child(INPUTS), name)
-    analyses: dict[str, dict] = {
-        name: {"status": "skipped", "reason": "already committed with the same inputs",
-               "rows": (read_success(store, name) or {}).get("rows")} for name in done
+    done = {name for name, fs in folders.items() if all(f in done_folders for f in fs.values())}
+    partials_done = {name for name, fs in folders.items() if name not in done
+                     and all(f in done_folders or f in partials_folders for f in fs.values())}
+    by_folder: dict[str, dict] = {
+        folder: {"status": "skipped", "reason": "already committed with the same inputs",
+                 "rows": (read_success(store, folder) or {}).get("rows")} for folder in done_folders
     }
     if done:
         log(f"already complete, skipped: {', '.join(sorted(done))}")
@@ -537,20 +596,32 @@ def _run(manifest: Manifest, store: Store, index: DatasetIndex, model, log: RunL
         ids = set(index.table.column("image_id").to_pylist())
         all_errors += [e for e in previous if e["stage"] != "list" and e["image_id"] in ids]
 
+    def todo(stage: Stage, checkpoint: str | None, skip: set[str]) -> list[str]:
+        return [e for e in stage.entries if folders[e][checkpoint] not in skip]
+
     status = "complete"
     if stages:
         init_ray(manifest.execution.address, log)
         _configure_data()
+    specs = model_specs(manifest.model)
     for stage in stages:
         log(f"{stage.kind} stage: {', '.join(stage.entries)}")
         try:
             if stage.kind == "map":
-                stats, errors = run_map_stage(manifest, store, index, stage, keys, log)
+                # One pass for every checkpoint: each decoded batch goes through every checkpoint's model.
+                slots = {folders[e][c]: (e, c) for c in checkpoints
+                         for e in todo(stage, c, done_folders | partials_folders)} if series else None
+                stats, errors = run_map_stage(manifest, store, index, stage, keys, log, slots)
                 all_errors.extend(errors)
             elif stage.kind == "reduce":
-                stats = run_reduce_stage(manifest, store, index, stage.analyses_of(ReduceAnalysis), keys, log)
+                stats = {}
+                for c in checkpoints:  # the reductions, and the model stage, run checkpoint after checkpoint
+                    chosen = [a for a in stage.analyses_of(ReduceAnalysis)
+                              if folders[a.params.entry_name][c] not in done_folders]
+                    stats.update(run_reduce_stage(with_model(manifest, specs[c]), store, index, chosen, keys, log,
+                                                  checkpoint=c))
                 for name, info in stats.items():
-                    before = analyses.get(name, {})
+                    before = by_folder.get(name, {})
                     info["seconds"] = round(before.get("map_seconds", 0.0) + info.get("reduce_seconds", 0.0), 3)
                     carried = ("map_seconds", "partial_rows", "fused_with", "errors", "blocks", "blocks_resumed")
                     info.update({k: before[k] for k in carried if k in before})
@@ -560,10 +631,15 @@ def _run(manifest: Manifest, store: Store, index: DatasetIndex, model, log: RunL
                 for info in stats.values():
                     info["stage"] = "train"
             else:
-                stats = run_model_stage(manifest, store, index, stage.analyses_of(ModelAnalysis), keys, log)
+                stats = {}
+                for c in checkpoints:
+                    chosen_models = [a for a in stage.analyses_of(ModelAnalysis)
+                                     if folders[a.params.entry_name][c] not in done_folders]
+                    stats.update(run_model_stage(with_model(manifest, specs[c]), store, index, chosen_models, keys,
+                                                 log, checkpoint=c))
                 for info in stats.values():
                     info["stage"] = "model"
-            analyses.update(stats)
+            by_folder.update(stats)
             if any(info["status"] == "failed" for info in stats.values()):
                 status = "failed"
         except UserError:
@@ -573,8 +649,26 @@ def _run(manifest: Manifest, store: Store, index: DatasetIndex, model, log: RunL
             message = f"{type(e).__name__}: {e}"
             log(f"{stage.kind} stage failed: {message}")
             for name in stage.entries:
-                analyses[name] = {"status": "failed", "error": message[:2000],
-                                  "traceback": traceback.format_exc()[-4000:]}
+                for folder in folders[name].values():
+                    if folder not in done_folders:
+                        by_folder[folder] = {"status": "failed", "error": message[:2000],
+                                             "traceback": traceback.format_exc()[-4000:]}
+    if series:
+        # An entry is committed once every checkpoint's folder is: its own _SUCCESS comes last.
+        for name, by_checkpoint in folders.items():
+            if name not in sealed:
+                seal(store, name, names, [keys[f] for f in by_checkpoint.values()])
+        remove_empty(store, list(folders))
+    analyses: dict[str, dict] = {}
+    for name, by_checkpoint in folders.items():
+        if not series:
+            if name in by_folder:
+                analyses[name] = by_folder[name]
+        elif name in sealed:
+            analyses[name] = {"status": "skipped", "reason": "already committed with the same inputs",
+                              "rows": (read_success(store, name) or {}).get("rows")}
+        else:
+            analyses[name] = merge_stats({c: by_folder.get(f, {"status": "not run"}) for c, f in by_checkpoint.items()})
 
     all_errors = list({(e["image_id"], e["stage"], e["error"]): e for e in all_errors}.values())
     if stages or not store.is_file("errors.parquet"):
@@ -607,7 +701,10 @@ def _run(manifest: Manifest, store: Store, index: DatasetIndex, model, log: RunL
             "label_names": index.label_names,
         },
         "model": {"source": manifest.model.source, "name": getattr(manifest.model, "name", None),
-                  "hash": mhash},
+                  "hash": mhash,
+                  **({"checkpoints": [{"name": c.name, "weights": str(c.weights), "hash": hashes[c.name]}
+                                      for c in getattr(manifest.model, "checkpoints", None) or []]}
+                     if series else {})},
         "execution": {**manifest.execution.model_dump(mode="json"),
                       "address": manifest.execution.address or "embedded"},
         "versions": versions(),

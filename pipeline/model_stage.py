@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import torch
 
 from jobs import REGISTRY, ModelAnalysis, ModelContext
+from pipeline.checkpoints import entry_folder
 from pipeline.datasets import DatasetIndex
 from pipeline.manifest import Manifest
 from pipeline.progress import Progress
@@ -106,16 +107,13 @@ class _Entry:
     def __init__(self, analysis: ModelAnalysis, shared: dict[str, Any], parts: list[list[Any]],
                  staged: StagedEntry):
         self.analysis, self.shared, self.parts, self.staged = analysis, shared, parts, staged
+        self.name = staged.entry  # its folder: the entry, or with checkpoints <entry>/checkpoint=<name>
         self.records = staged.open()
         self.resumed = len(self.records)
         self.error: str | None = None
         self.trace: str | None = None
         self.shared_ref: Any = None
         self.running = 0
-
-    @property
-    def name(self) -> str:
-        return self.analysis.params.entry_name
 
     @property
     def finished(self) -> bool:
@@ -144,7 +142,7 @@ def _commit(manifest: Manifest, store: Store, entry: _Entry) -> dict:
 
 
 def _prepare(manifest: Manifest, store: Store, index: DatasetIndex, analysis: ModelAnalysis, run_ctx: RunContext,
-             labels: dict[str, int | None], key: dict, log: Log) -> _Entry:
+             labels: dict[str, int | None], key: dict, log: Log, folder: str | None = None) -> _Entry:
     """On the driver: the entry's images, its units and their groups."""
     from pipeline.models import input_size_of, preprocess_of
 
@@ -166,12 +164,13 @@ def _prepare(manifest: Manifest, store: Store, index: DatasetIndex, analysis: Mo
     parts = groups(units, group_size(analysis), manifest.execution.workers)
     # The ledger is only valid for the same groups of the same units.
     layout = {"groups": hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()}
-    return _Entry(analysis, shared, parts, StagedEntry(store, analysis.params.entry_name, key, layout))
+    return _Entry(analysis, shared, parts, StagedEntry(store, folder or analysis.params.entry_name, key, layout))
 
 
 def run_model_stage(manifest: Manifest, store: Store, index: DatasetIndex, analyses: list[ModelAnalysis],
-                    keys: dict[str, dict], log: Log) -> dict[str, dict]:
-    """Run every model-level entry, resuming from each entry's ledger; one failure does not
+                    keys: dict[str, dict], log: Log, checkpoint: str | None = None) -> dict[str, dict]:
+    """Run every model-level entry (with the model of ``manifest``, one ``checkpoint`` of a series;
+    ``keys`` and the stats are by folder), resuming from each entry's ledger; one failure does not
     stop the others."""
     import ray
 
@@ -181,9 +180,9 @@ def run_model_stage(manifest: Manifest, store: Store, index: DatasetIndex, analy
     stats: dict[str, dict] = {}
     entries: list[_Entry] = []
     for analysis in analyses:
-        name = analysis.params.entry_name
+        name = entry_folder(analysis.params.entry_name, checkpoint)
         try:
-            entries.append(_prepare(manifest, store, index, analysis, run_ctx, labels, keys[name], log))
+            entries.append(_prepare(manifest, store, index, analysis, run_ctx, labels, keys[name], log, name))
         except Exception as e:  # noqa: BLE001 -- recorded against the entry
             stats[name] = {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000],
                            "traceback": traceback.format_exc()[-4000:]}

@@ -32,6 +32,7 @@ import torch
 
 from jobs import ReduceAnalysis, ReduceInputs, Rendered
 from jobs.core.base import Images
+from pipeline.checkpoints import entry_folder
 from pipeline.datasets import DatasetIndex
 from pipeline.decode import decode_batch
 from pipeline.manifest import Manifest, ParquetDataset
@@ -166,11 +167,14 @@ class FileInputs(ParquetInputs):
 
 
 class EntryInputs(ParquetInputs):
-    """:class:`jobs.ReduceInputs` over other entries' committed tables: one partition per entry."""
+    """:class:`jobs.ReduceInputs` over other entries' committed tables: one partition per entry,
+    read from the entry's folder (``folders``: with checkpoints, ``<entry>/checkpoint=<name>``)."""
 
-    def __init__(self, store: Store, entries: Sequence[str], batch_rows: int = 65536):
+    def __init__(self, store: Store, entries: Sequence[str], batch_rows: int = 65536,
+                 folders: dict[str, str] | None = None):
         super().__init__(store, "", batch_rows)
         self.entries = list(entries)
+        self.folders = folders or {}
 
     def partitions(self) -> list[str]:
         return list(self.entries)
@@ -180,7 +184,8 @@ class EntryInputs(ParquetInputs):
             raise KeyError(f"{partition!r} is not one of the entries read: {', '.join(self.entries)}")
         # Hive-partitioned entries keep their parts in key=value folders.
         # Sidecar tables (folders starting with "_", as the probes' saved heads) are not the entry's.
-        files = [f for f in self.store.files(partition, recursive=True) if table_part(f[len(partition) + 1:])]
+        folder = self.folders.get(partition, partition)
+        files = [f for f in self.store.files(folder, recursive=True) if table_part(f[len(folder) + 1:])]
         if required and not files:
             raise ValueError(f"entry {partition!r} has no rows")
         return files
@@ -394,22 +399,25 @@ def render_blocks(rendered: Rendered, ctx: RunContext, folder: Store, where: str
     return [BlockRecord.from_json(r) for r in ray.get(refs)]
 
 
-def reduce_entry(manifest: Manifest, store: Store, analysis: ReduceAnalysis, ctx: RunContext, key: dict) -> dict:
-    """Reduce one entry from its committed partials and commit it; return its run.json stats.
+def reduce_entry(manifest: Manifest, store: Store, analysis: ReduceAnalysis, ctx: RunContext, key: dict,
+                 checkpoint: str | None = None) -> dict:
+    """Reduce one entry (of one ``checkpoint`` of a series) from its committed partials and commit
+    it; return its run.json stats.
 
     The tables are block 0 of the entry, written last; a :class:`jobs.Rendered` output's
     pictures are blocks 1, 2, ... written by render tasks before it. Once block 0 is
     recorded, a rerun (after a crash before the commit) commits the entry without reducing
     again; render blocks recorded without it are drawn again with the next reduction.
     """
-    name = analysis.params.entry_name
+    name = entry_folder(analysis.params.entry_name, checkpoint)
     start = time.time()
     staged = StagedEntry(store, name, key)
     records = staged.open()
     if 0 not in records:
         staged.forget(records)  # pictures of a reduction that never wrote its tables
         sources = analysis.sources(manifest.analyses)
-        inputs = EntryInputs(store, sources) if sources else ParquetInputs(store, f"{INPUTS}/{name}")
+        inputs = (EntryInputs(store, sources, folders={s: entry_folder(s, checkpoint) for s in sources}) if sources
+                  else ParquetInputs(store, f"{INPUTS}/{name}"))
         check_memory(analysis, inputs, driver_memory(manifest))
         output = analysis.reduce(inputs, ctx)
         images: Iterable[tuple[str, Any]] = output.images
@@ -439,13 +447,14 @@ def reduce_entry(manifest: Manifest, store: Store, analysis: ReduceAnalysis, ctx
 
 
 def run_reduce_stage(manifest: Manifest, store: Store, index: DatasetIndex, analyses: list[ReduceAnalysis],
-                     keys: dict[str, dict], log: Log) -> dict[str, dict]:
-    """Reduce every entry in turn; one failure does not stop the others."""
+                     keys: dict[str, dict], log: Log, checkpoint: str | None = None) -> dict[str, dict]:
+    """Reduce every entry in turn (with the model of ``manifest``, one ``checkpoint`` of a series;
+    ``keys`` and the stats are by folder); one failure does not stop the others."""
     ctx = RunContext(manifest, index, log)
     stats: dict[str, dict] = {}
     for analysis in analyses:
-        name = analysis.params.entry_name
-        sources = analysis.sources(manifest.analyses)
+        name = entry_folder(analysis.params.entry_name, checkpoint)
+        sources = [entry_folder(s, checkpoint) for s in analysis.sources(manifest.analyses)]
         if not sources and read_success(store, f"{INPUTS}/{name}") is None:
             continue  # its dataset pass failed, and said so
         missing = [s for s in sources if (read_success(store, s) or {}).get("key") != keys[s]["key"]]
@@ -457,7 +466,7 @@ def run_reduce_stage(manifest: Manifest, store: Store, index: DatasetIndex, anal
         log(f"reducing {name}")
         start = time.time()
         try:
-            stats[name] = reduce_entry(manifest, store, analysis, ctx, keys[name])
+            stats[name] = reduce_entry(manifest, store, analysis, ctx, keys[name], checkpoint)
             log(f"  {name}: {stats[name]['rows']:,} rows, {stats[name]['images']:,} images "
                 f"in {time.time() - start:.1f} s")
         except Exception as e:  # noqa: BLE001 -- recorded; the partials stay for the next run

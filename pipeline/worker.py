@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from jobs import REGISTRY, AnalysisParams, MapBatch, MapOutput
+from jobs import REGISTRY, Analysis, AnalysisParams, MapBatch, MapOutput
 from jobs.core.pixels import pixels_to_inputs
 from pipeline.plan import Stage
 from pipeline.store import Store
@@ -59,7 +59,8 @@ class ModelWorker:
     def __init__(self, model_spec: dict, entries: list[dict], execution: dict, store: Store,
                  staging: dict[str, str], block_rows: int, done: dict[str, list[int]] | None = None,
                  threads: int | None = None, selections: dict[str, int] | None = None,
-                 samples: list[list[str]] | None = None):
+                 samples: list[list[str]] | None = None, checkpoints: dict[str, dict] | None = None,
+                 slots: dict[str, list] | None = None):
         from pipeline.models import load_model, preprocess_of, spec_from_json
 
         if threads:
@@ -70,16 +71,26 @@ class ModelWorker:
         self.precision = execution["precision"]
         self.batch_size = int(execution["batch_size"])
         self.rows_per_part = int(execution["rows_per_part"])
-        self.model = load_model(spec).to(self.device)
+        # A checkpoint series: every checkpoint's model, each run on the same decoded batches.
+        specs = {name: spec_from_json(s) for name, s in checkpoints.items()} if checkpoints else {None: spec}
         # NHWC suits cuDNN's tensor cores and oneDNN's CPU convolutions alike (ResNet-20 on
         # two CPU cores: 1.3x); outputs differ from NCHW only by float rounding.
         self.channels_last = bool(execution.get("channels_last"))
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.models: dict[str | None, torch.nn.Module] = {}
+        for name, one in specs.items():
+            model = load_model(one).to(self.device)
+            self.models[name] = model.to(memory_format=torch.channels_last) if self.channels_last else model
+        self.model = next(iter(self.models.values()))
         params = [REGISTRY[e["type"]].Params.model_validate(e) for e in entries]
         self.analyses = [REGISTRY[p.type](p) for p in params]
         self.layers = Stage("map", self.analyses).layers()
-        self.schemas = {a.params.entry_name: a.schema() for a in self.analyses}
+        by_name = {a.params.entry_name: a for a in self.analyses}
+        # What is written where: {folder: (analysis, checkpoint)}; without checkpoints each entry's
+        # folder is the entry itself.
+        self.slots: dict[str, tuple[Analysis, str | None]] = (
+            {folder: (by_name[entry], checkpoint) for folder, (entry, checkpoint) in slots.items()} if slots
+            else {name: (a, None) for name, a in by_name.items()})
+        self.schemas = {folder: a.schema() for folder, (a, _) in self.slots.items()}
         # Entries that work on a sample of the dataset see only its images of each batch.
         sets = [frozenset(ids) for ids in samples or []]
         self.selections = {entry: sets[i] for entry, i in (selections or {}).items()}
@@ -92,10 +103,14 @@ class ModelWorker:
         return autocast(self.device, self.precision)
 
     def _compute(self, analyses: list, pixels: np.ndarray, image_ids: np.ndarray, labels: np.ndarray,
-                 boxes: np.ndarray | None = None) -> dict[str, tuple[dict[str, pa.Table], list] | str]:
-        """Every analysis' tables and images for one batch; an analysis that raises gives its
-        error message instead (the others keep their rows; the runner fails that entry)."""
+                 boxes: np.ndarray | None = None, model: torch.nn.Module | None = None
+                 ) -> dict[str, tuple[dict[str, pa.Table], list] | str]:
+        """Every analysis' tables and images for one batch, by entry, with ``model`` (the worker's
+        model by default); an analysis that raises gives its error message instead (the others keep
+        their rows; the runner fails that entry)."""
         from pipeline.models import capture
+
+        model = self.model if model is None else model
 
         try:
             # Ray hands batches over read-only and zero-copy: copy before use on the device.
@@ -109,15 +124,15 @@ class ModelWorker:
             x = pixels_to_inputs(x, self.preprocess.mean, self.preprocess.std)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), self._autocast(), capture(self.model, self.layers) as acts:
-                logits = self.model(x)
+            with torch.inference_mode(), self._autocast(), capture(model, self.layers) as acts:
+                logits = model(x)
             batch = MapBatch(
                 image_ids=[str(i) for i in image_ids],
                 labels=torch.tensor(np.asarray(labels, dtype=np.int64)),
                 images=x,
                 logits=logits.float() if isinstance(logits, torch.Tensor) else logits,
                 activations={k: v.float() for k, v in acts.items()},
-                model=self.model,
+                model=model,
                 pixels=pixels,
                 boxes=None if boxes is None else np.asarray(boxes, dtype=np.int64),
                 mean=tuple(self.preprocess.mean),
@@ -162,50 +177,55 @@ class ModelWorker:
 
     def _write_block(self, batch: dict[str, np.ndarray]) -> dict:
         """Compute one block (rows in dataset order) in batches of ``batch_size`` and write
-        each entry's part of it; entries done for this block are left out."""
+        each entry's part of it; entries done for this block are left out. With checkpoints,
+        every checkpoint's model runs on each batch of the block, decoded once."""
         began = time.time()
         start, size = int(batch["row"][0]), len(batch["row"])
         ok = np.asarray(batch["error"]) == ""
         errors = [{"image_id": str(i), "stage": str(st), "error": str(e)}
                   for i, st, e in zip(batch["image_id"], batch["error_stage"], batch["error"]) if e != ""]
-        todo = [a for a in self.analyses if start // self.block_rows not in self.done.get(a.params.entry_name, ())]
-        writers = {a.params.entry_name: BlockWriter(self.store.child(self.staging[a.params.entry_name]), start,
-                                                    self.schemas[a.params.entry_name], self.rows_per_part,
-                                                    self.pool, where=a.params.entry_name) for a in todo}
+        todo = [f for f in self.slots if start // self.block_rows not in self.done.get(f, ())]
+        writers = {f: BlockWriter(self.store.child(self.staging[f]), start, self.schemas[f], self.rows_per_part,
+                                  self.pool, where=f) for f in todo}
         failed: dict[str, str] = {}
         for s in range(0, size, self.batch_size):
             # Batches of the block's rows, bad images left out afterwards: the same batches
             # whatever the block size.
             keep = np.flatnonzero(ok[s:s + self.batch_size]) + s
-            active = [a for a in todo if a.params.entry_name not in failed]
-            if not len(keep) or not active:
+            if not len(keep):
                 continue
             boxes = batch["box"][keep] if "box" in batch else None
-            computed = self._compute(active, batch["pixels"][keep], batch["image_id"][keep], batch["label"][keep],
-                                     boxes)
-            for entry, value in computed.items():
-                if not isinstance(value, str):
-                    try:
-                        writers[entry].add_tables(value[0])
-                        writers[entry].add_images(value[1])
-                        continue
-                    except Exception as e:  # noqa: BLE001 -- out of disk, say: this entry fails, the others go on
-                        value = _describe(e, f"writing {entry}")
-                failed[entry] = value
-                writers[entry].abort()
+            for checkpoint, model in self.models.items():
+                active = {self.slots[f][0].params.entry_name: f for f in todo
+                          if self.slots[f][1] == checkpoint and f not in failed}
+                if not active:
+                    continue
+                computed = self._compute([self.slots[f][0] for f in active.values()], batch["pixels"][keep],
+                                         batch["image_id"][keep], batch["label"][keep], boxes, model)
+                for entry, value in computed.items():
+                    folder = active[entry]
+                    if not isinstance(value, str):
+                        try:
+                            writers[folder].add_tables(value[0])
+                            writers[folder].add_images(value[1])
+                            continue
+                        except Exception as e:  # noqa: BLE001 -- out of disk, say: this entry fails, the others go on
+                            value = _describe(e, f"writing {folder}")
+                    failed[folder] = value
+                    writers[folder].abort()
         entries = {}
-        for entry, writer in writers.items():
-            if entry in failed:
-                record = BlockRecord(block=start, error=failed[entry])
+        for folder, writer in writers.items():
+            if folder in failed:
+                record = BlockRecord(block=start, error=failed[folder])
             else:
                 try:
                     record = writer.close()
                 except Exception as e:  # noqa: BLE001
                     writer.abort()
-                    record = BlockRecord(block=start, error=_describe(e, f"writing {entry}"))
+                    record = BlockRecord(block=start, error=_describe(e, f"writing {folder}"))
             record.size, record.errors = size, errors
             record.seconds = round(time.time() - began, 3)
-            entries[entry] = record.to_json()
+            entries[folder] = record.to_json()
         return {"start": start, "size": size, "errors": errors, "entries": entries}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

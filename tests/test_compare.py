@@ -200,6 +200,14 @@ def test_bad_runs_exit_2_naming_the_path(runs, tmp_path, capsys):
     # An existing folder that is not a comparison is never replaced.
     assert cli(["compare", str(a), str(a), "-o", str(unfinished)]) == 2
     assert "refusing to replace" in capsys.readouterr().err
+    # A checkpoint series holds every checkpoint in its tables: not one run's results.
+    series = tmp_path / "series"
+    shutil.copytree(a, series)
+    info = json.loads((series / "run.json").read_text())
+    info["model"]["checkpoints"] = [{"name": "epoch01", "weights": "e1.pt", "hash": "sha256:0"}]
+    (series / "run.json").write_text(json.dumps(info))
+    assert cli(["compare", str(a), str(series), "-o", str(tmp_path / "o")]) == 2
+    assert f"{series}: a checkpoint series" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

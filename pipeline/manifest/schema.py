@@ -7,8 +7,10 @@ discriminated by ``type`` (as ``dataset`` is by ``kind`` and ``model`` by ``sour
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
@@ -231,12 +233,119 @@ class _Model(Strict):
     preprocess: Preprocess | None = None
 
 
-class TorchvisionModel(_Model):
+# A checkpoint's name is a Hive partition value (``checkpoint=<name>``): it starts with a letter,
+# so no reader takes it for a number.
+CHECKPOINT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+# The demo CNN trains itself: a missing checkpoint of it is made by training, saved after the
+# epoch its file name ends with (``demo_cnn_epoch02.pt``).
+DEMO_EPOCH = re.compile(r"_epoch(\d+)$")
+
+
+def _checkpoint_name(name: str) -> str:
+    if not CHECKPOINT_NAME.match(name):
+        raise ValueError(f"checkpoint name {name!r} must start with a letter and hold only letters, digits, "
+                         "'_' and '-' (it names the folder checkpoint=<name>)")
+    return name
+
+
+class Checkpoint(Strict):
+    """One state of the model's weights (an epoch of its training): a name and a weights file."""
+
+    name: str
+    weights: AnyPath
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        return _checkpoint_name(name)
+
+
+def _missing_allowed(model_name: Any, path: Path) -> bool:
+    """A demo CNN checkpoint that training makes when it is missing (``..._epochNN.pt``)."""
+    return model_name == "demo_cnn" and DEMO_EPOCH.search(path.stem) is not None
+
+
+def glob_checkpoints(pattern: str, base: Any) -> list[Checkpoint]:
+    """The files ``pattern`` matches (relative to ``base``), sorted, named by their stems."""
+    pattern = os.path.expanduser(pattern)
+    if base is not None and not os.path.isabs(pattern):
+        pattern = os.path.join(str(base), pattern)
+    files = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    if not files:
+        raise ValueError(f"matches no file: {pattern}")
+    found = [Checkpoint(name=_checkpoint_name(Path(f).stem), weights=Path(os.path.abspath(f))) for f in files]
+    seen: dict[str, Path] = {}
+    for c in found:
+        if c.name in seen:
+            raise ValueError(f"two files have the stem {c.name!r}: {seen[c.name]} and {c.weights}")
+        seen[c.name] = c.weights
+    return found
+
+
+class _Checkpointed(_Model):
+    """Models with weights: one ``weights`` file, or a series of ``checkpoints`` of the same
+    architecture (or ``weights_glob``, named by the files' stems), every analysis run per checkpoint.
+
+    Subclasses declare ``weights``, ``checkpoints`` and ``weights_glob`` in that order, so each
+    check sees the fields before it.
+    """
+
+    if TYPE_CHECKING:  # declared by each subclass, after its weights
+        checkpoints: list[Checkpoint] | None
+        weights_glob: str | None
+
+    @field_validator("checkpoints", check_fields=False)
+    @classmethod
+    def _checkpoints(cls, checkpoints: list[Checkpoint] | None, info: ValidationInfo) -> list[Checkpoint] | None:
+        if checkpoints is None:
+            return None
+        if info.data.get("weights") is not None:
+            raise ValueError("give weights or checkpoints, not both")
+        seen: dict[str, int] = {}
+        for i, c in enumerate(checkpoints):
+            if c.name in seen:
+                raise ValueError(f"[{i}].name: {c.name!r} is already the name of checkpoints[{seen[c.name]}]; "
+                                 "give each checkpoint a unique name")
+            seen[c.name] = i
+            if not c.weights.is_file() and not _missing_allowed(info.data.get("name"), c.weights):
+                raise ValueError(f"[{i}].weights: file does not exist: {c.weights}")
+        return checkpoints
+
+    @field_validator("weights_glob", check_fields=False)
+    @classmethod
+    def _glob(cls, pattern: str | None, info: ValidationInfo) -> str | None:
+        if pattern is None:
+            return None
+        if info.data.get("weights") is not None:
+            raise ValueError("give weights or weights_glob, not both")
+        if info.data.get("checkpoints") is not None:
+            raise ValueError("give checkpoints or weights_glob, not both")
+        glob_checkpoints(pattern, (info.context or {}).get("base"))
+        return pattern
+
+    @model_validator(mode="after")
+    def _expand(self, info: ValidationInfo) -> _Checkpointed:
+        pattern = self.weights_glob
+        if pattern is not None:
+            # The resolved manifest lists the checkpoints the pattern found.
+            self.checkpoints = glob_checkpoints(pattern, (info.context or {}).get("base"))
+            self.weights_glob = None
+        return self
+
+
+CHECKPOINTS_HELP = ("a series of weights files of this architecture: [{name, weights}, ...]; every analysis "
+                    "runs per checkpoint")
+GLOB_HELP = "checkpoints from the files this pattern matches (relative to the manifest), named by their stems, sorted"
+
+
+class TorchvisionModel(_Checkpointed):
     """A torchvision architecture by name; weights from a local file (random, seeded, without)."""
 
     source: Literal["torchvision"]
     name: str
     weights: ExistingFile | None = None
+    checkpoints: list[Checkpoint] | None = Field(default=None, min_length=1, description=CHECKPOINTS_HELP)
+    weights_glob: str | None = Field(default=None, description=GLOB_HELP)
 
     @field_validator("name")
     @classmethod
@@ -260,7 +369,7 @@ def _builtin_names() -> list[str]:
     return sorted(BUILTINS)
 
 
-class BuiltinModel(_Model):
+class BuiltinModel(_Checkpointed):
     """A convscope architecture: ``cifar_resnet20/32/44/56/110`` or ``demo_cnn``.
 
     ``demo_cnn`` trains itself once (seeded, about a minute on two cores) when its
@@ -270,6 +379,8 @@ class BuiltinModel(_Model):
     source: Literal["builtin"]
     name: str
     weights: AnyPath | None = None
+    checkpoints: list[Checkpoint] | None = Field(default=None, min_length=1, description=CHECKPOINTS_HELP)
+    weights_glob: str | None = Field(default=None, description=GLOB_HELP)
 
     @field_validator("name")
     @classmethod
@@ -292,7 +403,7 @@ class BuiltinModel(_Model):
         return self
 
 
-class PythonModel(_Model):
+class PythonModel(_Checkpointed):
     """``entrypoint: "package.module:callable"`` returning an ``nn.Module``. Runs your code, by design."""
 
     source: Literal["python"]
@@ -301,6 +412,8 @@ class PythonModel(_Model):
     python_path: list[AnyPath] = Field(default_factory=lambda: [Path(".")], validate_default=True,
                                        description="folders put on sys.path; default: the manifest's folder")
     weights: ExistingFile | None = None
+    checkpoints: list[Checkpoint] | None = Field(default=None, min_length=1, description=CHECKPOINTS_HELP)
+    weights_glob: str | None = Field(default=None, description=GLOB_HELP)
 
     @model_validator(mode="after")
     def _defaults(self) -> PythonModel:

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from jobs import REGISTRY, AnalysisParams
+from jobs import REGISTRY, AnalysisParams, TrainAnalysis
 from pipeline.errors import ManifestError, suggest
 from pipeline.manifest.overrides import apply_overrides
 from pipeline.manifest.schema import (
@@ -204,6 +204,11 @@ def validate_raw(raw: Any, source: str, base: Path, lines: dict[Loc, int] | None
         problems += _entry_problems(valid)[0]
         raise ManifestError(source, problems) from None
     problems += _entry_problems(list(enumerate(manifest.analyses)))[0]
+    if getattr(manifest.model, "checkpoints", None):
+        # A training entry writes one fine-tuned model; per checkpoint it would need a folder each.
+        problems += [f"{format_loc(('analyses', i, 'type'))}: {p.type!r} trains one model and does not run "
+                     "per checkpoint; run it in a manifest with model.weights (one checkpoint)"
+                     for i, p in enumerate(manifest.analyses) if issubclass(REGISTRY[p.type], TrainAnalysis)]
     if problems:
         raise ManifestError(source, problems)
     manifest.analyses = [REGISTRY[p.type](p).bind(manifest.analyses) for p in manifest.analyses]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import tarfile
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from jobs.core.base import safe_key
+from pipeline.checkpoints import entry_folder
 from pipeline.errors import UserError
 from pipeline.store import Store
 from pipeline.writers import SHARDS, SUCCESS, table_part
@@ -34,6 +36,23 @@ class Run:
             raise UserError(f"{self.store.display('run.json')}: not valid JSON ({e})") from None
         self.label_names: list[str] | None = (self.info.get("dataset") or {}).get("label_names")
         self._extracted: dict[str, dict[str, str]] = {}
+        # With a checkpoint series: the checkpoint whose tables and images this Run reads (see ``at``).
+        self.checkpoint: str | None = None
+
+    @property
+    def checkpoints(self) -> list[str]:
+        """The names of the run's checkpoint series, in order ([] for a model of one weights file)."""
+        return [c["name"] for c in (self.info.get("model") or {}).get("checkpoints") or []]
+
+    def at(self, checkpoint: str | None) -> Run:
+        """This run read at one checkpoint of its series: tables and images of ``<entry>/checkpoint=<name>``."""
+        other = copy.copy(self)
+        other.checkpoint = checkpoint
+        return other
+
+    def folder(self, entry: str) -> str:
+        """Where the entry's table is read from: the entry, or its folder of this Run's checkpoint."""
+        return entry_folder(entry, self.checkpoint)
 
     @property
     def analyses(self) -> dict[str, dict]:
@@ -45,7 +64,8 @@ class Run:
     def parts(self, entry: str) -> list[str]:
         """The entry's Parquet parts (paths relative to the run), partitions included, sorted;
         sidecar tables (folders starting with ``_``, as ``probes/_heads``) are not among them."""
-        return [f for f in self.store.files(entry, recursive=True) if table_part(f[len(entry) + 1:])]
+        folder = self.folder(entry)
+        return [f for f in self.store.files(folder, recursive=True) if table_part(f[len(folder) + 1:])]
 
     def schema(self, part: str):
         with self.store.open_input(part) as f:
@@ -57,7 +77,7 @@ class Run:
             t = self.store.read_table(f, columns=list(columns) if columns else None)
             df = t.to_pandas()
             # Hive partitions (features/layer=layer3/...) as columns.
-            for part in f[len(entry) + 1:].split("/")[:-1]:
+            for part in f[len(self.folder(entry)) + 1:].split("/")[:-1]:
                 if "=" in part:
                     key, value = part.split("=", 1)
                     df[key] = value
@@ -74,23 +94,26 @@ class Run:
 
     def images(self, entry: str) -> dict[str, str]:
         """{key: path relative to the report} of the entry's rendered images, copied out once."""
-        if entry not in self._extracted:
+        source = self.folder(entry)
+        if source not in self._extracted:
             found: dict[str, str] = {}
-            folder = self.out / "img" / safe_key(entry)
-            for shard in [f for f in self.store.files(f"{entry}/{SHARDS}") if f.endswith(".tar")]:
+            name = safe_key(source)
+            folder = self.out / "img" / name
+            for shard in [f for f in self.store.files(f"{source}/{SHARDS}") if f.endswith(".tar")]:
                 with self.store.open_input(shard) as handle, tarfile.open(fileobj=handle) as tar:
                     for member in tar:
-                        name = Path(member.name).name
+                        member_name = Path(member.name).name
                         # Only plain PNG files with safe names; anything else in a tar is ignored.
-                        if not member.isfile() or not name.endswith(".png") or safe_key(name[:-4]) != name[:-4]:
+                        if (not member.isfile() or not member_name.endswith(".png")
+                                or safe_key(member_name[:-4]) != member_name[:-4]):
                             continue
                         folder.mkdir(parents=True, exist_ok=True)
                         data = tar.extractfile(member)
                         if data is not None:
-                            (folder / name).write_bytes(data.read())
-                            found[name[:-4]] = f"img/{safe_key(entry)}/{name}"
-            self._extracted[entry] = found
-        return self._extracted[entry]
+                            (folder / member_name).write_bytes(data.read())
+                            found[member_name[:-4]] = f"img/{name}/{member_name}"
+            self._extracted[source] = found
+        return self._extracted[source]
 
     def image(self, entry: str, key: Any) -> str | None:
         return None if key is None or (isinstance(key, float) and np.isnan(key)) else self.images(entry).get(str(key))

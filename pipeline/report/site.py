@@ -18,12 +18,14 @@ from jobs import REGISTRY
 from jobs.core.base import safe_key
 from pipeline.errors import UserError
 from pipeline.report.blocks import draw
+from pipeline.report.evolution import evolution_body
 from pipeline.report.html import badge, esc, num, render, table_html
 from pipeline.report.run import Run
 from pipeline.report.views import FAMILY_VIEWS, VIEWS, Page
 from pipeline.store import Store
 
 ASSETS = Path(__file__).parent.with_name("report_assets")
+EVOLUTION = "evolution.html"  # a checkpoint series' page
 
 
 def page(run: Run, title: str, body: Markup, nav: list[tuple[str, str]], current: str = "") -> str:
@@ -123,6 +125,10 @@ def _write_pages(run: Run, log: Callable[[str], None]) -> None:
     pages = {name: shared.get(name, f"{safe_key(name)}.html") for name in types}
     nav = list({href: href[:-len(".html")] if href in shared.values() else name
                 for name, href in reversed(pages.items())}.items())[::-1]
+    # A checkpoint series: the evolution page compares the checkpoints; every other page shows the last.
+    shown = run.at(run.checkpoints[-1]) if run.checkpoints else run
+    if run.checkpoints:
+        nav.insert(0, (EVOLUTION, "evolution"))
 
     def write(filename: str, title: str, body: Markup) -> None:
         (out / filename).write_text(page(run, title, body, nav, filename), encoding="utf-8")
@@ -130,6 +136,8 @@ def _write_pages(run: Run, log: Callable[[str], None]) -> None:
     errors = run.store.read_table("errors.parquet").to_pandas() if run.store.is_file("errors.parquet") else \
         pd.DataFrame()
     write("index.html", "Run summary", summary_body(run, errors, pages))
+    if run.checkpoints:
+        write(EVOLUTION, "Through training", _section(partial(evolution_body, run), "evolution", log))
     if len(errors) > 50:
         write("errors.html", "Errors", render("cards.html", sections=[("", table_html(errors))]))
     done: set[str] = set()
@@ -141,15 +149,16 @@ def _write_pages(run: Run, log: Callable[[str], None]) -> None:
                 filename, family_page = FAMILY_VIEWS[family]
                 members = [n for n, k in types.items() if _family(k) == family]
                 write(filename, filename[:-len(".html")].capitalize(),
-                      _section(partial(family_page, run, members), family, log))
+                      _section(partial(family_page, shown, members), family, log))
                 done.add(family)
             continue
-        if not run.parts(name):
+        if not shown.parts(name):
             body = render("cards.html", sections=[("", Markup("<p>This analysis committed no rows.</p>"))])
         else:
-            entry_page = Page(run, name, str(kind), write, run.out / "data")
+            entry_page = Page(shown, name, str(kind), write, run.out / "data")
             body = _section(partial(_body, entry_page), name, log)
-        write(pages[name], f"{name} ({kind})" if name != kind else name, body)
+        title = f"{name} ({kind})" if name != kind else name
+        write(pages[name], f"{title}, checkpoint {shown.checkpoint}" if shown.checkpoint else title, body)
 
 
 def _body(page: Page) -> Markup:

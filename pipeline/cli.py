@@ -140,6 +140,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    """``convscope compare``: exit 1 when a ``--fail-on`` threshold is passed."""
     from pipeline.compare import compare_runs
 
     result = compare_runs(args.run_a, args.run_b, output=args.output, fail_on=args.fail_on,

@@ -44,7 +44,7 @@ from pipeline.report.charts import bar_chart
 from pipeline.report.html import render, table_html
 from pipeline.report.site import ASSETS
 from pipeline.store import Store, is_uri
-from pipeline.writers import SUCCESS, table_part
+from pipeline.writers import SUCCESS, table_parts
 
 KIND = "convscope-compare"  # summary.json's "kind": marks a folder compare may replace
 TABLES = ("accuracy", "per_class", "flips", "channels", "attribution", "probes", "unmatched")
@@ -59,6 +59,7 @@ MAP_READ_COLUMNS = ["label", *kernels.MAP_KEYS, *kernels.MAP_COLUMNS, *kernels.S
 
 
 def allowed_fail_on() -> str:
+    """The ``--fail-on`` keys and what each checks, for help and error messages."""
     return "; ".join(f"{k}=X fails when {v}" for k, v in FAIL_ON.items())
 
 
@@ -122,11 +123,12 @@ class RunFolder:
 
     @property
     def label_names(self) -> list[str] | None:
+        """The run's class names (run.json's dataset), if it recorded them."""
         return (self.info.get("dataset") or {}).get("label_names")
 
     def parts(self, entry: str) -> list[str]:
-        # The entry's own table only: sidecars (``probes/_heads``) are not its rows.
-        return [f for f in self.store.files(entry, recursive=True) if table_part(f[len(entry) + 1:])]
+        """The Parquet parts of the entry's own table; sidecars (``probes/_heads``) are not its rows."""
+        return table_parts(self.store, entry)
 
     def read_part(self, entry: str, part: str, wanted: Sequence[str]) -> pd.DataFrame:
         """One Parquet part, the ``wanted`` columns it has, Hive partition values as columns."""
@@ -142,12 +144,14 @@ class RunFolder:
         return df
 
     def table(self, entry: str, wanted: Sequence[str]) -> pd.DataFrame:
+        """The entry's table, the ``wanted`` columns it has (Hive partition values included)."""
         frames = [self.read_part(entry, part, wanted) for part in self.parts(entry)]
         frames = [f for f in frames if len(f.columns)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(wanted))
 
 
 def family(kind: str) -> str:
+    """The family of a registered analysis type (``attribution``, ...); empty for an unknown type."""
     cls = REGISTRY.get(kind)
     return cls.family if cls is not None else ""
 
@@ -302,12 +306,15 @@ def check_thresholds(accuracy: pd.DataFrame, fail_on: dict[str, float]) -> list[
 
 @dataclass
 class CompareResult:
+    """Where a comparison was written, its summary.json, and each threshold it exceeded (``failures``)."""
+
     output: Path
     summary: dict[str, Any]
     failures: list[str]
 
 
 def default_output(a: RunFolder, b: RunFolder) -> Path:
+    """``RUN_B/compare-<name of RUN_A's folder>``; run B must be a local folder."""
     if not b.store.local:
         raise UserError(f"run B is {b.where}: compare writes a local folder; name it with --output")
     return Path(b.store.path(f"compare-{a.name}"))
@@ -350,6 +357,7 @@ def check_replaceable(final: Path) -> None:
 
 def summarise(a: RunFolder, b: RunFolder, comparison: Comparison, tables: dict[str, pd.DataFrame],
               thresholds: dict[str, float], failures: list[str]) -> dict[str, Any]:
+    """summary.json: both runs, what was compared per entry, the accuracy rows, the thresholds."""
     def run_facts(run: RunFolder) -> dict[str, Any]:
         ds, model = run.info.get("dataset") or {}, run.info.get("model") or {}
         return {"path": run.where, "name": run.info.get("name"), "status": run.info.get("status"),

@@ -48,14 +48,23 @@ from pipeline.decode import decode_batch
 from pipeline.errors import UserError
 from pipeline.manifest import BuiltinModel, Manifest, ParquetDataset
 from pipeline.model_stage import run_model_stage
-from pipeline.models import check_layers, load_model, model_hash, preprocess_of
+from pipeline.models import check_layers, load_each_model, model_hash, preprocess_of
 from pipeline.plan import Stage, entry_key, plan
 from pipeline.progress import RAY_FALSE_ALARMS, Progress, RunLog, StderrFilter
 from pipeline.reduce import run_reduce_stage
 from pipeline.store import Store
 from pipeline.train_stage import run_train_stage
 from pipeline.worker import ModelWorker, default_threads, entries_json
-from pipeline.writers import INPUTS, STAGING, BlockRecord, StagedEntry, invalidate, labels_to_arrow, read_success
+from pipeline.writers import (
+    INPUTS,
+    STAGING,
+    SUCCESS,
+    BlockRecord,
+    StagedEntry,
+    invalidate,
+    labels_to_arrow,
+    read_success,
+)
 
 RUN_LOG = "run.log"
 Log = Callable[[str], None]
@@ -268,8 +277,10 @@ def _map_dataset(manifest: Manifest, index: DatasetIndex, stage: Stage, store: S
             "threads": res.threads,
             "selections": chosen,
             "samples": samples,
+            # Only the checkpoints some folder still needs: a resumed pass loads no model for nothing.
             **({"checkpoints": {name: spec.model_dump(mode="json")
-                                for name, spec in model_specs(manifest.model).items()},
+                                for name, spec in model_specs(manifest.model).items()
+                                if any(c == name for _, c in slots.values())},
                 "slots": {folder: list(slot) for folder, slot in slots.items()}} if slots else {}),
         },
         # Ray Data restarts dead actors and retries their blocks by default; a retried block
@@ -509,11 +520,11 @@ def run_manifest(manifest: Manifest, log: Log = _stderr) -> RunResult:
 
         ensure_demo_checkpoints([c.weights for c in manifest.model.checkpoints], log=log)
     hashes: dict[str | None, str] = {}
-    for name, spec in specs.items():
-        model = load_model(spec)  # trains the demo CNN here, once, if it is missing
+    # Trains the demo CNN here, once, if it is missing; a checkpoint that does not fit fails here.
+    for name, model in load_each_model(manifest.model):
         if not hashes:
             check_layers(manifest, model)
-        hashes[name] = model_hash(spec, model)  # a checkpoint that does not fit the model fails here
+        hashes[name] = model_hash(specs[name], model)
         del model
     index = list_dataset(manifest.dataset)
     check_dataset(manifest, index)
@@ -577,6 +588,13 @@ def _run(manifest: Manifest, store: Store, index: DatasetIndex, hashes: dict[str
             partials_folders.add(name)
         elif partials:
             invalidate(store.child(INPUTS), name)
+    for name in sorted(sealed):
+        if not all(f in done_folders for f in folders[name].values()):
+            # A checkpoint's folder went missing or stale under a committed entry: the entry is
+            # computed again, and until then it must not look complete.
+            log(f"{name}: a checkpoint's table is missing or stale; recomputing it")
+            sealed.discard(name)
+            store.delete(f"{name}/{SUCCESS}")
     done = {name for name, fs in folders.items() if all(f in done_folders for f in fs.values())}
     partials_done = {name for name, fs in folders.items() if name not in done
                      and all(f in done_folders or f in partials_folders for f in fs.values())}
@@ -627,7 +645,8 @@ def _run(manifest: Manifest, store: Store, index: DatasetIndex, hashes: dict[str
                     info.update({k: before[k] for k in carried if k in before})
                     info["stage"] = "reduce"
             elif stage.kind == "train":
-                stats = run_train_stage(manifest, store, index, stage.analyses_of(TrainAnalysis), keys, log)
+                stats, errors = run_train_stage(manifest, store, index, stage.analyses_of(TrainAnalysis), keys, log)
+                all_errors.extend(errors)
                 for info in stats.values():
                     info["stage"] = "train"
             else:

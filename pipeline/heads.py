@@ -35,6 +35,12 @@ def load_heads(entry_dir: str | Path | Store) -> dict[str, LinearHead]:
         raise UserError(f"{store.display()}: not a committed entry (no {SUCCESS})")
     files = [f for f in store.files(HEADS) if f.rsplit("/", 1)[-1].startswith("part-") and f.endswith(".parquet")]
     if not files:
+        series = sorted(f.split("/")[0] for f in store.files("", recursive=True)
+                        if f.startswith("checkpoint=") and f"/{HEADS}/" in f)
+        if series:  # a checkpoint series keeps one set of heads per checkpoint
+            folders = ", ".join(dict.fromkeys(series))
+            raise UserError(f"{store.display()}: a checkpoint series; its heads are per checkpoint, in "
+                            f"{folders}: load one of those folders")
         raise UserError(f"{store.display()}: no saved heads ({HEADS}/part-*.parquet); "
                         "is this a probes entry, written by this version?")
     table = pa.concat_tables(store.read_table(f) for f in files)

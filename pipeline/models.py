@@ -233,9 +233,29 @@ def layer_shapes(model: nn.Module, shape: tuple[int, int, int]) -> list[tuple[st
              else modules[n].original_name, shapes.get(n)) for n in names]
 
 
+def load_each_model(spec: ModelSpec, allow_untrained_demo: bool = False) -> Iterator[tuple[str | None, nn.Module]]:
+    """Each model a spec names, one at a time: ``(None, model)`` for one weights file, or
+    ``(name, model)`` for each checkpoint of a series. A checkpoint that does not load names its
+    field, ``model.checkpoints[i].weights``."""
+    from pipeline.checkpoints import model_specs
+
+    specs = model_specs(spec)
+    for i, (name, one) in enumerate(specs.items()):
+        try:
+            model = load_model(one, allow_untrained_demo)
+        except UserError as e:
+            if name is None:
+                raise
+            raise UserError(f"model.checkpoints[{i}].weights ({name}): {e}") from None
+        yield name, model
+
+
 def check_manifest(manifest: Manifest) -> None:
-    """Build the model and check every analysis' layers exist in it (no Ray needed)."""
-    check_layers(manifest, load_model(manifest.model, allow_untrained_demo=True))
+    """Build the model (every checkpoint of a series) and check every analysis' layers exist in it
+    (no Ray needed)."""
+    for i, (_, model) in enumerate(load_each_model(manifest.model, allow_untrained_demo=True)):
+        if i == 0:
+            check_layers(manifest, model)
 
 
 def check_layers(manifest: Manifest, model) -> None:

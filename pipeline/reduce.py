@@ -46,6 +46,7 @@ from pipeline.writers import (
     as_table,
     read_success,
     table_part,
+    table_parts,
     write_result,
 )
 
@@ -185,7 +186,7 @@ class EntryInputs(ParquetInputs):
         # Hive-partitioned entries keep their parts in key=value folders.
         # Sidecar tables (folders starting with "_", as the probes' saved heads) are not the entry's.
         folder = self.folders.get(partition, partition)
-        files = [f for f in self.store.files(folder, recursive=True) if table_part(f[len(folder) + 1:])]
+        files = table_parts(self.store, folder)
         if required and not files:
             raise ValueError(f"entry {partition!r} has no rows")
         return files

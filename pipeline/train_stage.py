@@ -48,9 +48,9 @@ from pipeline.writers import BlockRecord, FileRecord, Result, StagedEntry, as_ta
 
 Log = Callable[[str], None]
 
-# Beside the entry's table. The leading underscore keeps dataset readers (pandas, pyarrow, duckdb
-# given the entry folder) to the table's own parts, as with _SUCCESS and _shards: they read every
-# other file of the folder as a part of the table.
+# Beside the entry's table. The leading underscore keeps dataset readers given the entry folder
+# (pandas, pyarrow) to the table's own parts, as with _SUCCESS and _shards: they read every other
+# file of the folder as a part of the table.
 MODEL_FILE = "_model.pt"
 SPLIT_FILE = "_split.parquet"
 CHECKPOINT_FILE = "model.pt"  # in Ray Train's checkpoint
@@ -132,8 +132,8 @@ def decode_images(ctx: RunContext, ids: Sequence[str], log: Log) -> dict[str, np
 
 
 def train_data(manifest: Manifest, index: DatasetIndex, analysis: TrainAnalysis, ctx: RunContext, log: Log
-               ) -> tuple[TrainData, int]:
-    """The entry's split and its decoded images; the number of labelled images left out (not decodable)."""
+               ) -> tuple[TrainData, list[str]]:
+    """The entry's split and its decoded images; the ids of the labelled images left out (not decodable)."""
     ids = index.table.column("image_id").to_pylist()
     labels = index.table.column("label").fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
     labelled = np.flatnonzero(labels >= 0)
@@ -165,7 +165,7 @@ def train_data(manifest: Manifest, index: DatasetIndex, analysis: TrainAnalysis,
         held_out=np.array([position[int(r)] for r in held_out], dtype=np.int64),
         mean=tuple(ctx.mean), std=tuple(ctx.std), label_names=index.label_names,
     )
-    return data, len(bad)
+    return data, bad
 
 
 def split_table(data: TrainData) -> pa.Table:
@@ -269,7 +269,8 @@ def _train(manifest: Manifest, index: DatasetIndex, analysis: TrainAnalysis, ctx
     for row in output["rows"]:
         log(f"  {name}: epoch {row['epoch']} ({row['phase']}): held-out accuracy {row['held_out_accuracy']:.4f}"
             + (f", train loss {row['train_loss']:.4f}" if row["train_loss"] is not None else ""))
-    stats = {**output["stats"], "undecodable": undecodable}
+    # The ids go to errors.parquet (run_train_stage takes them out of the stats).
+    stats = {**output["stats"], "undecodable": len(undecodable), "undecodable_ids": undecodable}
     schemas = analysis.schema() or {}
     table = pa.Table.from_pylist(output["rows"], schema=schemas.get(""))
     record = write_result(staged.folder, 0, Result(tables={"": as_table(table)}, stats=stats),
@@ -284,16 +285,20 @@ def _train(manifest: Manifest, index: DatasetIndex, analysis: TrainAnalysis, ctx
 
 
 def run_train_stage(manifest: Manifest, store: Store, index: DatasetIndex, analyses: list[TrainAnalysis],
-                    keys: dict[str, dict], log: Log) -> dict[str, dict]:
-    """Train every entry in turn; one failure does not stop the others."""
+                    keys: dict[str, dict], log: Log) -> tuple[dict[str, dict], list[dict]]:
+    """Train every entry in turn; one failure does not stop the others. Returns the entries'
+    stats and the error rows of images that could not be decoded."""
     ctx = RunContext(manifest, index, log)
     stats: dict[str, dict] = {}
+    errors: list[dict] = []
     for analysis in analyses:
         name = analysis.params.entry_name
         log(f"training {name}")
         start = time.time()
         try:
             stats[name] = train_entry(manifest, store, index, analysis, ctx, keys[name], log)
+            errors += [{"image_id": i, "stage": "train", "error": "could not be decoded"}
+                       for i in stats[name].pop("undecodable_ids", [])]
             log(f"  {name}: held-out accuracy {stats[name].get('held_out_accuracy', float('nan')):.4f}"
                 + (f" (linear probe {stats[name]['probe_held_out_accuracy']:.4f})"
                    if "probe_held_out_accuracy" in stats[name] else "")
@@ -304,4 +309,4 @@ def run_train_stage(manifest: Manifest, store: Store, index: DatasetIndex, analy
             log(f"{name} failed: {message}")
             stats[name] = {"status": "failed", "error": message[:2000], "traceback": traceback.format_exc()[-4000:],
                            "seconds": round(time.time() - start, 3)}
-    return stats
+    return stats, errors

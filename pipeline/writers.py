@@ -63,6 +63,12 @@ def table_part(rel: str) -> bool:
     return rel.rsplit("/", 1)[-1].startswith("part-") and rel.endswith(".parquet") and not is_sidecar(rel)
 
 
+def table_parts(store: Store, folder: str) -> list[str]:
+    """The Parquet parts of the table in ``folder`` of ``store`` (Hive partitions included,
+    sidecars left out: :func:`table_part`), as paths from the store's root."""
+    return [f for f in store.files(folder, recursive=True) if table_part(f[len(folder) + 1:])]
+
+
 def to_arrow(values: np.ndarray) -> pa.Array:
     """A column from a numpy array: 1-D as is, (N, D) as ``list<...>`` (float arrays as float32)."""
     if values.ndim == 1:

@@ -11,14 +11,16 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from pipeline import execute
-from pipeline.errors import ManifestError
+from pipeline.errors import ManifestError, UserError
 from pipeline.execute import run_manifest
 from pipeline.manifest import load_manifest
+from pipeline.models import check_manifest
 from pipeline.writers import STAGING, SUCCESS
 
 from .conftest import make_images, write_manifest
@@ -51,10 +53,11 @@ ANALYSES = [
     {"type": "top_patches", "layers": ["relu2"], "k": 2, "channels": "0:3", "cell": 16},
     {"type": "grad_cam", "layer": "relu2", "sample": {"n": 5, "seed": 0}},
     {"type": "filters", "layers": ["conv1"], "cell": 8},
+    {"type": "probes", "layers": ["relu2"]},
 ]
 # (entry, partition) of every table compared.
 TABLES = [("features", "layer=relu1"), ("features", "layer=relu2"), ("predictions", None), ("top_patches", None),
-          ("grad_cam", None), ("filters", None)]
+          ("grad_cam", None), ("filters", None), ("probes", None)]
 
 
 def _checkpoints(folder: Path) -> list[Path]:
@@ -147,6 +150,15 @@ def test_series_equals_one_run_per_checkpoint_and_decodes_once(ray_session, setu
             want = _read(root / f"single{n}" / entry / (partition or ""))
             assert "checkpoint" not in want.columns
             pd.testing.assert_frame_equal(got.drop(columns=["checkpoint"], errors="ignore"), want, check_exact=True)
+    # Each checkpoint keeps its own probes' heads, as a single run does.
+    from pipeline.heads import load_heads
+
+    with pytest.raises(UserError, match="a checkpoint series; its heads are per checkpoint"):
+        load_heads(out / "probes")
+    for n in range(2):
+        got_heads = load_heads(out / "probes" / f"checkpoint=epoch0{n + 1}")
+        want_heads = load_heads(root / f"single{n}" / "probes")
+        assert np.array_equal(got_heads["relu2"].weight, want_heads["relu2"].weight)
     # The two checkpoints differ: the comparison above is not trivially true.
     a, b = (_read(out / "features" / f"checkpoint={c}" / "layer=relu2") for c in ("epoch01", "epoch02"))
     assert not a["vector"].apply(list).equals(b["vector"].apply(list))
@@ -166,6 +178,17 @@ def test_series_equals_one_run_per_checkpoint_and_decodes_once(ray_session, setu
     assert len(decodes.read_text().split()) == 18
     assert (out / "features" / SUCCESS).is_file()
     pd.testing.assert_frame_equal(_read(out / "features" / "checkpoint=epoch01" / "layer=relu2"), a)
+    # A checkpoint's folder lost under an entry still sealed: that folder runs again, and the
+    # entry is not reported as skipped.
+    want = _read(out / "predictions" / "checkpoint=epoch02")
+    Store.open(out).delete("predictions/checkpoint=epoch02")
+    decodes.unlink()
+    assert _run(series).ok
+    rerun = json.loads((out / "run.json").read_text())["analyses"]
+    assert rerun["predictions"]["status"] == "complete"
+    assert rerun["predictions"]["checkpoints"]["epoch02"]["status"] == "complete"
+    assert len(decodes.read_text().split()) == 18 and (out / "predictions" / SUCCESS).is_file()
+    pd.testing.assert_frame_equal(_read(out / "predictions" / "checkpoint=epoch02"), want)
 
     # The report: an evolution page with the accuracy chart and each checkpoint's top patch and filters.
     from pipeline.report import build_report
@@ -207,6 +230,13 @@ def test_series_validation(setup):
     torch.save({}, root / "ckpts2" / "1.pt")
     _problem(root, {"weights_glob": "ckpts2/*.pt"}, "model.weights_glob", "checkpoint name '1' must start with")
     _problem(root, {"checkpoints": []}, "model.checkpoints", "List should have at least 1 item")
+    # Every checkpoint must load into the model before anything runs, and the error names which.
+    torch.save({"not_a_layer.weight": torch.zeros(1)}, root / "unfit.pt")
+    unfit = load_manifest(_manifest(root, "unfit", {"checkpoints": [{"name": "a", "weights": a},
+                                                                    {"name": "b", "weights": str(root / "unfit.pt")}]},
+                                    [{"type": "predictions"}]))
+    with pytest.raises(UserError, match=r"model\.checkpoints\[1\]\.weights \(b\): checkpoint .*unfit\.pt does not fit"):
+        check_manifest(unfit)
     # A training entry writes one fine-tuned model: it does not run per checkpoint.
     with pytest.raises(ManifestError) as err:
         load_manifest(_manifest(root, "train", {"checkpoints": [{"name": "a", "weights": a}]},

@@ -213,8 +213,19 @@ def test_the_head_trains_on_cached_features_as_on_the_whole_model():
     assert not wrapped_last  # so it trains through the whole model every step
     params = FinetuneParams(schedule="one_step", epochs=2, batch_size=4, probe=False)
     cached, whole = tiny_resnet(), LogSoftmaxAfter(tiny_resnet())
+    calls = {"cached": 0, "whole": 0}  # forwards through the body (its first block)
+
+    def counter(name):
+        def hook(*_):
+            calls[name] += 1
+        return hook
+
+    cached.layer1.register_forward_hook(counter("cached"))
+    whole.inner.layer1.register_forward_hook(counter("whole"))
     a = Finetune(params).fit(cached, data, torch.device("cpu"), OneWorker())
     b = Finetune(params).fit(whole, data, torch.device("cpu"), OneWorker())
+    # The cached path runs the body for one pass over the images, not once per step and evaluation.
+    assert calls["cached"] <= -(-len(rows) // 4) < calls["whole"], calls
     # Cross-entropy of log-softmax outputs is that of the logits: the same training, up to rounding.
     torch.testing.assert_close(cached.linear.weight, whole.inner.linear.weight, rtol=1e-4, atol=1e-5)
     assert [r["held_out_accuracy"] for r in a.rows] == [r["held_out_accuracy"] for r in b.rows]
@@ -240,6 +251,8 @@ def test_ray_train_run_is_reproducible_and_its_checkpoint_scores_what_it_reports
     monkeypatch.setattr(train_stage, "DECODE_CHUNK", 10)  # the images decoded by several tasks
     images = tmp_path / "images"
     make_images(images, classes=3, per_class=8)
+    corrupt = sorted(images.iterdir())[0] / "corrupt.png"  # recorded in errors.parquet and left out
+    corrupt.write_bytes(b"not a png")
     entry = {"train_layers": "head", "head_epochs": 1, "epochs": 1, "batch_size": 4, "lr_head": 0.1, "seed": 7}
     path = manifest_with(tmp_path, resnet20_weights, images, **entry)
     outs = []
@@ -262,7 +275,10 @@ def test_ray_train_run_is_reproducible_and_its_checkpoint_scores_what_it_reports
     table = pd.read_parquet(out)  # the entry folder reads as its table alone
     assert table.phase.tolist() == ["start", "head", "fine_tune"] and table.epoch.tolist() == [0, 1, 2]
     stats = json.loads((out.parent / "run.json").read_text())["analyses"]["finetune"]
-    assert stats["status"] == "complete" and stats["stage"] == "train"
+    assert stats["status"] == "complete" and stats["stage"] == "train" and stats["undecodable"] == 1
+    errors = pd.read_parquet(out.parent / "errors.parquet")
+    assert errors[["stage", "error"]].values.tolist() == [["train", "could not be decoded"]]
+    assert errors.image_id.iloc[0].endswith("corrupt.png") and not split.image_id.str.endswith("corrupt.png").any()
     assert stats["held_out_accuracy"] == table.held_out_accuracy.iloc[-1]
     assert 0 <= stats["probe_held_out_accuracy"] <= 1 and stats["seconds"] > 0
     held = split[split.split == "held_out"]

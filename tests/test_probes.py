@@ -18,6 +18,7 @@ from sklearn.svm import LinearSVC
 from torch import nn
 
 from jobs import LocalContext, TableInputs
+from jobs.core.base import unit_seed
 from jobs.core.kernels import matrix, read_features
 from jobs.dataset import probes
 from jobs.dataset.probes import Probes, ProbesParams, TorchLogistic, choose_solver, make_classifier
@@ -308,6 +309,16 @@ def test_few_shot_rows_equal_direct_sklearn_fits_on_the_drawn_images(classifier)
     for row in rows[1:7]:
         chosen = probes.few_shot_indices(ys, train, row["shots"], 3, row["repeat"])
         assert set(chosen) <= set(train)
+        # The documented draw, written out: per class its training images in ascending order,
+        # k of them by a generator seeded with (seed, "few_shot", shots, repeat, class).
+        drawn = []
+        for c in range(3):
+            pool = np.sort(train[ys[train] == c])
+            if len(pool) > row["shots"]:
+                rng = np.random.default_rng(unit_seed(3, ["few_shot", row["shots"], row["repeat"], c]))
+                pool = pool[rng.choice(len(pool), size=row["shots"], replace=False)]
+            drawn.append(pool)
+        assert chosen.tolist() == sorted(np.concatenate(drawn).tolist())
         assert np.bincount(ys[chosen]).tolist() == [min(row["shots"], int((ys[train] == c).sum())) for c in range(3)]
         model = (LogisticRegression(C=1.0, max_iter=1000, random_state=3) if classifier == "logistic"
                  else LinearSVC(C=1.0, max_iter=1000, random_state=3))

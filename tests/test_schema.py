@@ -27,7 +27,7 @@ def validator() -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(schema)
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "cifar10.yaml", "cifar10-finetune.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "manifests").glob("*.yaml")))
 def test_the_shipped_manifests_follow_the_schema(validator, name):
     doc = yaml.safe_load((ROOT / "manifests" / name).read_text())
     errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(doc)]

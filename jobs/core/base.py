@@ -678,6 +678,7 @@ class TrainData:
         return pixels_to_inputs(pixels.to(device), self.mean, self.std)
 
     def targets(self, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+        """The labels of the images at ``rows``, (len(rows),) int64 on ``device``."""
         return torch.from_numpy(np.asarray(self.labels[rows], dtype=np.int64)).to(device)
 
 
@@ -695,7 +696,7 @@ class TrainAnalysis(Analysis):
     The runner lists the labelled images, asks :meth:`split` for the train and held-out
     images, decodes them once, and calls :meth:`fit` on every worker with the same data, a
     fresh copy of the model on the worker's device, and its :class:`Workers`. ``fit`` trains
-    the model in place, the same on every worker (gradients averaged with ``all_reduce``), and
+    the model in place, the same on every worker (gradients summed with ``all_reduce``), and
     returns its table; the runner keeps worker 0's model and output.
     """
 

@@ -113,6 +113,27 @@ def capture(model: nn.Module, layers: Sequence[str], detach: bool = True, keep: 
 
 
 @contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` (every submodule) in eval mode while the block runs; each module's own mode after,
+    also when the block raises.
+
+    >>> m = nn.Sequential(nn.Dropout(), nn.Linear(2, 2)).train()
+    >>> with eval_mode(m):
+    ...     m[0].training
+    False
+    >>> m[0].training
+    True
+    """
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+@contextmanager
 def record_calls(model: nn.Module, layer: str) -> Iterator[list[torch.Tensor]]:
     """Every output of ``layer`` while the block runs, still in the autograd graph.
 

@@ -251,6 +251,7 @@ class LinearHead:
 
     @property
     def dims(self) -> int:
+        """The length of the feature vectors the head reads."""
         return int(self.weight.shape[1])
 
     def logits(self, features: np.ndarray) -> np.ndarray:

@@ -89,6 +89,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from jobs.core.base import AnalysisParams, TrainAnalysis, TrainData, TrainOutput, Workers, register
+from jobs.core.hooks import eval_mode
 from jobs.core.kernels import worth_logging
 from jobs.dataset.probes import make_classifier
 from jobs.dataset.probes import split as stratified_split
@@ -116,6 +117,8 @@ DEFAULT_HEAD_EPOCHS = 2
 
 
 class FinetuneParams(AnalysisParams):
+    """What ``finetune`` trains, how (schedule, learning rates per group) and on which split."""
+
     train_layers: TrainLayers = Field(default="head", description="head | {top: n} | all")
     schedule: Literal["two_step", "one_step"] = Field(
         default="two_step", description="two_step: the head alone for head_epochs, then train_layers for "
@@ -294,6 +297,7 @@ Forward = Callable[[np.ndarray], torch.Tensor]
 
 
 def whole_model(model: torch.nn.Module, data: TrainData, device: torch.device) -> Forward:
+    """The forward of training through the whole model: images at ``rows`` -> logits."""
     return lambda rows: model(data.inputs(rows, device))
 
 
@@ -308,12 +312,10 @@ def penultimate_features(model: torch.nn.Module, data: TrainData, rows: np.ndarr
     def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         caught.append(args[0].detach().float())
 
-    was = {m: m.training for m in model.modules()}
-    model.eval()
     handle = head.register_forward_pre_hook(hook)
     outputs: list[torch.Tensor] = []
     try:
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             for start in range(0, len(rows), batch_size):
                 outputs.append(model(data.inputs(rows[start:start + batch_size], device)))
             handle.remove()
@@ -323,8 +325,6 @@ def penultimate_features(model: torch.nn.Module, data: TrainData, rows: np.ndarr
                 for out, x in zip(outputs, caught))
     finally:
         handle.remove()
-        for m, training in was.items():
-            m.training = training
     if caught:
         return torch.cat(caught).clone(), last  # a normal tensor (out of inference mode)
     return torch.zeros((0, int(getattr(head, "in_features", 0))), device=device), last
@@ -351,11 +351,9 @@ def evaluate(model: torch.nn.Module, forward: Forward, data: TrainData, device: 
              batch_size: int) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over the held-out images, the model in eval mode; each
     worker takes every ``world``-th batch and the sums are reduced."""
-    was = {m: m.training for m in model.modules()}
-    model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     rows = data.held_out
-    with torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         starts = list(range(0, len(rows), batch_size))
         for start in starts[workers.rank::workers.world]:
             chunk = rows[start:start + batch_size]
@@ -365,8 +363,6 @@ def evaluate(model: torch.nn.Module, forward: Forward, data: TrainData, device: 
             totals[1] += (logits.argmax(1) == y).sum()
             totals[2] += len(chunk)
     workers.all_reduce(totals)
-    for m, training in was.items():
-        m.training = training
     n = max(1.0, float(totals[2]))
     return float(totals[0]) / n, float(totals[1]) / n
 

@@ -17,7 +17,7 @@ from jobs.core.base import safe_key
 from pipeline.checkpoints import entry_folder
 from pipeline.errors import UserError
 from pipeline.store import Store
-from pipeline.writers import SHARDS, SUCCESS, table_part
+from pipeline.writers import SHARDS, SUCCESS, table_parts
 
 
 class Run:
@@ -65,7 +65,7 @@ class Run:
         """The entry's Parquet parts (paths relative to the run), partitions included, sorted;
         sidecar tables (folders starting with ``_``, as ``probes/_heads``) are not among them."""
         folder = self.folder(entry)
-        return [f for f in self.store.files(folder, recursive=True) if table_part(f[len(folder) + 1:])]
+        return table_parts(self.store, folder)
 
     def schema(self, part: str):
         with self.store.open_input(part) as f:

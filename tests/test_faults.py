@@ -600,7 +600,7 @@ def test_two_node_cluster_run_equals_embedded_run(ray_session, resnet20_weights,
     assert run(manifest, f"output={tmp_path / 'embedded'}").ok
     assert_same_tables(tmp_path / "cluster", tmp_path / "embedded",
                        [("features", "layer1"), ("features", "layer3"), ("predictions", None), ("embedding", None)])
-    # The session's own Ray is still there and usable: its CPUs come back once the run's actors
+    # The suite's own Ray (ray_session) is still there and usable: its CPUs come back once the run's actors
     # have exited, which Ray does asynchronously after the run returns.
     assert ray_session.is_initialized()
     deadline = time.time() + 60

@@ -153,7 +153,8 @@ def train_demo_model(
     from pipeline.zoo import DemoCNN
 
     start = time.time()
-    log(f"training the demo CNN once ({n_train} generated images, {epochs} epochs); cached at {path}")
+    saved = f"cached at {path}" if path is not None else "saving only the chosen epochs"
+    log(f"training the demo CNN once ({n_train} generated images, {epochs} epochs); {saved}")
     torch.manual_seed(seed)
     x, y = _tensors(n_train, TRAIN_SEED, size)
     xv, yv = _tensors(1000, TRAIN_SEED + 1, size)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
@@ -196,6 +197,24 @@ def read_features(inputs: ReduceInputs, layer: str) -> tuple[np.ndarray, np.ndar
 def worth_logging(w: warnings.WarningMessage) -> bool:
     """A library warning about the data or the fit, not about imports or deprecations."""
     return not issubclass(w.category, (ImportWarning, DeprecationWarning, PendingDeprecationWarning, FutureWarning))
+
+
+@contextmanager
+def logged_warnings(log: Callable[[str], None] | None, prefix: str = "") -> Iterator[None]:
+    """Record the warnings the block raises and, after it, log each distinct one worth logging
+    (:func:`worth_logging`) once, as ``prefix + "Category: message"``.
+
+    >>> with logged_warnings(print, "fit: "):
+    ...     warnings.warn("not converged", UserWarning)
+    ...     warnings.warn("not converged", UserWarning)
+    fit: UserWarning: not converged
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for message in dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught if worth_logging(w)):
+        if log is not None:
+            log(f"{prefix}{message}")
 
 
 # Model inputs per forward when an entry leaves ``chunk`` unset: on a GPU, many (it is fed

@@ -68,7 +68,6 @@ noisy, and pairwise distances barely change. For small datasets ``perplexity`` i
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Annotated, Literal
 
@@ -94,7 +93,7 @@ from jobs.core.base import (
     register,
     safe_key,
 )
-from jobs.core.kernels import pooled_features, pooled_features_schema, read_sample, worth_logging
+from jobs.core.kernels import logged_warnings, pooled_features, pooled_features_schema, read_sample
 from jobs.core.render import atlas, atlas_cells, scatter
 
 Method = Literal["pca", "tsne", "umap"]
@@ -310,8 +309,8 @@ def embed(features: np.ndarray, params: EmbeddingParams, layer: str = "",
         raise ValueError(f"embedding needs features of at least 2 dimensions; layer {layer!r} gives {d}")
     say = log or (lambda message: None)
     info: dict = {"pca_solver": pca_solver(n, d)}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    # What the libraries warn about (a failed spectral start, zero variance) goes to the log, once.
+    with logged_warnings(say, f"embedding: layer {layer!r}: "):
         scores, ratio = principal_components(features, params.pca_dims, params.seed, overwrite=overwrite)
         info["explained_variance_ratio"] = [float(r) for r in ratio[:2]]
         coords: dict[Method, np.ndarray] = {}
@@ -327,9 +326,6 @@ def embed(features: np.ndarray, params: EmbeddingParams, layer: str = "",
                 k = min(params.n_neighbors, n - 1)
                 info["n_neighbors"] = k
                 coords[method] = umap_2d(scores, k, params.min_dist, params.seed)
-    # What the libraries warn about (a failed spectral start, zero variance) goes to the log, once.
-    for message in dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught if worth_logging(w)):
-        say(f"embedding: layer {layer!r}: {message}")
     if ratio.sum() == 0:
         say(f"embedding: layer {layer!r}: every image has the same features; the maps show no structure")
     for method, xy in coords.items():

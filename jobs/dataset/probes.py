@@ -99,7 +99,7 @@ from jobs.core.base import (
     register,
     unit_seed,
 )
-from jobs.core.kernels import pooled_features, pooled_features_schema, read_features, worth_logging
+from jobs.core.kernels import logged_warnings, pooled_features, pooled_features_schema, read_features
 
 # Estimates for memory_plan. Per image: its id in Arrow, its sort order and Python string (this
 # layer's and the first layer's, kept to compare), its label.
@@ -625,15 +625,12 @@ class Probes(ReduceAnalysis):
                                   standardize=p.standardize, device=ctx.device)
         else:
             model = make_classifier(p.classifier, p.C, p.max_iter, p.seed, p.standardize)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        # E.g. not converged within max_iter: worth knowing, not fatal.
+        with logged_warnings(ctx.log, f"probes: {what}: "):
             if isinstance(model, TorchLogistic):
                 model.fit(x, y, inplace=True)
             else:
                 model.fit(x, y)
-        # E.g. not converged within max_iter: worth knowing, not fatal.
-        for message in dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught if worth_logging(w)):
-            ctx.log(f"probes: {what}: {message}")
         return model, solver
 
     def reduce(self, inputs: ReduceInputs, ctx: ReduceContext) -> ReduceOutput:

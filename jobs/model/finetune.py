@@ -78,7 +78,6 @@ from __future__ import annotations
 import difflib
 import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -90,7 +89,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from jobs.core.base import AnalysisParams, TrainAnalysis, TrainData, TrainOutput, Workers, register
 from jobs.core.hooks import eval_mode
-from jobs.core.kernels import worth_logging
+from jobs.core.kernels import logged_warnings
 from jobs.dataset.probes import make_classifier
 from jobs.dataset.probes import split as stratified_split
 
@@ -336,12 +335,8 @@ def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_held: np.ndarray, y
     C = 1) fitted on the train split's penultimate features."""
     start = time.time()
     probe = make_classifier("logistic", C=1.0, max_iter=1000, seed=seed, standardize=True)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with logged_warnings(log, "linear probe: "):
         probe.fit(x_train, y_train)
-    for message in dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught if worth_logging(w)):
-        if log is not None:
-            log(f"linear probe: {message}")
     return {"probe_train_accuracy": float(probe.score(x_train, y_train)),
             "probe_held_out_accuracy": float(probe.score(x_held, y_held)),
             "probe_seconds": round(time.time() - start, 3)}

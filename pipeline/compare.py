@@ -44,7 +44,7 @@ from pipeline.report.charts import bar_chart
 from pipeline.report.html import render, table_html
 from pipeline.report.site import ASSETS
 from pipeline.store import Store, is_uri
-from pipeline.writers import SUCCESS, table_parts
+from pipeline.writers import SUCCESS, partition_values, table_parts
 
 KIND = "convscope-compare"  # summary.json's "kind": marks a folder compare may replace
 TABLES = ("accuracy", "per_class", "flips", "channels", "attribution", "probes", "unmatched")
@@ -136,11 +136,9 @@ class RunFolder:
             names = pq.read_schema(f).names
         columns = [c for c in wanted if c in names]
         df = self.store.read_table(part, columns=columns).to_pandas()
-        for piece in part[len(entry) + 1:].split("/")[:-1]:
-            if "=" in piece:
-                key, value = piece.split("=", 1)
-                if key in wanted:
-                    df[key] = value
+        for key, value in partition_values(part[len(entry) + 1:]).items():
+            if key in wanted:
+                df[key] = value
         return df
 
     def table(self, entry: str, wanted: Sequence[str]) -> pd.DataFrame:

@@ -23,7 +23,7 @@ import pyarrow as pa
 from jobs.dataset.probes import HEADS, LinearHead, heads_from_table
 from pipeline.errors import UserError
 from pipeline.store import Store
-from pipeline.writers import SUCCESS
+from pipeline.writers import SUCCESS, table_parts
 
 __all__ = ["LinearHead", "load_head", "load_heads"]
 
@@ -33,7 +33,7 @@ def load_heads(entry_dir: str | Path | Store) -> dict[str, LinearHead]:
     store = entry_dir if isinstance(entry_dir, Store) else Store.open(entry_dir)
     if not store.is_file(SUCCESS):
         raise UserError(f"{store.display()}: not a committed entry (no {SUCCESS})")
-    files = [f for f in store.files(HEADS) if f.rsplit("/", 1)[-1].startswith("part-") and f.endswith(".parquet")]
+    files = table_parts(store, HEADS)
     if not files:
         series = sorted(f.split("/")[0] for f in store.files("", recursive=True)
                         if f.startswith("checkpoint=") and f"/{HEADS}/" in f)

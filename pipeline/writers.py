@@ -69,6 +69,15 @@ def table_parts(store: Store, folder: str) -> list[str]:
     return [f for f in store.files(folder, recursive=True) if table_part(f[len(folder) + 1:])]
 
 
+def partition_values(rel: str) -> dict[str, str]:
+    """The Hive partition values in a part's path inside its entry folder.
+
+    >>> partition_values("layer=layer3/checkpoint=epoch01/part-0.parquet")
+    {'layer': 'layer3', 'checkpoint': 'epoch01'}
+    """
+    return dict(piece.split("=", 1) for piece in rel.split("/")[:-1] if "=" in piece)
+
+
 def to_arrow(values: np.ndarray) -> pa.Array:
     """A column from a numpy array: 1-D as is, (N, D) as ``list<...>`` (float arrays as float32)."""
     if values.ndim == 1:

@@ -17,7 +17,7 @@ from jobs.core.base import safe_key
 from pipeline.checkpoints import entry_folder
 from pipeline.errors import UserError
 from pipeline.store import Store
-from pipeline.writers import SHARDS, SUCCESS, table_parts
+from pipeline.writers import SHARDS, SUCCESS, partition_values, table_parts
 
 
 class Run:
@@ -77,10 +77,8 @@ class Run:
             t = self.store.read_table(f, columns=list(columns) if columns else None)
             df = t.to_pandas()
             # Hive partitions (features/layer=layer3/...) as columns.
-            for part in f[len(self.folder(entry)) + 1:].split("/")[:-1]:
-                if "=" in part:
-                    key, value = part.split("=", 1)
-                    df[key] = value
+            for key, value in partition_values(f[len(self.folder(entry)) + 1:]).items():
+                df[key] = value
             frames.append(df)
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 

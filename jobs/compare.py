@@ -394,6 +394,7 @@ def map_correlations(a: pd.DataFrame, b: pd.DataFrame, entry: str) -> pd.DataFra
 def probe_rows(probes: pd.DataFrame) -> pd.DataFrame:
     """One row per (layer, classifier, shots): the full-data fit as it is (``shots`` null), and per
     shot count the mean of its repeats (test and train accuracy; ``n_test`` of the first draw).
+    A baseline's rows (``baseline`` not null: an untrained network's probes) are left out.
 
     >>> t = pd.DataFrame({"layer": ["l1"] * 3, "classifier": ["logistic"] * 3, "shots": [None, 2, 2],
     ...                   "repeat": [None, 0, 1], "test_accuracy": [0.9, 0.5, 0.7],
@@ -401,6 +402,8 @@ def probe_rows(probes: pd.DataFrame) -> pd.DataFrame:
     >>> probe_rows(t)[["layer", "shots", "test_accuracy"]].values.tolist()
     [['l1', nan, 0.9], ['l1', 2.0, 0.6]]
     """
+    if "baseline" in probes.columns:
+        probes = probes[probes["baseline"].isna()]
     out = pd.DataFrame({"layer": probes["layer"].astype(str),
                         "classifier": probes["classifier"].astype(str) if "classifier" in probes.columns else "",
                         "shots": pd.to_numeric(probes["shots"], errors="coerce") if "shots" in probes.columns

@@ -54,7 +54,8 @@ FAIL_ON = {
 }
 PREDICTION_COLUMNS = ["image_id", "label", "pred", "prob"]
 CHANNEL_COLUMNS = ["layer", "channel", "label", "image_id"]
-PROBE_COLUMNS = ["layer", "classifier", "train_accuracy", "test_accuracy", "n_train", "n_test", "shots", "repeat"]
+PROBE_COLUMNS = ["layer", "classifier", "train_accuracy", "test_accuracy", "n_train", "n_test", "shots", "repeat",
+                 "baseline"]
 MAP_READ_COLUMNS = ["label", *kernels.MAP_KEYS, *kernels.MAP_COLUMNS, *kernels.SHAPE_COLUMNS]
 
 

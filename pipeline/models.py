@@ -115,14 +115,15 @@ def spec_from_json(data: dict[str, Any]) -> ModelSpec:
     return spec
 
 
-def load_model(spec: ModelSpec, allow_untrained_demo: bool = False) -> nn.Module:
+def load_model(spec: ModelSpec, allow_untrained_demo: bool = False, seed: int = 0) -> nn.Module:
     """Build the model a spec names, load its weights, and put it in eval mode (on the CPU).
 
-    Randomly initialised parts are seeded, so every worker builds the same model.
+    Randomly initialised parts are seeded (``torch.manual_seed(seed)`` before the constructor),
+    so every worker builds the same model.
     The demo CNN trains itself when its weights file is missing, unless
     ``allow_untrained_demo`` (used by validation, which only needs the architecture).
     """
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     if isinstance(spec, TorchvisionModel):
         import torchvision
 
@@ -155,6 +156,17 @@ def load_model(spec: ModelSpec, allow_untrained_demo: bool = False) -> nn.Module
     else:  # pragma: no cover -- the manifest's discriminated union rules this out
         raise TypeError(f"unknown model spec {spec!r}")
     return model.eval()
+
+
+def random_init_model(spec: ModelSpec, seed: int) -> nn.Module:
+    """The spec's architecture with no weights loaded: initialised by its constructor after
+    ``torch.manual_seed(seed)``, in eval mode (the baseline of an untrained network). The same on
+    every worker; for a checkpoint series, the architecture of the series."""
+    if isinstance(spec, TorchScriptModel):
+        raise UserError("model: a TorchScript file holds its weights inside; a random_init baseline needs a "
+                        "model convscope builds itself (source builtin, torchvision or python)")
+    bare = spec.model_copy(update={"weights": None, "checkpoints": None, "weights_glob": None})
+    return load_model(bare, allow_untrained_demo=True, seed=seed)
 
 
 def model_hash(spec: ModelSpec, model: nn.Module) -> str:

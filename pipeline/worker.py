@@ -8,6 +8,7 @@ metadata only: the tables and images are already in the run's staging area.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -61,7 +62,7 @@ class ModelWorker:
                  threads: int | None = None, selections: dict[str, int] | None = None,
                  samples: list[list[str]] | None = None, checkpoints: dict[str, dict] | None = None,
                  slots: dict[str, list] | None = None):
-        from pipeline.models import load_model, preprocess_of, spec_from_json
+        from pipeline.models import load_model, preprocess_of, random_init_model, spec_from_json
 
         if threads:
             torch.set_num_threads(threads)
@@ -84,6 +85,17 @@ class ModelWorker:
         params = [REGISTRY[e["type"]].Params.model_validate(e) for e in entries]
         self.analyses = [REGISTRY[p.type](p) for p in params]
         self.layers = Stage("map", self.analyses).layers()
+        # Baseline models (an untrained network of the same architecture), one per (name, seed)
+        # an entry asks for, each run on a batch only for the entries that ask.
+        self.baseline_models: dict[tuple[str, int], torch.nn.Module] = {}
+        for analysis in self.analyses:
+            for name, seed in analysis.baselines().items():
+                if name != "random_init":
+                    raise ValueError(f"{analysis.params.entry_name}: unknown baseline {name!r}; expected random_init")
+                if (name, seed) not in self.baseline_models:
+                    model = random_init_model(spec, seed).to(self.device)
+                    self.baseline_models[(name, seed)] = (
+                        model.to(memory_format=torch.channels_last) if self.channels_last else model)
         by_name = {a.params.entry_name: a for a in self.analyses}
         # What is written where: {folder: (analysis, checkpoint)}; without checkpoints each entry's
         # folder is the entry itself.
@@ -141,19 +153,37 @@ class ModelWorker:
         except Exception as e:  # noqa: BLE001 -- the model failed: every analysis of the batch did
             message = _describe(e, "model forward")
             return {a.params.entry_name: message for a in analyses}
+        baseline_batches: dict[tuple[str, int], MapBatch] = {}
+
+        def with_baselines(analysis: Analysis) -> MapBatch:
+            """The batch, with the baseline models' passes the analysis asks for (each run once)."""
+            wanted = analysis.baselines()
+            for name, seed in wanted.items():
+                if (name, seed) not in baseline_batches:
+                    base = self.baseline_models[(name, seed)]
+                    users = [a for a in analyses if a.baselines().get(name) == seed]
+                    layers = list(dict.fromkeys(layer for a in users for _, layer in a.layers()))
+                    with torch.inference_mode(), self._autocast(), capture(base, layers) as found:
+                        out = base(x)
+                    baseline_batches[(name, seed)] = dataclasses.replace(
+                        batch, logits=out.float() if isinstance(out, torch.Tensor) else out,
+                        activations={k: v.float() for k, v in found.items()}, model=base)
+            if not wanted:
+                return batch
+            return dataclasses.replace(batch, baselines={n: baseline_batches[(n, s)] for n, s in wanted.items()})
         out: dict[str, tuple[dict[str, pa.Table], list] | str] = {}
         ids = pa.array([str(i) for i in image_ids], pa.string())
         label_column = labels_to_arrow(np.asarray(labels))
         for analysis in analyses:
             entry = analysis.params.entry_name
             try:
-                chosen = batch
+                chosen = with_baselines(analysis)
                 selection = self.selections.get(entry)
                 if selection is not None:
                     keep = np.array([i in selection for i in batch.image_ids], dtype=bool)
                     if not keep.any():
                         continue  # no image of this batch is in the entry's sample
-                    chosen = batch.subset(keep) if not keep.all() else batch
+                    chosen = chosen.subset(keep) if not keep.all() else chosen
                 result = analysis.map_batch(chosen)
                 if isinstance(result, MapOutput):
                     rows, images = result.rows, result.images

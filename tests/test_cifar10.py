@@ -42,7 +42,7 @@ def cifar10(ray_session, tmp_path_factory):
     # solver on a GPU), and beside them the torch solver's full-data probes.
     i, probes = next((i, a) for i, a in enumerate(manifest.analyses) if a.type == "probes")
     manifest.analyses[i] = probes.model_copy(update={"solver": "sklearn"})
-    full = {"shots_per_class": None, "repeats": 1}  # the full-data probes only
+    full = {"shots_per_class": None, "repeats": 1, "baseline": None}  # the full-data probes only
     manifest.analyses.append(probes.model_copy(update={"solver": "torch", "name": "probes_torch", **full}))
     return manifest, run_manifest(manifest, log=lambda m: None), out
 
@@ -96,18 +96,25 @@ def test_cifar10_probes_rise_with_depth(cifar10):
     """Zeiler & Fergus' Table 7 on CIFAR-10: a linear probe reads more from deeper layers."""
     _, result, out = cifar10
     table = pd.read_parquet(out / "probes")
-    probes = table[table.shots.isna()].set_index("layer")  # the full-data rows
+    own = table[table.baseline.isna()]  # the trained network's rows (the untrained one's below)
+    probes = own[own.shots.isna()].set_index("layer")  # the full-data rows
     acc = probes.test_accuracy
     assert acc["layer1"] < acc["layer2"] < acc["layer3"], acc.to_dict()
     assert acc["layer3"] > 0.7  # near the network's own 81%: its last block is nearly linearly separable
     assert (probes.n_train + probes.n_test == 10_000).all() and (probes.n_test == 2_500).all()
     # Few-shot (Zeiler & Fergus 2014, Tables 4-5): the deepest layer's curve rises with the shots,
     # and stays under the full-data probe.
-    few = table[table.shots.notna()]
+    few = own[own.shots.notna()]
     assert len(few) == 3 * 4 * 5 and (few.n_train == few.shots * 10).all()
     curve = result.analyses["probes"]["few_shot_test_accuracy"]["layer3"]
     means = [curve[str(k)]["mean"] for k in (15, 30, 45, 60)]
     assert means[0] < means[-1] <= acc["layer3"] + 0.01, means
+    # The same architecture untrained (Zeiler & Fergus' "non-pretrained" row): training is what
+    # makes the deepest layer linearly separable, at every shot count.
+    random = result.analyses["probes"]["random_init"]
+    assert random["test_accuracy"]["layer3"] < acc["layer3"] - 0.2, random["test_accuracy"]
+    untrained = [random["few_shot_test_accuracy"]["layer3"][str(k)]["mean"] for k in (15, 30, 45, 60)]
+    assert all(u < m for u, m in zip(untrained, means)), (untrained, means)
 
 
 @needs_shared
@@ -117,7 +124,7 @@ def test_cifar10_torch_probes_agree_with_scikit_learn(cifar10):
     manifest, result, out = cifar10
     table = pd.read_parquet(out / "probes")
     assert set(result.analyses["probes"]["solver"].values()) == {"sklearn"}
-    reference = table[table.shots.isna()].set_index("layer").test_accuracy
+    reference = table[table.shots.isna() & table.baseline.isna()].set_index("layer").test_accuracy
     fitted = pd.read_parquet(out / "probes_torch").set_index("layer").test_accuracy
     assert (abs(fitted - reference) <= 0.005).all(), pd.DataFrame({"sklearn": reference, "torch": fitted})
     layers = next(a for a in manifest.analyses if a.type == "probes").layers

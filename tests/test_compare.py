@@ -240,3 +240,13 @@ def test_output_is_atomic(runs, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         cli(["compare", str(a), str(b), "-o", str(fresh)])
     assert not fresh.exists() and [p.name for p in tmp_path.iterdir()] == ["cmp"]
+
+
+def test_probe_rows_leave_a_baselines_rows_out():
+    from jobs.compare import probe_rows
+
+    t = pd.DataFrame({"layer": ["l1"] * 4, "classifier": ["logistic"] * 4, "shots": [None, 2, None, 2],
+                      "repeat": [None, 0, None, 0], "test_accuracy": [0.9, 0.5, 0.1, 0.3],
+                      "train_accuracy": [1.0] * 4, "n_test": [4] * 4,
+                      "baseline": [None, None, "random_init", "random_init"]})
+    assert probe_rows(t)[["shots", "test_accuracy"]].fillna(-1).values.tolist() == [[-1, 0.9], [2, 0.5]]

@@ -461,3 +461,36 @@ def test_the_report_draws_the_few_shot_curve(tmp_path):
     summary = few_shot_summary(pd.read_parquet(tmp_path / "probes"))
     assert summary[["layer", "shots"]].values.tolist() == [["l", 2], ["l", 5], ["m", 2], ["m", 5]]
     assert (summary.draws == 3).all() and summary.n_train.tolist() == [6, 15, 6, 15]
+
+
+def test_baseline_rows_are_the_probes_of_the_baselines_features(tmp_path):
+    x, labels = _uneven()
+    noise = np.random.default_rng(5).normal(size=x.shape).astype(np.float32)
+    ids = [f"img{i:04d}" for i in range(len(labels))]
+    tables = {"layer=l": _table(ids, labels, x), "random_init_layer=l": _table(ids, labels, noise)}
+    ctx = LocalContext(model=nn.Identity(), pixels={}, input_size=(8, 8), label_names=["cat", "dog", "eel"])
+    params = ProbesParams(layers=["l"], shots_per_class=[2, 5], repeats=2, baseline="random_init")
+    assert set(Probes(params).schema()) == set(tables)
+    out = Probes(params).reduce(TableInputs(tables), ctx)
+    own = _run({"l": x}, labels, shots_per_class=[2, 5], repeats=2)
+    alone = _run({"l": noise}, labels, shots_per_class=[2, 5], repeats=2)
+    table = as_table(out).to_pandas()
+    assert out.tables[""].column("baseline").to_pylist() == [None] * 5 + ["random_init"] * 5
+    for rows, want in ((table[table.baseline.isna()], own), (table[table.baseline.notna()], alone)):
+        pd.testing.assert_frame_equal(rows.drop(columns="baseline").reset_index(drop=True),
+                                      as_table(want).to_pandas())
+    assert out.stats["test_accuracy"] == own.stats["test_accuracy"]
+    assert out.stats["random_init"] == {"test_accuracy": alone.stats["test_accuracy"],
+                                        "few_shot_test_accuracy": alone.stats["few_shot_test_accuracy"]}
+    assert out.tables[probes.HEADS].equals(own.tables[probes.HEADS])  # the model's heads only
+
+    _commit(tmp_path, out)
+    (tmp_path / "run.json").write_text(json.dumps({
+        "name": "t", "status": "complete", "analyses": {"probes": {"type": "probes", "status": "complete"}},
+        "dataset": {"label_names": ["cat", "dog", "eel"]}, "model": {}, "execution": {}}))
+    pq.write_table(pa.table({"image_id": pa.array([], pa.string()), "stage": pa.array([], pa.string()),
+                             "error": pa.array([], pa.string())}), tmp_path / "errors.parquet")
+    from pipeline.report import build_report
+
+    page = (build_report(tmp_path).parent / "probes.html").read_text()
+    assert "l (random_init)" in page and "random_init (test)" in page

@@ -113,6 +113,9 @@ class MapBatch:
     ``boxes`` the object box of each image in that frame ((N, 4) ``[x0, y0, x1, y1]``,
     half-open; a row of -1 where the image has none), when the dataset has boxes.
     ``mean``/``std``: the normalisation, ``images = (pixels / 255 - mean) / std`` per channel.
+    ``baselines``: the same images through a baseline model, by name (``random_init``: the
+    architecture with seeded random weights), for an analysis that asks for one
+    (:meth:`Analysis.baselines`); empty otherwise.
     """
 
     image_ids: list[str]
@@ -125,6 +128,7 @@ class MapBatch:
     boxes: np.ndarray | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    baselines: dict[str, MapBatch] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -147,6 +151,7 @@ class MapBatch:
             boxes=None if self.boxes is None else self.boxes[keep],
             mean=self.mean,
             std=self.std,
+            baselines={name: b.subset(keep) for name, b in self.baselines.items()},
         )
 
 
@@ -215,6 +220,13 @@ class Analysis:
         for i, name in enumerate(getattr(self.params, "layers", None) or []):
             found.append((("layers", i), name))
         return found
+
+    def baselines(self) -> dict[str, int]:
+        """Baseline models this entry's ``map_batch`` also needs the batch through, by name, each
+        with the seed of its weights: ``{"random_init": seed}`` asks for the architecture
+        initialised as its constructor does, after ``torch.manual_seed(seed)``. Given to
+        ``map_batch`` as ``batch.baselines[name]``. None by default."""
+        return {}
 
     def check_dataset(self, image_ids: Collection[str]) -> list[tuple[tuple[str | int, ...], str]]:
         """Problems with this entry against the listed dataset, each with its field path.

@@ -135,15 +135,16 @@ def sample_positions(ids: pa.ChunkedArray, max_points: int | None, seed: int, la
 
 
 def read_sample(inputs: ReduceInputs, layer: str, max_points: int | None,
-                seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+                seed: int, partition: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """A layer's mapped rows in image-id order: ids (object), labels (int64, -1: none), float32 features (n, D),
     and how many rows the layer has.
 
     Reads the ids, then streams the features a block at a time, copying only the kept rows
     into one preallocated array: memory is the kept rows plus one block, whatever the total.
-    A layer with no partition (an empty dataset) gives empty arrays.
+    A layer with no partition (an empty dataset) gives empty arrays. ``partition``: where the
+    layer's rows are, when not ``layer=<layer>``.
     """
-    partition = f"layer={layer}"
+    partition = partition or f"layer={layer}"
     if partition not in inputs.partitions():
         return np.array([], dtype=object), np.zeros(0, np.int64), np.zeros((0, 0), np.float32), 0
     total = inputs.rows(partition)
@@ -183,14 +184,15 @@ def read_sample(inputs: ReduceInputs, layer: str, max_points: int | None,
     return kept_ids, labels, features, total
 
 
-def read_features(inputs: ReduceInputs, layer: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_features(inputs: ReduceInputs, layer: str, partition: str | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One layer's partials sorted by image id: ids (object), labels (int64, -1: none), features (N, D) float32.
 
     Streamed by :func:`read_sample` (every row): the driver holds the float32 array plus one
     record batch. Sorting makes every result independent of dataset order and batching. A
     layer with no partition (an empty dataset) gives empty arrays.
     """
-    ids, labels, features, _ = read_sample(inputs, layer, None, 0)
+    ids, labels, features, _ = read_sample(inputs, layer, None, 0, partition)
     return ids, labels, features
 
 

@@ -32,6 +32,7 @@ Example manifest entry::
       solver: auto           # auto | sklearn | torch (logistic only; see above)
       shots_per_class: [5, 10, 20]   # few-shot curves (optional; see below)
       repeats: 3             # draws per shot count (needs shots_per_class)
+      baseline: random_init  # also probe the untrained network (optional; see below)
 
 Table ``probes/part-*.parquet``: ``layer``, ``classifier``, ``train_accuracy``,
 ``test_accuracy``, ``n_train``, ``n_test``; one row per layer, in manifest order. run.json's
@@ -49,6 +50,16 @@ can be less than ``k`` times the classes; the log says which classes). run.json'
 ``few_shot_test_accuracy``: ``{layer: {shots: {"mean", "std"}}}`` over the draws (``std`` the
 sample standard deviation; null for a single draw). Without ``shots_per_class`` the table and
 the stats are exactly as before.
+
+Untrained baseline (Zeiler & Fergus 2014, Table 4's "non-pretrained" row; Yosinski et al. 2014 on
+random weights): with ``baseline: random_init``, the map pass also runs every batch through the
+same architecture built without its weights file -- initialised by its constructor after
+``torch.manual_seed(seed)``, the same on every worker -- and every probe (full data and few-shot)
+is fitted again on its features, with the same split and draws. Its rows follow the model's, with
+a string column ``baseline`` (``random_init``; null on the model's own rows, and absent without a
+baseline); run.json's stats gain ``random_init: {test_accuracy, few_shot_test_accuracy}``. Only
+the model's heads are saved. With a checkpoint series the baseline is computed beside every
+checkpoint (the same rows each time).
 
 Saved heads: the full-data probe of every layer is kept, as a sidecar table
 ``probes/_heads/part-*.parquet`` (:func:`heads_table`; one row per layer: ``layer``,
@@ -112,6 +123,11 @@ STREAM_BYTES = 576 * 2**20
 STREAM_LEFT = 128 * 2**20
 
 
+def baseline_partition(baseline: str, layer: str) -> str:
+    """Where the partials of a baseline model's layer go: ``<baseline>_layer=<layer>``."""
+    return f"{baseline}_layer={layer}"
+
+
 class ProbesParams(AnalysisParams):
     layers: DistinctLayers
     classifier: Literal["logistic", "linear_svm"] = "logistic"
@@ -127,6 +143,9 @@ class ProbesParams(AnalysisParams):
     shots_per_class: list[int] | None = Field(
         default=None, description="few-shot curves: training images per class for each extra fit (distinct, >= 1)")
     repeats: int = Field(default=1, ge=1, description="few-shot draws per shot count (needs shots_per_class)")
+    baseline: Literal["random_init"] | None = Field(
+        default=None, description="random_init: also fit every probe on the features of the same architecture "
+        "with seeded random weights (the untrained network's row)")
 
     @field_validator("shots_per_class")
     @classmethod
@@ -568,10 +587,22 @@ class Probes(ReduceAnalysis):
     params: ProbesParams
 
     def schema(self) -> dict[str, pa.Schema]:
-        return pooled_features_schema(self.params.layers)
+        p = self.params
+        found = pooled_features_schema(p.layers)
+        if p.baseline:
+            found.update({baseline_partition(p.baseline, layer): found[f"layer={layer}"] for layer in p.layers})
+        return found
+
+    def baselines(self) -> dict[str, int]:
+        return {self.params.baseline: self.params.seed} if self.params.baseline else {}
 
     def map_batch(self, batch: MapBatch) -> Rows:
-        return pooled_features(batch, self.params.layers, self.params.pool, self.params.grid)
+        p = self.params
+        rows = pooled_features(batch, p.layers, p.pool, p.grid)
+        if p.baseline:
+            base = pooled_features(batch.baselines[p.baseline], p.layers, p.pool, p.grid)
+            rows.update({baseline_partition(p.baseline, layer): base[f"layer={layer}"] for layer in p.layers})
+        return rows
 
     def memory_plan(self, inputs: ReduceInputs) -> MemoryPlan | None:
         """The peak of the layer that needs most: ``N d 4 + N IMAGE_BYTES + max(read, left + fit)``.
@@ -636,65 +667,66 @@ class Probes(ReduceAnalysis):
     def reduce(self, inputs: ReduceInputs, ctx: ReduceContext) -> ReduceOutput:
         p = self.params
         shots = p.shots_per_class or []
-        columns = ("layer", "train_accuracy", "test_accuracy", "n_train", "n_test", "shots", "repeat")
-        rows: dict[str, list] = {k: [] for k in columns}
+        columns = ("layer", "train_accuracy", "test_accuracy", "n_train", "n_test", "shots", "repeat", "baseline")
+        records: list[tuple] = []  # one per fit, in the order of ``columns``
         solvers: dict[str, str] = {}
-        accuracy: dict[str, float] = {}
-        few_shot: dict[str, dict[str, dict[str, float | None]]] = {}
+        accuracy: dict[str, dict[str, float]] = {}
+        few_shot: dict[str, dict[str, dict[str, dict[str, float | None]]]] = {}
         heads: list[LinearHead] = []
         first_ids: np.ndarray | None = None
-        for layer in p.layers:
-            ids, labels, features = read_features(inputs, layer)
-            # Rows of the labelled images: the split indexes them (no copy of the features).
-            labelled = np.flatnonzero(labels >= 0)
-            ids, labels = ids[labelled], labels[labelled]
-            # Every layer sees the same images, hence the same split; say so if not.
-            if first_ids is None:
-                first_ids = ids
-            elif len(ids) != len(first_ids) or (ids != first_ids).any():
-                raise ValueError(f"probes: layer {layer!r} has other images than layer {p.layers[0]!r}")
-            train, test = split(labels, p.test_size, p.seed, ctx.label_names)
-            x_train, x_test = labelled[train], labelled[test]
-            # features[x_train] is a copy of our own.
-            model, solver = self.fit(features[x_train], labels[train], ctx, f"layer {layer!r}")
-            rows["layer"].append(layer)
-            solvers[layer] = solver
-            rows["train_accuracy"].append(float(model.score(features[x_train], labels[train])))
-            test_x = features[x_test]  # kept for the few-shot probes' scores
-            rows["test_accuracy"].append(float(model.score(test_x, labels[test])))
-            rows["n_train"].append(len(train))
-            rows["n_test"].append(len(test))
-            rows["shots"].append(None)
-            rows["repeat"].append(None)
-            accuracy[layer] = rows["test_accuracy"][-1]
-            heads.append(linear_head(model, layer, p.classifier, solver, ctx.label_names))
-            del model
-            if shots:
-                classes, counts = np.unique(labels[train], return_counts=True)
-                short = [f"{_class_name(int(c), ctx.label_names)}: {n}" for c, n in zip(classes, counts)
-                         if n < shots[-1]]
-                if short and layer == p.layers[0]:
-                    ctx.log(f"probes: {len(short)} class(es) have fewer training images than {shots[-1]} shots "
-                            f"and give all they have ({', '.join(short[:10])})")
-                few_shot[layer] = {}
-                for k in shots:
-                    scores = []
-                    for repeat in range(p.repeats):
-                        chosen = few_shot_indices(labels, train, k, p.seed, repeat, ctx.label_names)
-                        model, _ = self.fit(features[labelled[chosen]], labels[chosen], ctx,
-                                            f"layer {layer!r}, {k} shots, repeat {repeat}")
-                        rows["layer"].append(layer)
-                        rows["train_accuracy"].append(float(model.score(features[labelled[chosen]], labels[chosen])))
-                        rows["test_accuracy"].append(float(model.score(test_x, labels[test])))
-                        rows["n_train"].append(len(chosen))
-                        rows["n_test"].append(len(test))
-                        rows["shots"].append(k)
-                        rows["repeat"].append(repeat)
-                        scores.append(rows["test_accuracy"][-1])
-                        del model
-                    few_shot[layer][str(k)] = {"mean": float(np.mean(scores)),
-                                               "std": float(np.std(scores, ddof=1)) if len(scores) > 1 else None}
-            del features, test_x  # before the next layer's are read
+        # The model's rows, then the baseline's (the same images, hence the same splits and draws).
+        sources: list[str | None] = [None] + ([p.baseline] if p.baseline else [])
+        for source in sources:
+            accuracy[source or ""], few_shot[source or ""] = {}, {}
+            for layer in p.layers:
+                partition = baseline_partition(source, layer) if source else None
+                ids, labels, features = read_features(inputs, layer, partition)
+                # Rows of the labelled images: the split indexes them (no copy of the features).
+                labelled = np.flatnonzero(labels >= 0)
+                ids, labels = ids[labelled], labels[labelled]
+                # Every layer sees the same images, hence the same split; say so if not.
+                if first_ids is None:
+                    first_ids = ids
+                elif len(ids) != len(first_ids) or (ids != first_ids).any():
+                    where = f"{source} " if source else ""
+                    raise ValueError(f"probes: {where}layer {layer!r} has other images than layer {p.layers[0]!r}")
+                train, test = split(labels, p.test_size, p.seed, ctx.label_names)
+                x_train, x_test = labelled[train], labelled[test]
+                what = f"{source} layer {layer!r}" if source else f"layer {layer!r}"
+                # features[x_train] is a copy of our own.
+                model, solver = self.fit(features[x_train], labels[train], ctx, what)
+                test_x = features[x_test]  # kept for the few-shot probes' scores
+                records.append((layer, float(model.score(features[x_train], labels[train])),
+                                float(model.score(test_x, labels[test])), len(train), len(test), None, None, source))
+                accuracy[source or ""][layer] = records[-1][2]
+                if source is None:
+                    solvers[layer] = solver
+                    heads.append(linear_head(model, layer, p.classifier, solver, ctx.label_names))
+                del model
+                if shots:
+                    classes, counts = np.unique(labels[train], return_counts=True)
+                    short = [f"{_class_name(int(c), ctx.label_names)}: {n}" for c, n in zip(classes, counts)
+                             if n < shots[-1]]
+                    if short and layer == p.layers[0] and source is None:
+                        ctx.log(f"probes: {len(short)} class(es) have fewer training images than {shots[-1]} "
+                                f"shots and give all they have ({', '.join(short[:10])})")
+                    few_shot[source or ""][layer] = {}
+                    for k in shots:
+                        scores = []
+                        for repeat in range(p.repeats):
+                            chosen = few_shot_indices(labels, train, k, p.seed, repeat, ctx.label_names)
+                            model, _ = self.fit(features[labelled[chosen]], labels[chosen], ctx,
+                                                f"{what}, {k} shots, repeat {repeat}")
+                            records.append((layer, float(model.score(features[labelled[chosen]], labels[chosen])),
+                                            float(model.score(test_x, labels[test])), len(chosen), len(test), k,
+                                            repeat, source))
+                            scores.append(records[-1][2])
+                            del model
+                        few_shot[source or ""][layer][str(k)] = {
+                            "mean": float(np.mean(scores)),
+                            "std": float(np.std(scores, ddof=1)) if len(scores) > 1 else None}
+                del features, test_x  # before the next layer's are read
+        rows = {name: [r[i] for r in records] for i, name in enumerate(columns)}
         table = pa.table({
             "layer": pa.array(rows["layer"], pa.string()),
             "classifier": pa.array([p.classifier] * len(rows["layer"]), pa.string()),
@@ -703,9 +735,13 @@ class Probes(ReduceAnalysis):
             "n_train": pa.array(rows["n_train"], pa.int64()),
             "n_test": pa.array(rows["n_test"], pa.int64()),
         })
-        stats: dict[str, Any] = {"test_accuracy": accuracy, "solver": solvers}
+        stats: dict[str, Any] = {"test_accuracy": accuracy[""], "solver": solvers}
         if shots:
             table = table.append_column("shots", pa.array(rows["shots"], pa.int64()))
             table = table.append_column("repeat", pa.array(rows["repeat"], pa.int64()))
-            stats["few_shot_test_accuracy"] = few_shot
+            stats["few_shot_test_accuracy"] = few_shot[""]
+        if p.baseline:
+            table = table.append_column("baseline", pa.array(rows["baseline"], pa.string()))
+            stats[p.baseline] = {"test_accuracy": accuracy[p.baseline],
+                                 **({"few_shot_test_accuracy": few_shot[p.baseline]} if shots else {})}
         return ReduceOutput(tables={"": table, HEADS: heads_table(heads)}, stats=stats)

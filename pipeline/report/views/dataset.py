@@ -71,11 +71,19 @@ def few_shot_section(df: pd.DataFrame) -> Markup:
 @view("probes")
 def probes(page: Page) -> Markup:
     df = page.run.table(page.entry)
+    if "baseline" in df.columns:
+        # A baseline's rows read as layers of their own: "layer3 (random_init)".
+        named = df.baseline.notna()
+        df = df.assign(layer=df.layer.where(~named, df.layer + " (" + df.baseline.astype(str) + ")"))
     full = df[df.shots.isna()] if "shots" in df.columns else df
-    chart = bar_chart([(f"{r.layer} ({r.classifier})", r.test_accuracy) for r in full.itertuples()],
-                      "linear probe accuracy per layer",
-                      series=[("test", list(full.test_accuracy)), ("train", list(full.train_accuracy))])
-    sections = [("", chart + table_html(full.drop(columns=["shots", "repeat"], errors="ignore")))]
+    own = full[full.baseline.isna()] if "baseline" in full.columns else full
+    series = [("test", list(own.test_accuracy)), ("train", list(own.train_accuracy))]
+    if "baseline" in full.columns:
+        for name, rows in full[full.baseline.notna()].groupby("baseline", sort=False):
+            series.append((f"{name} (test)", list(rows.test_accuracy)))
+    chart = bar_chart([(f"{r.layer} ({r.classifier})", r.test_accuracy) for r in own.itertuples()],
+                      "linear probe accuracy per layer", series=series)
+    sections = [("", chart + table_html(full.drop(columns=["shots", "repeat", "baseline"], errors="ignore")))]
     if "shots" in df.columns and df.shots.notna().any():
         sections.append(("Few-shot", few_shot_section(df)))
     return render("cards.html", sections=sections)

@@ -4,7 +4,7 @@
     convscope validate MANIFEST [--set key=value ...]
     convscope layers MODEL-SPEC | MANIFEST
     convscope report RUN_DIR [--out DIR]
-    convscope compare RUN_A RUN_B [--output DIR] [--fail-on accuracy_drop=0.01,flips=0.05]
+    convscope compare RUN_A[@CHECKPOINT] RUN_B[@CHECKPOINT] [--output DIR] [--fail-on accuracy_drop=0.01,flips=0.05]
     convscope schema [--out FILE]
 
 Exit codes: 0 done, 1 an analysis failed (the rest is committed) or a compare threshold was
@@ -42,8 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", help="write the report here instead of RUN_DIR/report (a local folder)")
 
     cmp = sub.add_parser("compare", help="what changed between two runs: accuracy, flips, top-k overlap, maps, probes")
-    cmp.add_argument("run_a", help="the earlier (reference) run's output folder or URI")
-    cmp.add_argument("run_b", help="the later run's output folder or URI")
+    cmp.add_argument("run_a", help="the earlier (reference) run's output folder or URI; RUN@CHECKPOINT for one "
+                                   "checkpoint of a series")
+    cmp.add_argument("run_b", help="the later run's output folder or URI (or RUN@CHECKPOINT)")
     cmp.add_argument("--output", "-o", help="where to write the comparison (a local folder; "
                                             "default: RUN_B/compare-<name of RUN_A's folder>)")
     cmp.add_argument("--fail-on", dest="fail_on", action="append", default=[], metavar="KEY=X[,KEY=X]",

@@ -1,8 +1,11 @@
 """``convscope compare RUN_A RUN_B``: what changed between two runs, as Parquet tables and a page.
 
 Reads two run folders (local paths or URIs) through their output contract only: ``run.json``
-and the committed entries (``<entry>/_SUCCESS``). Entries are matched by name; those both runs
-committed with the same type are compared with the pure functions of :mod:`jobs.compare`:
+and the committed entries (``<entry>/_SUCCESS``). A checkpoint of a series is named
+``RUN@CHECKPOINT`` and read as a run of that checkpoint alone (``<entry>/checkpoint=<name>``),
+so two checkpoints of one series, or a checkpoint and another run, compare alike. Entries are
+matched by name; those both runs committed with the same type are compared with the pure
+functions of :mod:`jobs.compare`:
 
 ============  =====================================================================
 predictions   ``accuracy/`` (one row per entry), ``per_class/``, ``flips/``
@@ -39,6 +42,7 @@ import pyarrow.parquet as pq
 
 from jobs import REGISTRY
 from jobs import compare as kernels
+from pipeline.checkpoints import entry_folder
 from pipeline.errors import UserError
 from pipeline.report.charts import bar_chart
 from pipeline.report.html import render, table_html
@@ -95,10 +99,29 @@ def parse_fail_on(texts: Sequence[str]) -> dict[str, float]:
 # ----------------------------------------------------------------------------- reading runs
 
 
-class RunFolder:
-    """A run's output folder: ``run.json`` and its committed entries' tables."""
+def split_checkpoint(text: str | Path) -> tuple[str, str | None]:
+    """``RUN@CHECKPOINT`` -> (RUN, CHECKPOINT); a run without ``@``, or a folder whose own name has
+    one, is (RUN, None).
 
-    def __init__(self, location: str | Path, which: str):
+    >>> split_checkpoint("runs/demo-checkpoints@epoch01")
+    ('runs/demo-checkpoints', 'epoch01')
+    >>> split_checkpoint("runs/nightly")
+    ('runs/nightly', None)
+    """
+    text = str(text)
+    location, sep, checkpoint = text.rpartition("@")
+    if not sep or not location or not checkpoint or "/" in checkpoint:
+        return text, None
+    if Store.open(text).is_dir(""):  # a folder named with an @
+        return text, None
+    return location, checkpoint
+
+
+class RunFolder:
+    """A run's output folder: ``run.json`` and its committed entries' tables; of a checkpoint
+    series, one checkpoint's (``RUN@CHECKPOINT``), read as a run of that checkpoint alone."""
+
+    def __init__(self, location: str | Path, which: str, checkpoint: str | None = None):
         self.which = which
         self.store = Store.open(location)
         self.where = self.store.display()
@@ -110,17 +133,35 @@ class RunFolder:
             raise UserError(f"run {which}: {self.where}: no run.json; is this the output folder of a finished "
                             "`convscope run`?") from None
         except json.JSONDecodeError as e:
-            raise UserError(f"run {which}: {self.store.display('run.json')}: not valid JSON ({e})") from None
-        if (self.info.get("model") or {}).get("checkpoints"):
-            raise UserError(f"run {which}: {self.where}: a checkpoint series (its tables hold every checkpoint); "
-                            "compare runs of one checkpoint each")
-        self.name = self.where.rstrip("/").rsplit("/", 1)[-1]
+            raise UserError(f"run {which}: {self.where}: not valid JSON ({e})") from None
+        series = [str(c.get("name")) for c in (self.info.get("model") or {}).get("checkpoints") or []]
+        if series and checkpoint is None:
+            raise UserError(f"run {which}: {self.where}: a checkpoint series ({', '.join(series)}); compare one "
+                            f"checkpoint of it, as {self.where.rstrip('/')}@{series[0]}")
+        if checkpoint is not None and not series:
+            raise UserError(f"run {which}: {self.where}: not a checkpoint series, so @{checkpoint} names nothing; "
+                            "give the run folder alone")
+        if checkpoint is not None and checkpoint not in series:
+            raise UserError(f"run {which}: {self.where}: no checkpoint {checkpoint!r}; the series has "
+                            f"{', '.join(series)}")
+        self.checkpoint = checkpoint
+        self.name = self.where.rstrip("/").rsplit("/", 1)[-1] + (f"@{checkpoint}" if checkpoint else "")
         analyses = self.info.get("analyses") or {}
         self.types: dict[str, str] = {name: str(a.get("type")) for name, a in analyses.items()}
-        self.committed = {name for name in analyses if self.store.is_file(f"{name}/{SUCCESS}")}
+        self.committed = {name for name in analyses if self.store.is_file(f"{self.folder(name)}/{SUCCESS}")}
         if not self.committed:
             raise UserError(f"run {which}: {self.where}: no committed analysis (no <entry>/{SUCCESS}); "
                             "the run has not finished any entry")
+
+    @classmethod
+    def open(cls, spec: str | Path, which: str) -> RunFolder:
+        """The run a command-line argument names: ``RUN`` or ``RUN@CHECKPOINT``."""
+        location, checkpoint = split_checkpoint(spec)
+        return cls(location, which, checkpoint)
+
+    def folder(self, entry: str) -> str:
+        """Where the entry's table is: ``<entry>``, or ``<entry>/checkpoint=<name>`` of a series."""
+        return entry_folder(entry, self.checkpoint)
 
     @property
     def label_names(self) -> list[str] | None:
@@ -129,7 +170,7 @@ class RunFolder:
 
     def parts(self, entry: str) -> list[str]:
         """The Parquet parts of the entry's own table; sidecars (``probes/_heads``) are not its rows."""
-        return table_parts(self.store, entry)
+        return table_parts(self.store, self.folder(entry))
 
     def read_part(self, entry: str, part: str, wanted: Sequence[str]) -> pd.DataFrame:
         """One Parquet part, the ``wanted`` columns it has, Hive partition values as columns."""
@@ -137,7 +178,7 @@ class RunFolder:
             names = pq.read_schema(f).names
         columns = [c for c in wanted if c in names]
         df = self.store.read_table(part, columns=columns).to_pandas()
-        for key, value in partition_values(part[len(entry) + 1:]).items():
+        for key, value in partition_values(part[len(self.folder(entry)) + 1:]).items():
             if key in wanted:
                 df[key] = value
         return df
@@ -205,7 +246,8 @@ def compare_entry(a: RunFolder, b: RunFolder, name: str, kind: str, out: Compari
     if kind == "predictions":
         pa_, pb = a.table(name, PREDICTION_COLUMNS + ["checkpoint"]), b.table(name, PREDICTION_COLUMNS + ["checkpoint"])
         if "checkpoint" in pa_.columns or "checkpoint" in pb.columns:
-            raise UserError(f"{name}: predictions of several checkpoints; compare runs of one checkpoint each")
+            raise UserError(f"{name}: predictions of several checkpoints; compare one checkpoint of each "
+                            "(RUN@CHECKPOINT)")
         try:
             matched = kernels.match_predictions(pa_, pb)
         except ValueError as e:
@@ -313,10 +355,11 @@ class CompareResult:
 
 
 def default_output(a: RunFolder, b: RunFolder) -> Path:
-    """``RUN_B/compare-<name of RUN_A's folder>``; run B must be a local folder."""
+    """``RUN_B/compare-<name of RUN_A's folder>`` (``[@CHECKPOINT]``, then ``-to-<B's checkpoint>``
+    when B is a checkpoint of a series); run B must be a local folder."""
     if not b.store.local:
         raise UserError(f"run B is {b.where}: compare writes a local folder; name it with --output")
-    return Path(b.store.path(f"compare-{a.name}"))
+    return Path(b.store.path(f"compare-{a.name}" + (f"-to-{b.checkpoint}" if b.checkpoint else "")))
 
 
 def compare_runs(run_a: str | Path, run_b: str | Path, output: str | Path | None = None,
@@ -324,7 +367,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, output: str | Path | None
     """Compare two runs, write the output folder atomically, and return it with the thresholds
     passed (``failures``; empty when none is). Bad input is a :class:`UserError`."""
     thresholds = parse_fail_on(fail_on)
-    a, b = RunFolder(run_a, "A"), RunFolder(run_b, "B")
+    a, b = RunFolder.open(run_a, "A"), RunFolder.open(run_b, "B")
     if output is not None and is_uri(output):
         raise UserError(f"--output {output}: compare writes a local folder")
     final = Path(output).absolute() if output is not None else default_output(a, b)
@@ -359,7 +402,8 @@ def summarise(a: RunFolder, b: RunFolder, comparison: Comparison, tables: dict[s
     """summary.json: both runs, what was compared per entry, the accuracy rows, the thresholds."""
     def run_facts(run: RunFolder) -> dict[str, Any]:
         ds, model = run.info.get("dataset") or {}, run.info.get("model") or {}
-        return {"path": run.where, "name": run.info.get("name"), "status": run.info.get("status"),
+        return {"path": run.where, "checkpoint": run.checkpoint, "name": run.info.get("name"),
+                "status": run.info.get("status"),
                 "finished": run.info.get("finished"), "model": model, "fingerprint": ds.get("fingerprint"),
                 "images": ds.get("images")}
 

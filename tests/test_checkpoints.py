@@ -159,6 +159,16 @@ def test_series_equals_one_run_per_checkpoint_and_decodes_once(ray_session, setu
         got_heads = load_heads(out / "probes" / f"checkpoint=epoch0{n + 1}")
         want_heads = load_heads(root / f"single{n}" / "probes")
         assert np.array_equal(got_heads["relu2"].weight, want_heads["relu2"].weight)
+    # compare reads a checkpoint of the series (RUN@CHECKPOINT) as the run of that checkpoint alone.
+    from pipeline.compare import compare_runs
+
+    got = compare_runs(f"{out}@epoch01", f"{out}@epoch02", output=root / "compare-series")
+    want = compare_runs(root / "single0", root / "single1", output=root / "compare-single")
+    assert got.summary["a"]["checkpoint"] == "epoch01" and got.summary["b"]["checkpoint"] == "epoch02"
+    assert got.summary["entries"] == want.summary["entries"]
+    for table in ("accuracy", "per_class", "flips", "channels", "attribution", "probes"):
+        pd.testing.assert_frame_equal(pd.read_parquet(got.output / table), pd.read_parquet(want.output / table))
+    assert len(pd.read_parquet(got.output / "probes")) and len(pd.read_parquet(got.output / "channels"))
     # The two checkpoints differ: the comparison above is not trivially true.
     a, b = (_read(out / "features" / f"checkpoint={c}" / "layer=relu2") for c in ("epoch01", "epoch02"))
     assert not a["vector"].apply(list).equals(b["vector"].apply(list))

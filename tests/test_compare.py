@@ -200,14 +200,19 @@ def test_bad_runs_exit_2_naming_the_path(runs, tmp_path, capsys):
     # An existing folder that is not a comparison is never replaced.
     assert cli(["compare", str(a), str(a), "-o", str(unfinished)]) == 2
     assert "refusing to replace" in capsys.readouterr().err
-    # A checkpoint series holds every checkpoint in its tables: not one run's results.
+    # A checkpoint series holds every checkpoint in its tables: one of them is named with @.
     series = tmp_path / "series"
     shutil.copytree(a, series)
     info = json.loads((series / "run.json").read_text())
     info["model"]["checkpoints"] = [{"name": "epoch01", "weights": "e1.pt", "hash": "sha256:0"}]
     (series / "run.json").write_text(json.dumps(info))
     assert cli(["compare", str(a), str(series), "-o", str(tmp_path / "o")]) == 2
-    assert f"{series}: a checkpoint series" in capsys.readouterr().err
+    assert f"{series}: a checkpoint series (epoch01); compare one checkpoint of it, as {series}@epoch01" \
+        in capsys.readouterr().err
+    assert cli(["compare", str(a), f"{series}@epoch09", "-o", str(tmp_path / "o")]) == 2
+    assert "no checkpoint 'epoch09'; the series has epoch01" in capsys.readouterr().err
+    assert cli(["compare", f"{a}@epoch01", str(a), "-o", str(tmp_path / "o")]) == 2
+    assert "not a checkpoint series, so @epoch01 names nothing" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

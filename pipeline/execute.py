@@ -53,6 +53,9 @@ from pipeline.plan import Stage, entry_key, plan
 from pipeline.progress import RAY_FALSE_ALARMS, Progress, RunLog, StderrFilter
 from pipeline.reduce import run_reduce_stage
 from pipeline.store import Store
+from pipeline.testset import ERROR_STAGE as TESTSET_ERROR
+from pipeline.testset import FIELD as TESTSET
+from pipeline.testset import list_testsets, run_testset_passes, testset_folder
 from pipeline.train_stage import run_train_stage
 from pipeline.worker import ModelWorker, default_threads, entries_json
 from pipeline.writers import (
@@ -528,10 +531,11 @@ def run_manifest(manifest: Manifest, log: Log = _stderr) -> RunResult:
         del model
     index = list_dataset(manifest.dataset)
     check_dataset(manifest, index)
+    tests = list_testsets(manifest, index)
     _prepare_output(store)
     run_log, upload = _run_log(store, log)
     try:
-        return _run(manifest, store, index, hashes, run_log, started)
+        return _run(manifest, store, index, hashes, run_log, started, tests)
     finally:
         run_log.close()
         if upload is not None:
@@ -542,7 +546,8 @@ def run_manifest(manifest: Manifest, log: Log = _stderr) -> RunResult:
 
 
 def _run(manifest: Manifest, store: Store, index: DatasetIndex, hashes: dict[str | None, str], log: RunLog,
-         started: float) -> RunResult:
+         started: float, tests: dict[str, DatasetIndex] | None = None) -> RunResult:
+    tests = tests or {}
     log(f"convscope run {manifest.name} -> {store.display()}")
     store.write_text("manifest.resolved.yaml", manifest.resolved_yaml())
     checkpoints = checkpoint_names(manifest.model)
@@ -564,6 +569,11 @@ def _run(manifest: Manifest, store: Store, index: DatasetIndex, hashes: dict[str
             if sources:
                 keys[folders[p.entry_name][c]] = entry_key(p, manifest, index.fingerprint, hashes[c],
                                                            {s: keys[folders[s][c]] for s in sources})
+            test = tests.get(p.entry_name)
+            if test is not None:  # what a probe is tested on is an input of the entry, and of its own pass
+                keys[folders[p.entry_name][c]] = entry_key(p, manifest, index.fingerprint, hashes[c],
+                                                           {TESTSET: {"key": test.fingerprint}})
+                keys[testset_folder(p.entry_name, c)] = entry_key(p, manifest, test.fingerprint, hashes[c])
     sealed: set[str] = set()
     if series:
         for name, by_checkpoint in folders.items():
@@ -633,11 +643,22 @@ def _run(manifest: Manifest, store: Store, index: DatasetIndex, hashes: dict[str
                 all_errors.extend(errors)
             elif stage.kind == "reduce":
                 stats = {}
+                # Test datasets first: a map pass each, for the checkpoints whose entry still reduces.
+                ready = partials_folders | {testset_folder(e, c) for e in tests for c in checkpoints
+                                            if folders[e][c] in done_folders}
+                test_stats, test_errors = run_testset_passes(manifest, store, tests,
+                                                             stage.analyses_of(ReduceAnalysis), keys, checkpoints,
+                                                             ready, run_map_stage, log)
+                all_errors.extend(test_errors)
                 for c in checkpoints:  # the reductions, and the model stage, run checkpoint after checkpoint
                     chosen = [a for a in stage.analyses_of(ReduceAnalysis)
                               if folders[a.params.entry_name][c] not in done_folders]
                     stats.update(run_reduce_stage(with_model(manifest, specs[c]), store, index, chosen, keys, log,
                                                   checkpoint=c))
+                for entry, info in test_stats.items():
+                    for c in checkpoints:
+                        if folders[entry][c] in stats:
+                            stats[folders[entry][c]][TESTSET] = info
                 for name, info in stats.items():
                     before = by_folder.get(name, {})
                     info["seconds"] = round(before.get("map_seconds", 0.0) + info.get("reduce_seconds", 0.0), 3)
@@ -695,7 +716,8 @@ def _run(manifest: Manifest, store: Store, index: DatasetIndex, hashes: dict[str
             all_errors, schema=pa.schema([("image_id", pa.string()), ("stage", pa.string()), ("error", pa.string())])))
         store.write_table("images.parquet", _images_table(index))
     # Images that could not be used (listing errors about whole shards are counted apart).
-    bad = {e["image_id"] for e in all_errors} & set(index.table.column("image_id").to_pylist())
+    bad = ({e["image_id"] for e in all_errors if not e["stage"].startswith(TESTSET_ERROR)}
+           & set(index.table.column("image_id").to_pylist()))
     run_error = None
     limit = manifest.execution.max_error_fraction
     if len(index) and len(bad) / len(index) > limit:

@@ -37,6 +37,7 @@ from pipeline.datasets import DatasetIndex
 from pipeline.decode import decode_batch
 from pipeline.manifest import Manifest, ParquetDataset
 from pipeline.store import Store
+from pipeline.testset import WithTestset, drop_testset_partials, testset_folder, testset_ready, testset_spec
 from pipeline.writers import (
     INPUTS,
     BlockRecord,
@@ -417,8 +418,12 @@ def reduce_entry(manifest: Manifest, store: Store, analysis: ReduceAnalysis, ctx
     if 0 not in records:
         staged.forget(records)  # pictures of a reduction that never wrote its tables
         sources = analysis.sources(manifest.analyses)
-        inputs = (EntryInputs(store, sources, folders={s: entry_folder(s, checkpoint) for s in sources}) if sources
-                  else ParquetInputs(store, f"{INPUTS}/{name}"))
+        inputs: ReduceInputs = (
+            EntryInputs(store, sources, folders={s: entry_folder(s, checkpoint) for s in sources}) if sources
+            else ParquetInputs(store, f"{INPUTS}/{name}"))
+        if testset_spec(analysis.params) is not None:
+            test = ParquetInputs(store, f"{INPUTS}/{testset_folder(analysis.params.entry_name, checkpoint)}")
+            inputs = WithTestset(inputs, test)
         check_memory(analysis, inputs, driver_memory(manifest))
         output = analysis.reduce(inputs, ctx)
         images: Iterable[tuple[str, Any]] = output.images
@@ -439,6 +444,8 @@ def reduce_entry(manifest: Manifest, store: Store, analysis: ReduceAnalysis, ctx
         records[0] = record
     staged.commit(records.values())
     store.delete(f"{INPUTS}/{name}")
+    if testset_spec(analysis.params) is not None:
+        drop_testset_partials(store, analysis.params.entry_name, checkpoint)
     every = list(records.values())
     stats = {"status": "complete", "rows": records[0].rows, "reduce_seconds": round(time.time() - start, 3),
              "images": sum(r.images for r in every),
@@ -458,6 +465,11 @@ def run_reduce_stage(manifest: Manifest, store: Store, index: DatasetIndex, anal
         sources = [entry_folder(s, checkpoint) for s in analysis.sources(manifest.analyses)]
         if not sources and read_success(store, f"{INPUTS}/{name}") is None:
             continue  # its dataset pass failed, and said so
+        if testset_spec(analysis.params) is not None and not testset_ready(store, analysis.params.entry_name,
+                                                                            checkpoint, keys):
+            stats[name] = {"status": "failed", "error": "its test_dataset pass did not complete (see the log)"}
+            log(f"{name} failed: {stats[name]['error']}")
+            continue
         missing = [s for s in sources if (read_success(store, s) or {}).get("key") != keys[s]["key"]]
         if missing:
             stats[name] = {"status": "failed", "error": f"needs the tables of {', '.join(missing)}, "

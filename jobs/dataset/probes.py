@@ -33,6 +33,7 @@ Example manifest entry::
       shots_per_class: [5, 10, 20]   # few-shot curves (optional; see below)
       repeats: 3             # draws per shot count (needs shots_per_class)
       baseline: random_init  # also probe the untrained network (optional; see below)
+      test_dataset: {kind: image_folder, root: ../other}   # train here, test there (optional)
 
 Table ``probes/part-*.parquet``: ``layer``, ``classifier``, ``train_accuracy``,
 ``test_accuracy``, ``n_train``, ``n_test``; one row per layer, in manifest order. run.json's
@@ -60,6 +61,14 @@ a string column ``baseline`` (``random_init``; null on the model's own rows, and
 baseline); run.json's stats gain ``random_init: {test_accuracy, few_shot_test_accuracy}``. Only
 the model's heads are saved. With a checkpoint series the baseline is computed beside every
 checkpoint (the same rows each time).
+
+Transfer to another dataset: with ``test_dataset`` (a dataset spec, as the manifest's
+``dataset`` section takes, paths relative to the manifest), every labelled image of the run's
+dataset trains (no split; the few-shot draws come from all of them) and every labelled image of
+the test dataset tests; ``test_size`` is then unused. The runner computes the test dataset's
+pooled features in a pass of their own and hands them to the reduction as the partitions
+``test_dataset/layer=<layer>`` (``pipeline.testset``). Both datasets must name the same classes:
+labels are class indices.
 
 Saved heads: the full-data probe of every layer is kept, as a sidecar table
 ``probes/_heads/part-*.parquet`` (:func:`heads_table`; one row per layer: ``layer``,
@@ -123,6 +132,10 @@ STREAM_BYTES = 576 * 2**20
 STREAM_LEFT = 128 * 2**20
 
 
+# Where a reduction finds the partials of the entry's test dataset: ``test_dataset/<partition>``.
+TEST_DATASET = "test_dataset/"
+
+
 def baseline_partition(baseline: str, layer: str) -> str:
     """Where the partials of a baseline model's layer go: ``<baseline>_layer=<layer>``."""
     return f"{baseline}_layer={layer}"
@@ -143,6 +156,9 @@ class ProbesParams(AnalysisParams):
     shots_per_class: list[int] | None = Field(
         default=None, description="few-shot curves: training images per class for each extra fit (distinct, >= 1)")
     repeats: int = Field(default=1, ge=1, description="few-shot draws per shot count (needs shots_per_class)")
+    test_dataset: dict[str, Any] | None = Field(
+        default=None, description="train on every labelled image of the run's dataset and test on this dataset's "
+        "(a dataset spec, as the manifest's dataset section takes; classes named alike)")
     baseline: Literal["random_init"] | None = Field(
         default=None, description="random_init: also fit every probe on the features of the same architecture "
         "with seeded random weights (the untrained network's row)")
@@ -579,6 +595,27 @@ def make_classifier(kind: str, C: float, max_iter: int, seed: int, standardize: 
     return make_pipeline(StandardScaler(), model) if standardize else model
 
 
+def check_classes(labels: np.ndarray) -> None:
+    """ValueError unless ``labels`` hold at least two classes (a probe needs two to separate)."""
+    classes = np.unique(labels)
+    if len(classes) < 2:
+        raise ValueError(f"probes needs labelled images of at least 2 classes; got {len(labels)} labelled image(s) "
+                         f"of {len(classes)} class(es)")
+
+
+def test_features(inputs: ReduceInputs, layer: str, partition: str) -> tuple[np.ndarray, np.ndarray]:
+    """The labelled rows of a test dataset's layer (``partition`` of ``inputs``): features, labels.
+    ValueError when it has none (nothing to score on)."""
+    if partition not in inputs.partitions():
+        raise ValueError(f"probes: the test dataset has no partials for layer {layer!r} (no image of it could be "
+                         "used)")
+    _, labels, features = read_features(inputs, layer, partition)
+    labelled = np.flatnonzero(labels >= 0)
+    if not len(labelled):
+        raise ValueError(f"probes: the test dataset has no labelled image (layer {layer!r})")
+    return features[labelled], labels[labelled]
+
+
 @register
 class Probes(ReduceAnalysis):
     """Train/test accuracy of a linear classifier on each layer's pooled features."""
@@ -679,7 +716,7 @@ class Probes(ReduceAnalysis):
         for source in sources:
             accuracy[source or ""], few_shot[source or ""] = {}, {}
             for layer in p.layers:
-                partition = baseline_partition(source, layer) if source else None
+                partition = baseline_partition(source, layer) if source else f"layer={layer}"
                 ids, labels, features = read_features(inputs, layer, partition)
                 # Rows of the labelled images: the split indexes them (no copy of the features).
                 labelled = np.flatnonzero(labels >= 0)
@@ -690,14 +727,20 @@ class Probes(ReduceAnalysis):
                 elif len(ids) != len(first_ids) or (ids != first_ids).any():
                     where = f"{source} " if source else ""
                     raise ValueError(f"probes: {where}layer {layer!r} has other images than layer {p.layers[0]!r}")
-                train, test = split(labels, p.test_size, p.seed, ctx.label_names)
-                x_train, x_test = labelled[train], labelled[test]
                 what = f"{source} layer {layer!r}" if source else f"layer {layer!r}"
+                if p.test_dataset is None:
+                    train, test = split(labels, p.test_size, p.seed, ctx.label_names)
+                    x_train = labelled[train]
+                    test_x, test_y = features[labelled[test]], labels[test]  # kept for the few-shot scores
+                else:  # every labelled image trains; the test dataset's test
+                    check_classes(labels)
+                    train = np.arange(len(labels))
+                    x_train = labelled
+                    test_x, test_y = test_features(inputs, layer, TEST_DATASET + partition)
                 # features[x_train] is a copy of our own.
                 model, solver = self.fit(features[x_train], labels[train], ctx, what)
-                test_x = features[x_test]  # kept for the few-shot probes' scores
                 records.append((layer, float(model.score(features[x_train], labels[train])),
-                                float(model.score(test_x, labels[test])), len(train), len(test), None, None, source))
+                                float(model.score(test_x, test_y)), len(train), len(test_y), None, None, source))
                 accuracy[source or ""][layer] = records[-1][2]
                 if source is None:
                     solvers[layer] = solver
@@ -718,14 +761,14 @@ class Probes(ReduceAnalysis):
                             model, _ = self.fit(features[labelled[chosen]], labels[chosen], ctx,
                                                 f"{what}, {k} shots, repeat {repeat}")
                             records.append((layer, float(model.score(features[labelled[chosen]], labels[chosen])),
-                                            float(model.score(test_x, labels[test])), len(chosen), len(test), k,
+                                            float(model.score(test_x, test_y)), len(chosen), len(test_y), k,
                                             repeat, source))
                             scores.append(records[-1][2])
                             del model
                         few_shot[source or ""][layer][str(k)] = {
                             "mean": float(np.mean(scores)),
                             "std": float(np.std(scores, ddof=1)) if len(scores) > 1 else None}
-                del features, test_x  # before the next layer's are read
+                del features, test_x, test_y  # before the next layer's are read
         rows = {name: [r[i] for r in records] for i, name in enumerate(columns)}
         table = pa.table({
             "layer": pa.array(rows["layer"], pa.string()),

@@ -29,6 +29,7 @@ from pipeline.manifest.schema import (
     RESERVED_NAMES,
     TOP_LEVEL,
     AnalysisEntry,
+    DatasetSpec,
     Execution,
     Manifest,
     ModelSpec,
@@ -44,6 +45,7 @@ ORDER = {"dataset": 0, "model": 1, "execution": 2, "analyses": 3, "name": 4, "ou
 
 _ENTRY: TypeAdapter[AnalysisParams] = TypeAdapter(AnalysisEntry)
 _MODEL: TypeAdapter[ModelSpec] = TypeAdapter(ModelSpec)
+_DATASET: TypeAdapter[Any] = TypeAdapter(DatasetSpec)
 
 
 def _where(lines: dict[Loc, int], loc: Loc) -> str:
@@ -204,6 +206,7 @@ def validate_raw(raw: Any, source: str, base: Path, lines: dict[Loc, int] | None
         problems += _entry_problems(valid)[0]
         raise ManifestError(source, problems) from None
     problems += _entry_problems(list(enumerate(manifest.analyses)))[0]
+    problems += _test_datasets(manifest, data, lines, base)
     if getattr(manifest.model, "checkpoints", None):
         # A training entry writes one fine-tuned model; per checkpoint it would need a folder each.
         problems += [f"{format_loc(('analyses', i, 'type'))}: {p.type!r} trains one model and does not run "
@@ -213,6 +216,29 @@ def validate_raw(raw: Any, source: str, base: Path, lines: dict[Loc, int] | None
         raise ManifestError(source, problems)
     manifest.analyses = [REGISTRY[p.type](p).bind(manifest.analyses) for p in manifest.analyses]
     return manifest
+
+
+def _test_datasets(manifest: Manifest, data: dict, lines: dict[Loc, int], base: Path) -> list[str]:
+    """An entry's ``test_dataset`` (probes) validated as a ``dataset`` section is, paths relative to
+    the manifest; the entry keeps it resolved. Returns the problems, each naming its field."""
+    problems: list[str] = []
+    for i, params in enumerate(manifest.analyses):
+        spec = getattr(params, "test_dataset", None)
+        if spec is None:
+            continue
+        try:
+            found = _DATASET.validate_python(spec, context={"base": base})
+        except ValidationError as err:
+            # Worded as the dataset section's problems are, then named where they are.
+            at = ("analyses", i, "test_dataset")
+            shifted = {("dataset", *loc[3:]): line for loc, line in lines.items() if loc[:3] == at}
+            for e in err.errors():
+                message = _message({**e, "loc": ("dataset", *e["loc"])}, {"dataset": spec}, shifted)
+                problems.append(format_loc(at) + message[len("dataset"):] if message.startswith("dataset")
+                                else f"{format_loc(at)}: {message}")
+            continue
+        manifest.analyses[i] = params.model_copy(update={"test_dataset": found.model_dump(mode="json")})
+    return problems
 
 
 def validate_model(raw: Any, source: str, base: Path) -> ModelSpec:

@@ -131,6 +131,10 @@ def _save(model, path: Path) -> None:
     os.replace(tmp, path)
 
 
+# The states the demo CNN's training keeps beside its weights: manifests/demo-checkpoints.yaml's series.
+DEMO_EPOCHS = (1, 2, 8)
+
+
 def checkpoint_path(path: Path, epoch: int) -> Path:
     """Where the state after ``epoch`` goes beside the demo CNN's weights: ``demo_cnn_epoch02.pt``."""
     path = Path(path)

@@ -140,9 +140,10 @@ def load_model(spec: ModelSpec, allow_untrained_demo: bool = False, seed: int = 
             if spec.name == "demo_cnn" and not spec.weights.is_file():
                 if allow_untrained_demo:
                     return model.eval()
-                from pipeline.demo import train_demo_model
+                from pipeline.demo import DEMO_EPOCHS, checkpoint_path, train_demo_model
 
-                train_demo_model(spec.weights)
+                # The same training keeps the states of manifests/demo-checkpoints.yaml's series.
+                train_demo_model(spec.weights, checkpoints={e: checkpoint_path(spec.weights, e) for e in DEMO_EPOCHS})
             load_weights(model, spec.weights)
     elif isinstance(spec, PythonModel):
         model = _python_model(spec)

@@ -14,5 +14,9 @@ for i in "${!args[@]}"; do
     esac
 done
 .venv/bin/convscope report "$out"
+# The same CNN through its training (Zeiler & Fergus Fig. 4): the states its training kept after epochs 1, 2 and 8.
+.venv/bin/convscope run manifests/demo-checkpoints.yaml
+.venv/bin/convscope report runs/demo-checkpoints
 echo "demo finished in $(( $(date +%s) - start ))s; results in $out (run.json, one folder per analysis;" \
-     "images in <analysis>/_shards/); open $out/report/index.html"
+     "images in <analysis>/_shards/); open $out/report/index.html, and runs/demo-checkpoints/report/index.html" \
+     "for its evolution through training"

@@ -50,13 +50,15 @@ def build():
 ANALYSES = [
     {"type": "features", "layers": ["relu1", "relu2"]},
     {"type": "predictions", "top_k": 2},
-    {"type": "top_patches", "layers": ["relu2"], "k": 2, "channels": "0:3", "cell": 16},
+    {"type": "activation_stats", "layers": ["relu1", "relu2"]},
+    {"type": "top_patches", "layers": ["relu2"], "k": 2, "channels": "0:3", "cell": 16, "project": ["deconvnet"]},
     {"type": "grad_cam", "layer": "relu2", "sample": {"n": 5, "seed": 0}},
     {"type": "filters", "layers": ["conv1"], "cell": 8},
     {"type": "probes", "layers": ["relu2"]},
 ]
 # (entry, partition) of every table compared.
-TABLES = [("features", "layer=relu1"), ("features", "layer=relu2"), ("predictions", None), ("top_patches", None),
+TABLES = [("features", "layer=relu1"), ("features", "layer=relu2"), ("predictions", None), ("activation_stats", None),
+          ("top_patches", None),
           ("grad_cam", None), ("filters", None), ("probes", None)]
 
 
@@ -211,6 +213,20 @@ def test_series_equals_one_run_per_checkpoint_and_decodes_once(ray_session, setu
                       f"img/filters_checkpoint_{name}/conv1-filter-grid.png"):
             assert f'src="{image}"' in page and (out / "report" / image).is_file()
     assert "evolution.html" in (out / "report" / "index.html").read_text()
+    # ... dead units and probe accuracy per layer as lines over the checkpoints, the patches' projections.
+    from pipeline.report.evolution import dead_units, probe_accuracy
+    from pipeline.report.run import Run
+
+    assert "dead channels per layer" in page and "probe test accuracy per layer" in page
+    run = Run(out, out / "report")
+    records = {entry: info["analyses"][entry]["checkpoints"] for entry in ("probes", "activation_stats")}
+    assert probe_accuracy(run, "probes").to_dict("index") == {
+        c: r["test_accuracy"] for c, r in records["probes"].items()}
+    assert dead_units(run, "activation_stats").to_dict("index") == {
+        c: {layer: float(n) for layer, n in r["dead_channels"].items()} for c, r in records["activation_stats"].items()}
+    for name in ("epoch01", "epoch02"):
+        image = f"img/report/evolution-top_patches-{name}-relu2-0-deconvnet.png"
+        assert f'src="{image}"' in page and (out / "report" / image).is_file()
 
 
 def _problem(root: Path, model: dict, field: str, message: str) -> None:

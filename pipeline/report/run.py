@@ -113,5 +113,15 @@ class Run:
             self._extracted[source] = found
         return self._extracted[source]
 
+    def picture(self, name: str, pixels: np.ndarray) -> str:
+        """Write a picture the report draws itself (uint8 (h, w, 3)) as ``img/report/<name>.png``;
+        its path relative to the report."""
+        from PIL import Image
+
+        folder = self.out / "img" / "report"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.ascontiguousarray(pixels, np.uint8)).save(folder / f"{safe_key(name)}.png")
+        return f"img/report/{safe_key(name)}.png"
+
     def image(self, entry: str, key: Any) -> str | None:
         return None if key is None or (isinstance(key, float) and np.isnan(key)) else self.images(entry).get(str(key))

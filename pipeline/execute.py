@@ -26,10 +26,13 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    from torch import nn
 
 from jobs import REGISTRY, ModelAnalysis, ReduceAnalysis, TrainAnalysis
 from pipeline.checkpoints import (
@@ -48,7 +51,7 @@ from pipeline.decode import decode_batch
 from pipeline.errors import UserError
 from pipeline.manifest import BuiltinModel, Manifest, ParquetDataset
 from pipeline.model_stage import run_model_stage
-from pipeline.models import check_layers, load_each_model, model_hash, preprocess_of
+from pipeline.models import check_labels, check_layers, load_each_model, model_hash, preprocess_of
 from pipeline.plan import Stage, entry_key, plan
 from pipeline.progress import RAY_FALSE_ALARMS, Progress, RunLog, StderrFilter
 from pipeline.reduce import run_reduce_stage
@@ -523,14 +526,20 @@ def run_manifest(manifest: Manifest, log: Log = _stderr) -> RunResult:
 
         ensure_demo_checkpoints([c.weights for c in manifest.model.checkpoints], log=log)
     hashes: dict[str | None, str] = {}
+    first: nn.Module | None = None  # kept for the label checks, once the dataset is listed
     # Trains the demo CNN here, once, if it is missing; a checkpoint that does not fit fails here.
     for name, model in load_each_model(manifest.model):
         if not hashes:
             check_layers(manifest, model)
+            first = model
         hashes[name] = model_hash(specs[name], model)
         del model
     index = list_dataset(manifest.dataset)
     check_dataset(manifest, index)
+    if first is not None:
+        labels = index.table.column("label").fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        check_labels(manifest, first, labels, str(getattr(manifest.dataset, "root", manifest.dataset.kind)))
+    del first
     tests = list_testsets(manifest, index)
     _prepare_output(store)
     run_log, upload = _run_log(store, log)

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -269,6 +270,18 @@ def check_manifest(manifest: Manifest) -> None:
     for i, (_, model) in enumerate(load_each_model(manifest.model, allow_untrained_demo=True)):
         if i == 0:
             check_layers(manifest, model)
+
+
+def check_labels(manifest: Manifest, model: nn.Module, labels: np.ndarray, where: str) -> None:
+    """Every entry's check of the dataset's labels against the model (e.g. a fine-tune's head):
+    a UserError naming the entries and the dataset (``where``) when one fails."""
+    problems = []
+    for i, params in enumerate(manifest.analyses):
+        message = REGISTRY[params.type](params).check_labels(model, labels)
+        if message:
+            problems.append(f"{format_loc(('analyses', i))}: {message} (dataset {where})")
+    if problems:
+        raise UserError("; ".join(problems))
 
 
 def check_layers(manifest: Manifest, model) -> None:

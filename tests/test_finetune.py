@@ -80,6 +80,20 @@ def test_top_blocks_are_checked_against_the_model(tmp_path, resnet20_weights, im
             "(conv1, bn1, layer1, layer2, layer3)") in str(err.value)
 
 
+def test_a_label_the_head_lacks_is_refused_before_any_work(tmp_path, resnet20_weights, image_folder):
+    from pipeline.errors import UserError
+
+    (image_folder / "class3").mkdir()  # an 11th class folder: label 10, past the 10 outputs
+    for i in range(7):
+        (image_folder / f"class{4 + i}").mkdir()
+        Image.new("RGB", (32, 32)).save(image_folder / f"class{4 + i}" / "a.png")
+    Image.new("RGB", (32, 32)).save(image_folder / "class3" / "a.png")
+    manifest = load_manifest(manifest_with(tmp_path, resnet20_weights, image_folder), [])
+    with pytest.raises(UserError, match=r"analyses\[0\]: label 10 is not a class of the model's head \(10 outputs\)"):
+        run_manifest(manifest, log=lambda m: None)
+    assert not Path(manifest.output).exists()  # nothing started, nothing written
+
+
 @needs_shared
 def test_the_cifar10_finetune_manifest_validates():
     manifest = load_manifest(ROOT / "manifests" / "cifar10-finetune.yaml")

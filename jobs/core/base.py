@@ -250,6 +250,11 @@ class Analysis:
         class it does not have), each with its field path; called when the manifest is checked."""
         return []
 
+    def check_labels(self, model: torch.nn.Module, labels: np.ndarray) -> str | None:
+        """A problem with the dataset's labels (int64, -1: none) for this entry and ``model`` (a label
+        the model has no output for), or None; called once the dataset is listed, before any work."""
+        return None
+
     def schema(self) -> dict[str, pa.Schema] | None:
         """The tables this entry's pass over the dataset yields, by partition: for a ``map``
         analysis its output table (``image_id`` and ``label`` first, before the runner adds the

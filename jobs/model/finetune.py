@@ -442,6 +442,14 @@ class Finetune(TrainAnalysis):
             return [(("train_layers", "top"), str(e))]
         return []
 
+    def check_labels(self, model: torch.nn.Module, labels: np.ndarray) -> str | None:
+        head = model.get_submodule(head_name(model))
+        classes = head.out_features if isinstance(head, torch.nn.Linear) else None
+        if classes is not None and len(labels) and int(labels.max()) >= classes:
+            return (f"label {int(labels.max())} is not a class of the model's head ({classes} outputs); "
+                    "fine-tuning keeps the head's shape")
+        return None
+
     def split(self, image_ids: Sequence[str], labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return held_out_split(image_ids, labels, self.params.split.held_out, self.params.split.seed)
 

@@ -76,7 +76,7 @@ from jobs.core.base import (
     register,
     safe_key,
 )
-from jobs.core.hooks import forward_to
+from jobs.core.hooks import eval_mode, forward_to
 from jobs.core.kernels import topk_first
 from jobs.core.render import EMPTY, enlarge, grid, signed_pixels
 
@@ -184,15 +184,13 @@ def receptive_field(model: torch.nn.Module, layer: str, input_size: tuple[int, i
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    modes = {m: m.training for m in model.modules()}
     hit_rows: np.ndarray | None = None  # (H, Ho): probe row i reaches output row r
     hit_cols: np.ndarray | None = None  # (W, Wo)
 
     cudnn = torch.backends.cudnn.enabled
-    model.eval()
     try:
         torch.backends.cudnn.enabled = False
-        with torch.no_grad(), torch.backends.nnpack.flags(enabled=False):
+        with torch.no_grad(), torch.backends.nnpack.flags(enabled=False), eval_mode(model):
             for start in range(0, h + w, PROBE_CHUNK):
                 probes = range(start, min(h + w, start + PROBE_CHUNK))
                 x = torch.zeros((len(probes), 3, h, w), dtype=dtype, device=device)
@@ -220,8 +218,6 @@ def receptive_field(model: torch.nn.Module, layer: str, input_size: tuple[int, i
                         hit_cols[i - h] = by_col[n]
     finally:
         torch.backends.cudnn.enabled = cudnn
-        for m, training in modes.items():
-            m.training = training
     if hit_rows is None or hit_cols is None:  # no probe ran
         raise ValueError(f"receptive_field needs a non-empty input size, got {tuple(input_size)}")
     return _ranges(hit_rows, h), _ranges(hit_cols, w)

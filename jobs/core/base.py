@@ -3,8 +3,9 @@
 An analysis is a pydantic ``Params`` model (its manifest entry) plus the pure tensor work
 for one stage of the plan:
 
-* ``map``: per image. The runner decodes a batch, runs the model once with hooks on every
-  layer any fused analysis asked for, and hands each analysis a :class:`MapBatch`.
+* ``map``: per image. The runner decodes a batch and hands each analysis a :class:`MapBatch`;
+  the model runs once on it, with hooks on every layer any fused analysis asked for, when an
+  analysis first reads its logits or activations.
   The analysis returns its table rows as arrays aligned with the batch.
 * ``reduce``: over the whole dataset. ``map_batch`` runs in the same fused pass but returns
   *partials* of any length (per-batch top-k candidates, per-image feature vectors, moment

@@ -3,7 +3,9 @@
 An attribution analysis answers "which pixels matter for this class?" for every image of the
 dataset (or a seeded sample of it). Each method implements one function,
 :meth:`AttributionAnalysis.attribute`, from model inputs and target classes to raw maps; this
-module turns them into rows, scores how faithful each map is, and renders overlays.
+module turns them into rows, scores how faithful each map is, and renders overlays. Gradient
+methods also implement :meth:`AttributionAnalysis.attribute_own`: the logits of their own
+forward choose the targets, so the batch needs no separate inference forward.
 
 Rows (one per image and target class): ``image_id``, ``label``, ``method`` (the entry's
 name), ``target``, ``rank`` (where the model ranks the target: 1 = its prediction),
@@ -235,7 +237,7 @@ def choose_targets(logits: torch.Tensor, labels: torch.Tensor, target: Target
 
 @dataclass
 class Choice:
-    """The maps a method computes for a batch: ``rows`` (places in the batch), ``targets`` and
+    """Which maps a method computes for a batch: ``rows`` (places in the batch), ``targets`` and
     ``ranks`` as :func:`choose_targets` gives them, and ``scores``, each target's softmax
     probability on the clean image; all (M,) on the CPU."""
 
@@ -274,7 +276,8 @@ def own_forward_maps(name: str, batch: MapBatch, target: Target, chunk: int, map
 
 
 class AttributionAnalysis(MapAnalysis):
-    """Base of the per-image attribution methods: subclasses implement :meth:`attribute`."""
+    """Base of the per-image attribution methods: subclasses implement :meth:`attribute`, and
+    :meth:`attribute_own` when their forward can choose the targets."""
 
     Params: ClassVar[type[AttributionParams]]
     params: AttributionParams
@@ -347,9 +350,10 @@ class AttributionAnalysis(MapAnalysis):
         raise NotImplementedError
 
     def attribute_own(self, batch: MapBatch, target: Target) -> tuple[Choice, Attribution] | None:
-        """Class ``target``s chosen from this method's own forward of ``batch.images`` (with a graph),
-        and their maps from the same graph; None when its forward cannot choose them (then the
-        batch's shared inference forward chooses, and :meth:`attribute` computes the maps)."""
+        """Maps of the classes ``target`` picks from the logits of this method's own forward of
+        ``batch.images`` (with a graph), computed from that same graph; None when its forward
+        cannot pick them (then the batch's shared inference forward does, and :meth:`attribute`
+        computes the maps)."""
         return None
 
     def map_batch(self, batch: MapBatch) -> MapOutput:

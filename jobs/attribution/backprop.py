@@ -295,7 +295,8 @@ class ClassForward:
 
         An image may be listed several times (top-k targets): its j-th listing is taken in the
         j-th backward of the graph, each backward the gradient of a sum over distinct images
-        (which are independent in eval mode), so k targets per image cost k backwards.
+        (which are independent in eval mode), so k targets per image cost k backwards. Call it
+        once: its last backward frees the graph.
         """
         if self.out.dim() != 2:
             raise ValueError(f"expected (N, classes) logits, got shape {tuple(self.out.shape)}")

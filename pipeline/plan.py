@@ -1,8 +1,8 @@
 """Planning: the manifest's analyses as stages, with shared work fused.
 
 Every ``map`` analysis of a manifest, and the per-batch part of every ``reduce`` analysis,
-runs in one pass over the dataset: one decode and one forward per batch, hooks on the union
-of their layers. The ``reduce`` stage then reads what that pass committed; ``model``
+runs in one pass over the dataset: one decode and (when an analysis reads it) one forward
+per batch, hooks on the union of their layers. The ``reduce`` stage then reads what that pass committed; ``model``
 analyses need no dataset pass; ``train`` analyses decode their own images and train, last.
 Entries already committed with the same key (resume) are left out of the plan, and so is the
 dataset pass of a reduce entry whose partials are.

@@ -8,10 +8,10 @@ metadata only: the tables and images are already in the run's staging area.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -19,6 +19,7 @@ import pyarrow as pa
 import torch
 
 from jobs import REGISTRY, Analysis, AnalysisParams, MapBatch, MapOutput
+from jobs.core.base import SharedForwardError
 from jobs.core.pixels import pixels_to_inputs
 from pipeline.plan import Stage
 from pipeline.store import Store
@@ -120,8 +121,6 @@ class ModelWorker:
         """Every analysis' tables and images for one batch, by entry, with ``model`` (the worker's
         model by default); an analysis that raises gives its error message instead (the others keep
         their rows; the runner fails that entry)."""
-        from pipeline.models import capture
-
         model = self.model if model is None else model
 
         try:
@@ -136,41 +135,29 @@ class ModelWorker:
             x = pixels_to_inputs(x, self.preprocess.mean, self.preprocess.std)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), self._autocast(), capture(model, self.layers) as acts:
-                logits = model(x)
-            batch = MapBatch(
-                image_ids=[str(i) for i in image_ids],
-                labels=torch.tensor(np.asarray(labels, dtype=np.int64)),
-                images=x,
-                logits=logits.float() if isinstance(logits, torch.Tensor) else logits,
-                activations={k: v.float() for k, v in acts.items()},
-                model=model,
-                pixels=pixels,
-                boxes=None if boxes is None else np.asarray(boxes, dtype=np.int64),
-                mean=tuple(self.preprocess.mean),
-                std=tuple(self.preprocess.std),
-            )
-        except Exception as e:  # noqa: BLE001 -- the model failed: every analysis of the batch did
+            batch = shared_batch(model, x, self.layers, [str(i) for i in image_ids], labels, amp=self._autocast,
+                                 pixels=pixels, boxes=boxes, mean=tuple(self.preprocess.mean),
+                                 std=tuple(self.preprocess.std))
+        except Exception as e:  # noqa: BLE001 -- the inputs failed: every analysis of the batch did
             message = _describe(e, "model forward")
             return {a.params.entry_name: message for a in analyses}
         baseline_batches: dict[tuple[str, int], MapBatch] = {}
 
         def with_baselines(analysis: Analysis) -> MapBatch:
-            """The batch, with the baseline models' passes the analysis asks for (each run once)."""
+            """The batch, with the baseline models' passes the analysis asks for (each model's
+            forward runs once per batch, when first read, hooked at its users' layers)."""
             wanted = analysis.baselines()
             for name, seed in wanted.items():
                 if (name, seed) not in baseline_batches:
-                    base = self.baseline_models[(name, seed)]
                     users = [a for a in analyses if a.baselines().get(name) == seed]
                     layers = list(dict.fromkeys(layer for a in users for _, layer in a.layers()))
-                    with torch.inference_mode(), self._autocast(), capture(base, layers) as found:
-                        out = base(x)
-                    baseline_batches[(name, seed)] = dataclasses.replace(
-                        batch, logits=out.float() if isinstance(out, torch.Tensor) else out,
-                        activations={k: v.float() for k, v in found.items()}, model=base)
-            if not wanted:
-                return batch
-            return dataclasses.replace(batch, baselines={n: baseline_batches[(n, s)] for n, s in wanted.items()})
+                    baseline_batches[(name, seed)] = shared_batch(
+                        self.baseline_models[(name, seed)], x, layers, batch.image_ids, labels, amp=self._autocast,
+                        pixels=pixels, boxes=boxes, mean=batch.mean, std=batch.std)
+            # Set on the one shared batch (not a copy), so its forward still runs once.
+            batch.baselines = {n: baseline_batches[(n, s)] for n, s in wanted.items()}
+            return batch
+
         out: dict[str, tuple[dict[str, pa.Table], list] | str] = {}
         ids = pa.array([str(i) for i in image_ids], pa.string())
         label_column = labels_to_arrow(np.asarray(labels))
@@ -201,6 +188,8 @@ class ModelWorker:
                     tables = {p: pa.table({c: to_arrow(np.asarray(v)) for c, v in columns.items()})
                               for p, columns in rows.items()}
                 out[entry] = (tables, list(images))
+            except SharedForwardError as e:  # the model failed, not the analysis
+                out[entry] = f"model forward: {e}"[:2000]
             except Exception as e:  # noqa: BLE001 -- recorded against this entry only
                 out[entry] = _describe(e, analysis.name)
         return out
@@ -262,6 +251,27 @@ class ModelWorker:
         rows = np.asarray(batch["row"], dtype=np.int64)
         records = [self._write_block({k: v[run] for k, v in batch.items()}) for run in contiguous_runs(rows)]
         return {"record": np.asarray([json.dumps(r) for r in records], dtype=object)}
+
+
+def shared_batch(model: torch.nn.Module, x: torch.Tensor, layers: list[str], image_ids: list[str],
+                 labels: np.ndarray, amp: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 pixels: np.ndarray | None = None, boxes: np.ndarray | None = None,
+                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> MapBatch:
+    """The :class:`MapBatch` of inputs ``x`` that every fused analysis sees. Its one inference
+    forward (hooks on ``layers``, under ``amp``) runs when an analysis first reads the logits or
+    activations: a batch of attribution methods that run their own forward pays for none."""
+
+    def forward() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        from pipeline.models import capture
+
+        with torch.inference_mode(), amp(), capture(model, layers) as acts:
+            logits = model(x)
+        return (logits.float() if isinstance(logits, torch.Tensor) else logits,
+                {k: v.float() for k, v in acts.items()})
+
+    return MapBatch(image_ids=image_ids, labels=torch.tensor(np.asarray(labels, dtype=np.int64)), images=x,
+                    model=model, forward=forward, pixels=pixels,
+                    boxes=None if boxes is None else np.asarray(boxes, dtype=np.int64), mean=mean, std=std)
 
 
 def _describe(e: Exception, where: str) -> str:

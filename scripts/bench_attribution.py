@@ -2,10 +2,11 @@
 
 Each attribution entry of the manifest runs as the map stage runs it (``map_batch`` on
 batches of ``execution.batch_size`` -- maps, deletion/insertion scores, pointing game and
-overlays included) on the images of its sample, decoded once beforehand; the floor, timed in
-the same run on the same images, is one inference forward per batch. Decoding, Ray and
-writing are left out: this is the compute each method adds per image. (Correctness is tested
-in ``tests/test_attribution.py`` and the kernels' own tests; this script only times.)
+overlays included, and the batch's shared forward when the method reads it) on the images of
+its sample, decoded once beforehand; the floor, timed in the same run on the same images, is
+one inference forward per batch. Decoding, Ray and writing are left out: this is the compute
+each method adds per image. (Correctness is tested in ``tests/test_attribution.py`` and the
+kernels' own tests; this script only times.)
 
     python scripts/bench_attribution.py manifests/cifar10.yaml
 """
@@ -55,12 +56,13 @@ def main(argv: list[str] | None = None) -> dict:
     import numpy as np
     import torch
 
-    from jobs import REGISTRY, MapBatch
+    from jobs import REGISTRY
     from jobs.attribution.base import ATTRIBUTION
     from jobs.core.pixels import pixels_to_inputs
     from pipeline.datasets import list_dataset
     from pipeline.manifest import load_manifest
     from pipeline.models import load_model
+    from pipeline.worker import shared_batch
 
     manifest = load_manifest(args.manifest, args.overrides)
     entries = [a for a in manifest.analyses if a.type in ATTRIBUTION and (not args.only or a.entry_name in args.only)]
@@ -102,14 +104,10 @@ def main(argv: list[str] | None = None) -> dict:
         forward_floor(data)  # warm-up: first-touch allocations, lazy imports
         floor = forward_floor(data)
         layers = [layer for _, layer in analysis.layers()]
-        from pipeline.models import capture
 
         def run_batch(ids, px, labels, x, boxes, layers=layers, analysis=analysis):
-            with torch.inference_mode(), capture(model, layers) as acts:
-                logits = model(x)
-            batch = MapBatch(image_ids=list(ids), labels=labels, images=x, logits=logits.float(),
-                             activations={k: v.float() for k, v in acts.items()}, model=model,
-                             pixels=np.asarray(px), boxes=boxes)
+            # As the map stage builds it: the shared forward runs only if the method reads it.
+            batch = shared_batch(model, x, layers, list(ids), labels.numpy(), pixels=np.asarray(px), boxes=boxes)
             return analysis.map_batch(batch)
 
         # Warm-up on a few images: lazy imports and first-touch allocations are not the method's.

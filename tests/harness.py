@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from jobs import LocalContext, MapBatch, ReduceOutput, TableInputs
-from jobs.core.base import Analysis, Rows
+from jobs import LocalContext, ReduceOutput, TableInputs
+from jobs.core.base import Analysis, MapAnalysis, Rows
 from jobs.core.pixels import pixels_to_inputs
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
@@ -28,37 +28,36 @@ def normalise(pixels: np.ndarray) -> torch.Tensor:
 
 
 def map_batches(analysis: Analysis, model: torch.nn.Module, ids: Sequence[str], pixels: np.ndarray,
-                labels: Sequence[int], batch_size: int, boxes: np.ndarray | None = None) -> list:
-    """``analysis.map_batch`` on consecutive batches, as the map stage calls it."""
-    from pipeline.models import capture
+                labels: Sequence[int], batch_size: int, boxes: np.ndarray | None = None,
+                fused: Sequence[MapAnalysis] = ()) -> list:
+    """``analysis.map_batch`` on consecutive batches, as the map stage calls it (the batch's shared
+    forward runs when an analysis first reads it); ``fused`` analyses map each batch first."""
+    from pipeline.worker import shared_batch
 
     model.eval()
-    layers = [layer for _, layer in analysis.layers()]
+    layers = list(dict.fromkeys(layer for a in (*fused, analysis) for _, layer in a.layers()))
     out = []
     for start in range(0, len(ids), batch_size):
         sl = slice(start, start + batch_size)
-        x = normalise(pixels[sl])
-        with torch.inference_mode(), capture(model, layers) as acts:
-            logits = model(x)
-        batch = MapBatch(image_ids=list(ids[sl]), labels=torch.tensor(list(labels[sl]), dtype=torch.int64),
-                         images=x, logits=logits.float(), activations={k: v.float() for k, v in acts.items()},
-                         model=model, pixels=np.ascontiguousarray(pixels[sl]),
-                         boxes=None if boxes is None else np.asarray(boxes[sl], dtype=np.int64),
-                         mean=tuple(MEAN), std=tuple(STD))
+        batch = shared_batch(model, normalise(pixels[sl]), layers, list(ids[sl]), np.asarray(labels[sl]),
+                             pixels=np.ascontiguousarray(pixels[sl]), boxes=None if boxes is None else boxes[sl],
+                             mean=tuple(MEAN), std=tuple(STD))
+        for other in fused:
+            other.map_batch(batch)
         out.append(analysis.map_batch(batch))
     return out
 
 
 def map_table(analysis: Analysis, model: torch.nn.Module, ids: Sequence[str], pixels: np.ndarray,
               labels: Sequence[int] | None = None, batch_size: int = 4, boxes: np.ndarray | None = None,
-              partition: str = "") -> tuple[pa.Table, dict]:
+              partition: str = "", fused: Sequence[MapAnalysis] = ()) -> tuple[pa.Table, dict]:
     """A per-image analysis over ``pixels`` in one process: its rows (a MapOutput's, as the runner
     writes them) and its rendered images by key."""
     from jobs import MapOutput
 
     labels = list(labels) if labels is not None else [-1] * len(ids)
     tables, images = [], {}
-    for result in map_batches(analysis, model, ids, pixels, labels, batch_size, boxes):
+    for result in map_batches(analysis, model, ids, pixels, labels, batch_size, boxes, fused):
         assert isinstance(result, MapOutput)
         for key, image in result.images:
             assert key not in images, f"image key {key} rendered twice"

@@ -264,6 +264,70 @@ def layer_gradients(
     return acts.detach(), grad.detach(), logits.detach()
 
 
+class ClassForward:
+    """One forward of ``x`` with a graph: its logits choose the targets, then :meth:`gradients`
+    backpropagates the chosen class scores through that same graph (no second forward).
+
+    The gradients are taken w.r.t. the input pixels, or w.r.t. ``layer``'s output when given
+    (Grad-CAM); ``rule`` applies :func:`relu_rule` to the ReLUs, whose forward values are
+    exactly ``relu``'s, so the logits are the plain model's. ``logits`` is detached.
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, rule: str | None = None, layer: str | None = None):
+        _check_rule(rule)
+        with _grad_enabled():
+            self.input = _leaf_input(x)
+            if layer is None:
+                out = _forward(model, self.input, rule)
+                self.wrt = self.input
+            else:
+                with record_calls(model, layer) as seen:
+                    out = _forward(model, self.input, rule)
+                self.wrt = _only_call(seen, layer)
+                if not self.wrt.requires_grad:
+                    raise ValueError(f"layer {layer!r} output is not part of the autograd graph")
+        self.out = out
+        self.logits = out.detach()
+
+    def gradients(self, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """d logits[rows[m], targets[m]] / d (input or layer output) of image ``rows[m]``, for
+        every m: (M, ...) detached float32, in the order given.
+
+        An image may be listed several times (top-k targets): its j-th listing is taken in the
+        j-th backward of the graph, each backward the gradient of a sum over distinct images
+        (which are independent in eval mode), so k targets per image cost k backwards. Call it
+        once: its last backward frees the graph.
+        """
+        if self.out.dim() != 2:
+            raise ValueError(f"expected (N, classes) logits, got shape {tuple(self.out.shape)}")
+        rows = torch.as_tensor(rows).long().cpu()
+        targets = torch.as_tensor(targets).long().cpu()
+        grads = torch.empty((len(rows), *self.wrt.shape[1:]), dtype=torch.float32, device=self.wrt.device)
+        if not len(rows):
+            return grads
+        # The how-many-th listing of its image each pair is.
+        seen: dict[int, int] = {}
+        listing = []
+        for r in rows.tolist():
+            listing.append(seen.get(r, 0))
+            seen[r] = listing[-1] + 1
+        occurrence = torch.tensor(listing, dtype=torch.long)
+        last = max(listing)
+        device = self.out.device
+        with _grad_enabled():
+            for j in range(last + 1):
+                pick = torch.nonzero(occurrence == j).flatten()
+                r, t = rows[pick].to(device), targets[pick].to(device)
+                score = self.out[r, t].sum()
+                (grad,) = torch.autograd.grad(score, self.wrt, retain_graph=j < last)
+                grads[pick.to(grads.device)] = grad[r.to(grad.device)].float()
+        return grads
+
+    def activations(self, rows: torch.Tensor) -> torch.Tensor:
+        """The layer's output (or the input) of the images ``rows``, detached."""
+        return self.wrt.detach()[torch.as_tensor(rows).long().to(self.wrt.device)]
+
+
 def grad_cam(activations: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     """Grad-CAM maps (N, K, h, w) x2 -> (N, h, w).
 

@@ -3,7 +3,9 @@
 An attribution analysis answers "which pixels matter for this class?" for every image of the
 dataset (or a seeded sample of it). Each method implements one function,
 :meth:`AttributionAnalysis.attribute`, from model inputs and target classes to raw maps; this
-module turns them into rows, scores how faithful each map is, and renders overlays.
+module turns them into rows, scores how faithful each map is, and renders overlays. Gradient
+methods also implement :meth:`AttributionAnalysis.attribute_own`: the logits of their own
+forward choose the targets, so the batch needs no separate inference forward.
 
 Rows (one per image and target class): ``image_id``, ``label``, ``method`` (the entry's
 name), ``target``, ``rank`` (where the model ranks the target: 1 = its prediction),
@@ -26,9 +28,9 @@ Example manifest entry (the fields every attribution analysis takes)::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -48,6 +50,9 @@ from jobs.core.base import (
     image_key,
     sample_ids,
 )
+
+if TYPE_CHECKING:
+    from jobs.attribution.backprop import ClassForward
 
 # Registered names of the attribution analyses (``attribution_summary`` reads their tables).
 ATTRIBUTION: set[str] = set()
@@ -230,8 +235,49 @@ def choose_targets(logits: torch.Tensor, labels: torch.Tensor, target: Target
     return rows, cls.long(), rank_of[rows, cls]
 
 
+@dataclass
+class Choice:
+    """Which maps a method computes for a batch: ``rows`` (places in the batch), ``targets`` and
+    ``ranks`` as :func:`choose_targets` gives them, and ``scores``, each target's softmax
+    probability on the clean image; all (M,) on the CPU."""
+
+    rows: torch.Tensor
+    targets: torch.Tensor
+    ranks: torch.Tensor
+    scores: torch.Tensor
+
+
+# Maps of the chosen (rows, targets) of one chunk of a batch, from that chunk's forward.
+ChunkMaps = Callable[["ClassForward", torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def own_forward_maps(name: str, batch: MapBatch, target: Target, chunk: int, maps: ChunkMaps,
+                     rule: str | None = None, layer: str | None = None) -> tuple[Choice, torch.Tensor]:
+    """Targets chosen from the logits of a forward with a graph, ``chunk`` images at a time, and
+    ``maps`` of them from that same graph (:class:`jobs.attribution.backprop.ClassForward`), so
+    that the batch's shared inference forward is not needed. Returns the choice and the maps."""
+    from jobs.attribution.backprop import ClassForward
+
+    parts: list[tuple[torch.Tensor, ...]] = []
+    for sl in in_chunks(len(batch), chunk):
+        forward = ClassForward(batch.model, batch.images[sl], rule=rule, layer=layer)
+        logits = forward.logits.float()
+        if logits.dim() != 2:
+            raise ValueError(f"{name} needs the model to return (N, classes) logits, "
+                             f"got shape {tuple(logits.shape)}")
+        rows, targets, ranks = choose_targets(logits, batch.labels[sl], target)
+        scores = torch.softmax(logits, dim=1)[rows.to(logits.device), targets.to(logits.device)].cpu()
+        parts.append((rows + sl.start, targets, ranks, scores, maps(forward, rows, targets)))
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.long)
+        return Choice(empty, empty, empty, torch.zeros(0)), torch.zeros(0)
+    rows, targets, ranks, scores, out = (torch.cat(p) for p in zip(*parts))
+    return Choice(rows, targets, ranks, scores), out
+
+
 class AttributionAnalysis(MapAnalysis):
-    """Base of the per-image attribution methods: subclasses implement :meth:`attribute`."""
+    """Base of the per-image attribution methods: subclasses implement :meth:`attribute`, and
+    :meth:`attribute_own` when their forward can choose the targets."""
 
     Params: ClassVar[type[AttributionParams]]
     params: AttributionParams
@@ -303,29 +349,43 @@ class AttributionAnalysis(MapAnalysis):
         places in ``batch`` (for per-image seeds and activations)."""
         raise NotImplementedError
 
+    def attribute_own(self, batch: MapBatch, target: Target) -> tuple[Choice, Attribution] | None:
+        """Maps of the classes ``target`` picks from the logits of this method's own forward of
+        ``batch.images`` (with a graph), computed from that same graph; None when its forward
+        cannot pick them (then the batch's shared inference forward does, and :meth:`attribute`
+        computes the maps)."""
+        return None
+
     def map_batch(self, batch: MapBatch) -> MapOutput:
         from jobs.attribution.faithfulness import box_energy, deletion_insertion, pointing_game
         from jobs.core.kernels import upsample
 
         p = self.params
         model = batch.model
-        logits = batch.logits.float()
-        if logits.dim() != 2:
-            raise ValueError(f"{self.name} needs the model to return (N, classes) logits, "
-                             f"got shape {tuple(logits.shape)}")
         neuron = neuron_target(p)
-        if neuron is None:
+        own = None if isinstance(p.target, NeuronTarget) else self.attribute_own(batch, p.target)
+        if own is not None:
+            choice, result = own
+        elif neuron is not None:  # one map per image; the class columns stay empty
+            n = len(batch)
+            choice = Choice(torch.arange(n), torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long),
+                            torch.zeros(n))
+        else:
+            logits = batch.logits.float()
+            if logits.dim() != 2:
+                raise ValueError(f"{self.name} needs the model to return (N, classes) logits, "
+                                 f"got shape {tuple(logits.shape)}")
             rows, targets, ranks = choose_targets(logits, batch.labels, p.target)
-        else:  # one map per image; the class columns stay empty
-            rows = torch.arange(len(logits))
-            targets, ranks = logits.argmax(dim=1).cpu(), torch.zeros(len(logits), dtype=torch.long)
+            score = torch.softmax(logits, dim=1)[rows.to(logits.device), targets.to(logits.device)].cpu()
+            choice = Choice(rows, targets, ranks, score)
+        rows, targets, ranks, score = choice.rows, choice.targets, choice.ranks, choice.scores
         if not len(rows):
             return MapOutput(rows={"": {}})
         device = batch.images.device
         x = batch.images[rows.to(device)]
         t = targets.to(device)
-        result = self.attribute(batch, x, t, rows)
-        score = torch.softmax(logits, dim=1)[rows.to(logits.device), t.to(logits.device)].cpu()
+        if own is None:
+            result = self.attribute(batch, x, t, rows)
         size = (x.shape[-2], x.shape[-1])
         heat = upsample(result.heat.float(), size).cpu()
         m = len(rows)

@@ -14,14 +14,46 @@ Table columns: see :mod:`jobs.attribution.base`; ``map`` is (1, h, w) at the lay
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from jobs.attribution.base import Attribution, AttributionAnalysis, AttributionParams, in_chunks
+from jobs.attribution.base import (
+    Attribution,
+    AttributionAnalysis,
+    AttributionParams,
+    Choice,
+    Target,
+    in_chunks,
+    own_forward_maps,
+)
 from jobs.core.base import MapBatch, register
+
+if TYPE_CHECKING:
+    from jobs.attribution.backprop import ClassForward
 
 
 class GradCamParams(AttributionParams):
     layer: str
+
+
+def grad_cam_chosen(forward: ClassForward, rows: torch.Tensor, targets: torch.Tensor, layer: str) -> torch.Tensor:
+    """Grad-CAM (M, h, w) of the pairs (``rows``, ``targets``) from ``forward``, a forward that
+    recorded ``layer``."""
+    from jobs.attribution.backprop import grad_cam
+
+    acts = forward.activations(rows)
+    if acts.dim() != 4:
+        raise ValueError(f"grad_cam needs a (N, K, h, w) feature map at layer {layer!r}, "
+                         f"got shape {tuple(acts.shape)}")
+    return grad_cam(acts.float(), forward.gradients(rows, targets))
+
+
+def own_grad_cam(name: str, batch: MapBatch, target: Target, layer: str, chunk: int) -> tuple[Choice, torch.Tensor]:
+    """Targets chosen from the Grad-CAM forward's own logits, and their Grad-CAM maps."""
+    return own_forward_maps(name, batch, target, chunk,
+                            lambda forward, rows, targets: grad_cam_chosen(forward, rows, targets, layer),
+                            layer=layer)
 
 
 def grad_cam_maps(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, layer: str,
@@ -45,6 +77,10 @@ class GradCam(AttributionAnalysis):
 
     Params = GradCamParams
     params: GradCamParams
+
+    def attribute_own(self, batch: MapBatch, target: Target) -> tuple[Choice, Attribution] | None:
+        choice, maps = own_grad_cam(self.name, batch, target, self.params.layer, self.chunk(batch.images))
+        return choice, Attribution(columns={"map": maps}, heat=maps)
 
     def attribute(self, batch: MapBatch, x: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor) -> Attribution:
         maps = grad_cam_maps(batch.model, x, targets, self.params.layer, self.chunk(x))

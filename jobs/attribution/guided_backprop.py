@@ -21,7 +21,16 @@ from typing import ClassVar
 
 import torch
 
-from jobs.attribution.base import Attribution, AttributionAnalysis, NeuronTargetParams, in_chunks, neuron_target
+from jobs.attribution.base import (
+    Attribution,
+    AttributionAnalysis,
+    Choice,
+    NeuronTargetParams,
+    Target,
+    in_chunks,
+    neuron_target,
+    own_forward_maps,
+)
 from jobs.core.base import MapBatch, register
 
 
@@ -50,6 +59,16 @@ class RuleAttribution(AttributionAnalysis):
     Params: ClassVar[type[RuleParams]]
     params: RuleParams
     rule: ClassVar[str]
+
+    def attribute_own(self, batch: MapBatch, target: Target) -> tuple[Choice, Attribution] | None:
+        from jobs.attribution.backprop import reduce_channels
+
+        p = self.params
+        # The rule changes only the ReLUs' backward: this forward's logits are the plain model's.
+        choice, maps = own_forward_maps(self.name, batch, target, self.chunk(batch.images),
+                                        lambda forward, rows, targets: reduce_channels(
+                                            forward.gradients(rows, targets), p.signed), rule=self.rule)
+        return choice, Attribution.pixels(maps, p.signed)
 
     def attribute(self, batch: MapBatch, x: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor) -> Attribution:
         from jobs.attribution.saliency import neuron_attribution

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from jobs.attribution.base import Attribution, AttributionAnalysis, AttributionParams
-from jobs.attribution.grad_cam import grad_cam_maps
+from jobs.attribution.base import Attribution, AttributionAnalysis, AttributionParams, Choice, Target
+from jobs.attribution.grad_cam import grad_cam_maps, own_grad_cam
 from jobs.attribution.guided_backprop import rule_gradients
 from jobs.core.base import MapBatch, register
 
@@ -35,12 +35,25 @@ class GuidedGradCam(AttributionAnalysis):
     Params = GuidedGradCamParams
     params: GuidedGradCamParams
 
+    def attribute_own(self, batch: MapBatch, target: Target) -> tuple[Choice, Attribution] | None:
+        # The Grad-CAM forward chooses the targets; the guided backward needs a forward of its own.
+        choice, cams = own_grad_cam(self.name, batch, target, self.params.layer, self.chunk(batch.images))
+        if not len(choice.rows):
+            return choice, Attribution.pixels(cams, self.params.signed)
+        x = batch.images[choice.rows.to(batch.images.device)]
+        return choice, self.weighted(batch, x, choice.targets.to(x.device), cams)
+
     def attribute(self, batch: MapBatch, x: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor) -> Attribution:
+        cams = grad_cam_maps(batch.model, x, targets, self.params.layer, self.chunk(x))
+        return self.weighted(batch, x, targets, cams)
+
+    def weighted(self, batch: MapBatch, x: torch.Tensor, targets: torch.Tensor, cams: torch.Tensor) -> Attribution:
+        """Guided backprop of inputs ``x`` for ``targets``, weighted by their Grad-CAM ``cams``."""
         from jobs.attribution.backprop import reduce_channels
         from jobs.core.kernels import upsample
 
         p = self.params
-        cams = upsample(grad_cam_maps(batch.model, x, targets, p.layer, self.chunk(x)), (x.shape[-2], x.shape[-1]))
+        cams = upsample(cams, (x.shape[-2], x.shape[-1]))
         guided = rule_gradients(batch.model, x, targets, "guided", signed=True, chunk=self.chunk(x))
         maps = reduce_channels(guided * cams.unsqueeze(1).to(guided.device), p.signed)
         return Attribution.pixels(maps, p.signed)

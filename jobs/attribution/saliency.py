@@ -28,7 +28,17 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from jobs.attribution.base import Attribution, AttributionAnalysis, Neuron, NeuronTargetParams, in_chunks, neuron_target
+from jobs.attribution.base import (
+    Attribution,
+    AttributionAnalysis,
+    Choice,
+    Neuron,
+    NeuronTargetParams,
+    Target,
+    in_chunks,
+    neuron_target,
+    own_forward_maps,
+)
 from jobs.core.base import MapBatch, register, unit_seed
 
 
@@ -84,6 +94,17 @@ class Saliency(AttributionAnalysis):
 
     Params = SaliencyParams
     params: SaliencyParams
+
+    def attribute_own(self, batch: MapBatch, target: Target) -> tuple[Choice, Attribution] | None:
+        from jobs.attribution.backprop import reduce_channels
+
+        p = self.params
+        if p.smoothgrad is not None:
+            return None  # the noisy forwards cannot choose: the clean image's logits do
+        choice, maps = own_forward_maps(self.name, batch, target, self.chunk(batch.images),
+                                        lambda forward, rows, targets: reduce_channels(
+                                            forward.gradients(rows, targets), p.signed))
+        return choice, Attribution.pixels(maps, p.signed)
 
     def attribute(self, batch: MapBatch, x: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor) -> Attribution:
         from jobs.attribution.backprop import input_gradients, reduce_channels

@@ -3,8 +3,9 @@
 An analysis is a pydantic ``Params`` model (its manifest entry) plus the pure tensor work
 for one stage of the plan:
 
-* ``map``: per image. The runner decodes a batch, runs the model once with hooks on every
-  layer any fused analysis asked for, and hands each analysis a :class:`MapBatch`.
+* ``map``: per image. The runner decodes a batch and hands each analysis a :class:`MapBatch`;
+  the model runs once on it, with hooks on every layer any fused analysis asked for, when an
+  analysis first reads its logits or activations.
   The analysis returns its table rows as arrays aligned with the batch.
 * ``reduce``: over the whole dataset. ``map_batch`` runs in the same fused pass but returns
   *partials* of any length (per-batch top-k candidates, per-image feature vectors, moment
@@ -42,7 +43,7 @@ import pkgutil
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar, Literal, Protocol
+from typing import Annotated, Any, ClassVar, Literal, Protocol, cast
 
 import numpy as np
 import pyarrow as pa
@@ -102,57 +103,108 @@ class AnalysisParams(BaseModel):
         return self.name or self.type
 
 
-@dataclass
 class MapBatch:
     """What a per-image analysis sees: one decoded, preprocessed batch and the model's pass.
 
     ``images`` are normalised model inputs (N, C, H, W) on the model's device;
-    ``activations`` holds the output of every hooked layer (detached, float32);
-    ``labels`` is -1 where the dataset has no label. ``pixels`` are the same images before
-    normalisation (uint8 (N, H, W, 3), on the CPU: the frame of every box and overlay), and
-    ``boxes`` the object box of each image in that frame ((N, 4) ``[x0, y0, x1, y1]``,
-    half-open; a row of -1 where the image has none), when the dataset has boxes.
-    ``mean``/``std``: the normalisation, ``images = (pixels / 255 - mean) / std`` per channel.
+    ``logits`` and ``activations`` (the output of every hooked layer, detached, float32) come
+    from one shared inference forward of the batch; ``labels`` is -1 where the dataset has no
+    label. ``pixels`` are the same images before normalisation (uint8 (N, H, W, 3), on the CPU:
+    the frame of every box and overlay), and ``boxes`` the object box of each image in that
+    frame ((N, 4) ``[x0, y0, x1, y1]``, half-open; a row of -1 where the image has none), when
+    the dataset has boxes. ``mean``/``std``: the normalisation,
+    ``images = (pixels / 255 - mean) / std`` per channel.
+
+    Given ``forward`` (a callable returning ``(logits, activations)``) instead of ``logits`` and
+    ``activations``, the shared forward runs the first time either is read, and never when no
+    analysis of the batch reads them (attribution methods that run their own forward). A
+    forward that fails raises :class:`SharedForwardError` for every analysis that reads it.
     ``baselines``: the same images through a baseline model, by name (``random_init``: the
     architecture with seeded random weights), for an analysis that asks for one
     (:meth:`Analysis.baselines`); empty otherwise.
     """
 
-    image_ids: list[str]
-    labels: torch.Tensor
-    images: torch.Tensor
-    logits: torch.Tensor
-    activations: dict[str, torch.Tensor]
-    model: torch.nn.Module
-    pixels: np.ndarray | None = None
-    boxes: np.ndarray | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    baselines: dict[str, MapBatch] = field(default_factory=dict)
+    def __init__(self, image_ids: list[str], labels: torch.Tensor, images: torch.Tensor, *,
+                 model: torch.nn.Module, logits: torch.Tensor | None = None,
+                 activations: dict[str, torch.Tensor] | None = None,
+                 forward: Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None,
+                 pixels: np.ndarray | None = None, boxes: np.ndarray | None = None,
+                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                 baselines: dict[str, MapBatch] | None = None):
+        self.image_ids = image_ids
+        self.labels = labels
+        self.images = images
+        self.model = model
+        self.pixels = pixels
+        self.boxes = boxes
+        self.mean = mean
+        self.std = std
+        self.baselines: dict[str, MapBatch] = baselines or {}
+        self._forward = forward
+        self._logits = logits
+        self._activations = activations if activations is not None or forward is not None else {}
+        self._error: SharedForwardError | None = None
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def _run_forward(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._forward is not None:
+            forward, self._forward = self._forward, None
+            # A failure is kept: every analysis that reads the batch gets it, without a retry.
+            try:
+                self._logits, self._activations = forward()
+            except SharedForwardError as e:  # a subset's forward reads its batch's
+                self._error = e
+                raise
+            except Exception as e:
+                self._error = SharedForwardError(f"{type(e).__name__}: {e}")
+                raise self._error from e
+
+    @property
+    def forward_done(self) -> bool:
+        """Whether the shared forward has run (or its results were given)."""
+        return self._forward is None and self._error is None
+
+    @property
+    def logits(self) -> torch.Tensor:
+        self._run_forward()
+        return cast(torch.Tensor, self._logits)
+
+    @property
+    def activations(self) -> dict[str, torch.Tensor]:
+        self._run_forward()
+        return cast(dict[str, torch.Tensor], self._activations)
+
     def subset(self, keep: np.ndarray) -> MapBatch:
-        """The images where the boolean mask ``keep`` is true, every field alike."""
+        """The images where the boolean mask ``keep`` is true, every field alike; the subset's
+        logits and activations are the batch's, so both share one forward."""
         idx = torch.from_numpy(np.flatnonzero(keep))
 
         def take(t: torch.Tensor) -> torch.Tensor:
             return t[idx.to(t.device)]
 
+        def forward() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            return take(self.logits), {k: take(v) for k, v in self.activations.items()}
+
         return MapBatch(
             image_ids=[i for i, k in zip(self.image_ids, keep) if k],
             labels=take(self.labels),
             images=take(self.images),
-            logits=take(self.logits),
-            activations={k: take(v) for k, v in self.activations.items()},
             model=self.model,
+            forward=forward,
             pixels=None if self.pixels is None else self.pixels[keep],
             boxes=None if self.boxes is None else self.boxes[keep],
             mean=self.mean,
             std=self.std,
             baselines={name: b.subset(keep) for name, b in self.baselines.items()},
         )
+
+
+class SharedForwardError(RuntimeError):
+    """The batch's shared model forward failed (the message names the original error)."""
 
 
 @dataclass

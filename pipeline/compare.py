@@ -48,7 +48,7 @@ from pipeline.report.charts import bar_chart
 from pipeline.report.html import render, table_html
 from pipeline.report.site import ASSETS
 from pipeline.store import Store, is_uri
-from pipeline.writers import SUCCESS, partition_values, table_parts
+from pipeline.writers import SUCCESS, partition_values, read_run_info, table_parts
 
 KIND = "convscope-compare"  # summary.json's "kind": marks a folder compare may replace
 TABLES = ("accuracy", "per_class", "flips", "channels", "attribution", "probes", "unmatched")
@@ -127,13 +127,7 @@ class RunFolder:
         self.where = self.store.display()
         if not self.store.is_dir(""):
             raise UserError(f"run {which}: {self.where}: no such run folder")
-        try:
-            self.info = json.loads(self.store.read_text("run.json"))
-        except FileNotFoundError:
-            raise UserError(f"run {which}: {self.where}: no run.json; is this the output folder of a finished "
-                            "`convscope run`?") from None
-        except json.JSONDecodeError as e:
-            raise UserError(f"run {which}: {self.where}: not valid JSON ({e})") from None
+        self.info = read_run_info(self.store, f"run {which}: ")
         series = [str(c.get("name")) for c in (self.info.get("model") or {}).get("checkpoints") or []]
         if series and checkpoint is None:
             raise UserError(f"run {which}: {self.where}: a checkpoint series ({', '.join(series)}); compare one "

@@ -40,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from pipeline.errors import UserError
 from pipeline.store import Store
 
 SUCCESS = "_SUCCESS"
@@ -109,6 +110,18 @@ def as_table(table: pa.Table | dict[str, Any]) -> pa.Table:
         else:
             columns[name] = to_arrow(np.asarray(values))
     return pa.table(columns)
+
+
+def read_run_info(store: Store, which: str = "") -> dict:
+    """A run folder's ``run.json``; UserError, naming the folder (after ``which``, e.g. "run A: "),
+    when it is missing or not JSON."""
+    try:
+        return json.loads(store.read_text("run.json"))
+    except FileNotFoundError:
+        raise UserError(f"{which}{store.display()}: no run.json; is this the output folder of a finished "
+                        "`convscope run`?") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{which}{store.display('run.json')}: not valid JSON ({e})") from None
 
 
 def read_success(store: Store, folder: str) -> dict | None:

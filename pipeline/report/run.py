@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,9 +14,8 @@ import pyarrow.parquet as pq
 
 from jobs.core.base import safe_key
 from pipeline.checkpoints import entry_folder
-from pipeline.errors import UserError
 from pipeline.store import Store
-from pipeline.writers import SHARDS, SUCCESS, partition_values, table_parts
+from pipeline.writers import SHARDS, SUCCESS, partition_values, read_run_info, table_parts
 
 
 class Run:
@@ -27,13 +25,7 @@ class Run:
         self.store = run_dir if isinstance(run_dir, Store) else Store.open(run_dir)
         self.out = Path(out)
         self.name = self.store.display().rstrip("/").rsplit("/", 1)[-1]
-        try:
-            self.info = json.loads(self.store.read_text("run.json"))
-        except FileNotFoundError:
-            raise UserError(f"{self.store.display()}: no run.json; is this the output folder of `convscope run`?"
-                            ) from None
-        except json.JSONDecodeError as e:
-            raise UserError(f"{self.store.display('run.json')}: not valid JSON ({e})") from None
+        self.info = read_run_info(self.store)
         self.label_names: list[str] | None = (self.info.get("dataset") or {}).get("label_names")
         self._extracted: dict[str, dict[str, str]] = {}
         # With a checkpoint series: the checkpoint whose tables and images this Run reads (see ``at``).

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,8 @@ def figure(src: str | None, caption: str | Markup = "", lazy: bool = True, paged
            pixelated: bool = True, alt: str = "") -> Markup:
     """A <figure> with an image (``data-src`` inside paged lists, so it loads when shown);
     ``caption`` is HTML."""
+    # Line breaks of a caption read as commas in its alt text (striptags would join the words).
+    alt = alt or Markup(re.sub(r"<br\s*/?>", ", ", str(html_of(caption)))).striptags()
     return Markup(_macro("figure")(src, html_of(caption), lazy, paged, pixelated, alt))
 
 

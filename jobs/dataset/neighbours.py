@@ -265,17 +265,18 @@ def knn(queries: torch.Tensor, database: torch.Tensor | RowBlocks, k: int, metri
     is what a run holds); ``norms`` may give ``squared_norms(database, metric)`` when the
     same database serves many calls.
 
-    Exact, in two passes. A float32 screen keeps ``c = k + SCREEN_EXTRA`` candidates per
-    query: faiss' exact flat search (``faiss.knn``) on a CPU when faiss is installed, else
-    blocked matrix products of at most ``SCREEN_QUERIES`` queries x ``SCREEN_ELEMENTS /
-    SCREEN_QUERIES`` database rows with a running top-c (``screen``: ``auto``, ``faiss`` or
-    ``torch`` picks one). Their distances are then taken again in float64, which fixes the
-    reported float32 values and the order, so neither depends on the screen or the
-    blocking. A query is verified when every row left out screened farther than its k-th
+    Exact, in passes. A float32 screen keeps ``c = w + SCREEN_FIRST`` candidates per query
+    (``w``: k, or k + 1 with ``exclude``): faiss' exact flat search (``faiss.knn``) on a CPU
+    when faiss is installed, else blocked matrix products of at most ``SCREEN_QUERIES``
+    queries x ``SCREEN_ELEMENTS / SCREEN_QUERIES`` database rows with a running top-c
+    (``screen``: ``auto``, ``faiss`` or ``torch`` picks one). Their distances are then taken
+    again in float64, which fixes the reported float32 values and the order, so neither
+    depends on the screen or the blocking. A query is verified when every row left out screened farther than its k-th
     neighbour by more than the screen's worst-case rounding error (the bound ``SCREEN_ERROR
     * (D + 8) * 2^-24`` times the squared norms, which covers both screens); a query that
-    is not (ties or near-ties at the cut) is searched again in float64 against the whole
-    database, in blocks of ``block`` x ``block``. Rows are converted to float64 (and
+    is not (ties or near-ties at the cut) is screened again with ``c = w + SCREEN_EXTRA``
+    candidates and checked the same way, and one still open is searched in float64 against
+    the whole database, in blocks of ``block`` x ``block``. Rows are converted to float64 (and
     normalised, for cosine) a block at a time: memory is the database itself plus
     O(SCREEN_ELEMENTS + block^2 + M (c + D) + N), never M x N and never a float64 copy of
     the database.
@@ -315,52 +316,82 @@ def knn(queries: torch.Tensor, database: torch.Tensor | RowBlocks, k: int, metri
     # top k+1 by (distance, index) minus one member is the top k of the rest.
     width = k_eff + 1 if exclude is not None else k_eff
     x_sq = squared_norms(db, metric) if norms is None else norms.to(device=device, dtype=torch.float64)
-    x_sq32, x_sq_max = x_sq.float(), x_sq.max()
+    pass_ = _Pass(db, x_sq, width, metric, block, faiss)
+    # A first screen keeps one candidate beyond the ``width`` needed: enough to prove most
+    # queries (a gap wider than the rounding bound after the width-th), at about the cost of
+    # faiss' own top-k. The queries it does not settle are screened again with more slack,
+    # and those still open are searched in float64 against the whole database.
+    c_first = min(n, width + SCREEN_FIRST)
     c = min(n, width + SCREEN_EXTRA)
-    qb = min(block, SCREEN_QUERIES)
-    # The float64 pass in blocks of up to ``block`` queries: few, larger tensor operations.
-    cb = min(block, CHECK_QUERIES)
     out_d, out_i = [], []
-    # Queries are screened a group at a time against each database block in turn, so each
-    # block is converted (normalised, for cosine) once per group, not once per query block.
     for gs in range(0, m, SCREEN_GROUP):
-        q32 = unit32(queries[gs:gs + SCREEN_GROUP].to(device), metric)
-        found = _screen_faiss(faiss, q32, db, c, metric) if faiss is not None else None
-        screened, cands = found if found is not None else _screen(q32, db, x_sq32, c, metric, qb)
-        for qs in range(0, len(q32), cb):
-            q = unit64(queries[gs + qs:gs + qs + cb].to(device), metric)
+        group = queries[gs:gs + SCREEN_GROUP].to(device)
+        dist, idx, settled = pass_.search(group, c_first, c_first)
+        if c > c_first and not settled.all():
+            r = (~settled).nonzero()[:, 0]
+            dist[r], idx[r], settled[r] = pass_.search(group[r], c, min(c, width + CHECK_EXTRA))
+        # A block of queries at a time: memory stays block x block float64 distances.
+        open_ = (~settled).nonzero()[:, 0]
+        for s in range(0, len(open_), block):
+            r = open_[s:s + block]
+            q = unit64(group[r], metric)
+            dist[r], idx[r] = exhaustive(q, db, (q * q).sum(dim=1), x_sq, width, metric, block, raw=True)
+        if exclude is not None:
+            dist, idx = drop_excluded(dist, idx, exclude[gs:gs + len(group)].to(device))
+        out_d.append(dist)
+        out_i.append(idx)
+    return torch.cat(out_d), torch.cat(out_i)
+
+
+class _Pass:
+    """One screen-and-check pass of exact search over a database (see ``knn``)."""
+
+    def __init__(self, db: RowBlocks, x_sq: torch.Tensor, width: int, metric: str, block: int, faiss: Any):
+        self.db, self.x_sq, self.width, self.metric, self.faiss = db, x_sq, width, metric, faiss
+        self.x_sq32, self.x_sq_max = x_sq.float(), x_sq.max()
+        self.qb = min(block, SCREEN_QUERIES)
+        # The float64 pass in blocks of up to ``block`` queries: few, larger tensor operations.
+        self.cb = min(block, CHECK_QUERIES)
+
+    def search(self, queries: torch.Tensor, c: int, first: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The best ``width`` among each query's ``c`` screened candidates by float64 distance, and
+        whether that is provably the best of the whole database (``settled``)."""
+        db, metric, width = self.db, self.metric, self.width
+        q32 = unit32(queries, metric)
+        found = _screen_faiss(self.faiss, q32, db, c, metric) if self.faiss is not None else None
+        screened, cands = found if found is not None else _screen(q32, db, self.x_sq32, c, metric, self.qb)
+        out_d, out_i, out_s = [], [], []
+        for qs in range(0, len(q32), self.cb):
+            q = unit64(queries[qs:qs + self.cb], metric)
             q_sq = (q * q).sum(dim=1)
             # The float64 pass looks at the best ``first`` screened candidates, then at all c
-            # for the queries those do not settle, then at the whole database for the rest.
-            order = screened[qs:qs + cb].argsort(dim=1)
-            value = screened[qs:qs + cb].gather(1, order).double()
-            cand = cands[qs:qs + cb].gather(1, order)
-            first = min(c, width + CHECK_EXTRA)
-            dist, idx = _best(_exact(q, db, q_sq, x_sq, cand[:, :first], metric), cand[:, :first], width)
-            scale = q_sq + x_sq_max
+            # for the queries those do not settle.
+            order = screened[qs:qs + self.cb].argsort(dim=1)
+            value = screened[qs:qs + self.cb].gather(1, order).double()
+            cand = cands[qs:qs + self.cb].gather(1, order)
+            dist, idx = _best(_exact(q, db, q_sq, self.x_sq, cand[:, :first], metric), cand[:, :first], width)
+            scale = q_sq + self.x_sq_max
             err = SCREEN_ERROR * (db.dim + 8) * 2.0**-24 * scale
             if first < c:
                 # Every row not yet looked at screened at >= the first candidate left out.
                 redo = ~_settled(value[:, first], err, scale, dist[:, -1], metric)
                 if redo.any():
                     r = redo.nonzero()[:, 0]
-                    dist[r], idx[r] = _best(_exact(q[r], db, q_sq[r], x_sq, cand[r], metric), cand[r], width)
-            if c < n:
-                # Every row left out screened at >= the largest kept screen value.
-                redo = ~_settled(value[:, -1], err, scale, dist[:, -1], metric)
-                if redo.any():
-                    r = redo.nonzero()[:, 0]
-                    d_all, i_all = exhaustive(q[r], db, q_sq[r], x_sq, width, metric, block, raw=True)
-                    dist[r], idx[r] = d_all, i_all
-            if exclude is not None:
-                dist, idx = drop_excluded(dist, idx, exclude[gs + qs:gs + qs + len(q)].to(device))
+                    dist[r], idx[r] = _best(_exact(q[r], db, q_sq[r], self.x_sq, cand[r], metric), cand[r], width)
+            # Every row left out screened at >= the largest kept screen value.
+            settled = (_settled(value[:, -1], err, scale, dist[:, -1], metric) if c < len(db)
+                       else torch.ones(len(q), dtype=torch.bool, device=q.device))
             out_d.append(dist)
             out_i.append(idx)
-    return torch.cat(out_d), torch.cat(out_i)
+            out_s.append(settled)
+        return torch.cat(out_d), torch.cat(out_i), torch.cat(out_s)
 
 
-# Candidates beyond k that the float32 screen keeps per query: slack for near-ties at the cut.
-SCREEN_EXTRA = 16
+# Candidates beyond the width needed that the first float32 screen keeps per query.
+SCREEN_FIRST = 1
+# Candidates beyond k that the second float32 screen keeps per query (for the queries the first
+# did not settle): slack for near-ties at the cut.
+SCREEN_EXTRA = 32
 # Screened candidates beyond the ``width`` needed that the float64 pass looks at first.
 CHECK_EXTRA = 4
 # Queries per block of the float64 pass, at most (``block`` caps it too).

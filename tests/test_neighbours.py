@@ -635,3 +635,34 @@ def test_knn_near_ties_at_the_cut_are_screened_again_with_more_candidates(metric
     dist, idx = knn(torch.from_numpy(y), torch.from_numpy(y), 4, metric, exclude=torch.from_numpy(rows), screen=screen)
     assert idx.tolist() == ref_i.tolist()
     np.testing.assert_allclose(dist.numpy(), ref_d, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize("kind", ["random", "duplicates", "grid"])
+def test_mutual_screen_of_a_database_against_itself_equals_float64_brute_force(metric, kind, monkeypatch):
+    # Queries that are the database itself are screened from each block pair's products once,
+    # both ways: small blocks (many pairs, a ragged last one), copies and near-ties across them.
+    pytest.importorskip("faiss")
+    x = np.random.default_rng(9).normal(size=(300, 8)).astype(np.float32) if kind == "random" else _tied_data(kind)
+    monkeypatch.setattr(neighbours, "MUTUAL_MIN", 1)
+    monkeypatch.setattr(neighbours, "MUTUAL_BLOCK", 37)
+    used: list[bool] = []
+    mutual = neighbours._screen_mutual
+
+    def spy(*args):
+        found = mutual(*args)
+        used.append(found is not None)
+        return found
+
+    monkeypatch.setattr(neighbours, "_screen_mutual", spy)
+    rows = np.arange(len(x))
+    xt = torch.from_numpy(x)
+    for k in (1, 5, 30):
+        ref_d, ref_i = brute_force(x, x, k, metric, exclude=rows)
+        dist, idx = knn(xt, xt, k, metric, exclude=torch.from_numpy(rows))
+        assert idx.tolist() == ref_i.tolist()
+        np.testing.assert_allclose(dist.numpy(), ref_d, rtol=1e-5, atol=1e-6)
+        # The same vectors in another tensor take the plain screen, to the same result.
+        other = knn(xt.clone(), xt, k, metric, exclude=torch.from_numpy(rows))
+        assert torch.equal(other[0], dist) and torch.equal(other[1], idx)
+        assert used[-2:] == [True, False]

@@ -323,10 +323,14 @@ def knn(queries: torch.Tensor, database: torch.Tensor | RowBlocks, k: int, metri
     # and those still open are searched in float64 against the whole database.
     c_first = min(n, width + SCREEN_FIRST)
     c = min(n, width + SCREEN_EXTRA)
+    # Every row against every other (the queries are the database): faiss' heaps fed from
+    # each block pair's products once, both ways.
+    mutual = _screen_mutual(faiss, queries, db, c_first, metric, pass_.x_sq32) if faiss is not None else None
     out_d, out_i = [], []
     for gs in range(0, m, SCREEN_GROUP):
         group = queries[gs:gs + SCREEN_GROUP].to(device)
-        dist, idx, settled = pass_.search(group, c_first, c_first)
+        found = None if mutual is None else (mutual[0][gs:gs + len(group)], mutual[1][gs:gs + len(group)])
+        dist, idx, settled = pass_.search(group, c_first, c_first, found)
         if c > c_first and not settled.all():
             r = (~settled).nonzero()[:, 0]
             dist[r], idx[r], settled[r] = pass_.search(group[r], c, min(c, width + CHECK_EXTRA))
@@ -353,15 +357,20 @@ class _Pass:
         # The float64 pass in blocks of up to ``block`` queries: few, larger tensor operations.
         self.cb = min(block, CHECK_QUERIES)
 
-    def search(self, queries: torch.Tensor, c: int, first: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def search(self, queries: torch.Tensor, c: int, first: int,
+               found: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The best ``width`` among each query's ``c`` screened candidates by float64 distance, and
-        whether that is provably the best of the whole database (``settled``)."""
+        whether that is provably the best of the whole database (``settled``); ``found``: the
+        queries' screen, when it was done already."""
         db, metric, width = self.db, self.metric, self.width
-        q32 = unit32(queries, metric)
-        found = _screen_faiss(self.faiss, q32, db, c, metric) if self.faiss is not None else None
-        screened, cands = found if found is not None else _screen(q32, db, self.x_sq32, c, metric, self.qb)
+        if found is None:
+            q32 = unit32(queries, metric)
+            found = _screen_faiss(self.faiss, q32, db, c, metric) if self.faiss is not None else None
+            found = found if found is not None else _screen(q32, db, self.x_sq32, c, metric, self.qb)
+        screened, cands = found
         out_d, out_i, out_s = [], [], []
-        for qs in range(0, len(q32), self.cb):
+        for qs in range(0, len(queries), self.cb):
             q = unit64(queries[qs:qs + self.cb], metric)
             q_sq = (q * q).sum(dim=1)
             # The float64 pass looks at the best ``first`` screened candidates, then at all c
@@ -404,6 +413,10 @@ SCREEN_ELEMENTS = 2**24
 SCREEN_GROUP = 65_536
 # Database rows per faiss screen call (float32 elements at most, for the cosine copy: 64 MiB).
 FAISS_ELEMENTS = 2**24
+# A database against itself: rows per block of the mutual screen (a block pair's products,
+# and their transpose, 64 MiB each), and the fewest rows for which it pays.
+MUTUAL_BLOCK = 4096
+MUTUAL_MIN = 2048
 # Safety factor on the textbook bound (D + 8) u |q| |x| for a float32 dot product and the
 # conversions and sums around it (faiss' |q|^2 + |x|^2 - 2 q.x and sum of squared
 # differences included).
@@ -460,6 +473,48 @@ def _screen_faiss(faiss: Any, q32: torch.Tensor, db: RowBlocks, c: int, metric: 
     if best_v is None or best_i is None:
         return None
     return best_v, best_i
+
+
+def _screen_mutual(faiss: Any, queries: torch.Tensor, db: RowBlocks, c: int, metric: str, x_sq32: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``_screen_faiss`` of a database against itself (``queries`` is its one block), from half the
+    products: each block pair's float32 products ``X_I X_J^T`` (squared distances for l2, from
+    ``x_sq32``) feed the heaps of the rows of I, and their transpose those of J. None when the
+    queries are not the database, or faiss left a row short of candidates."""
+    n = len(db)
+    if (len(db.blocks) != 1 or db.blocks[0].data_ptr() != queries.data_ptr() or db.blocks[0].shape != queries.shape
+            or db.blocks[0].stride() != queries.stride() or queries.dtype != torch.float32 or c > n
+            or n < MUTUAL_MIN):
+        return None
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    x = unit32(queries, metric).contiguous()
+    values = np.empty((n, c), np.float32)
+    ids = np.empty((n, c), np.int64)
+    # Largest inner products (cosine), smallest squared distances (l2).
+    heaps = faiss.float_minheap_array_t() if metric == "cosine" else faiss.float_maxheap_array_t()
+    heaps.nh, heaps.k, heaps.val, heaps.ids = n, c, faiss.swig_ptr(values), faiss.swig_ptr(ids)
+    heaps.heapify()
+    b = min(n, MUTUAL_BLOCK)
+    buffer, flipped = torch.empty(b * b), torch.empty(b * b)
+    for i0 in range(0, n, b):
+        xi = x[i0:i0 + b]
+        for j0 in range(i0, n, b):
+            xj = x[j0:j0 + b]
+            v = buffer[:len(xi) * len(xj)].view(len(xi), len(xj))
+            if metric == "cosine":
+                torch.mm(xi, xj.T, out=v)
+            else:
+                torch.addmm(x_sq32[None, j0:j0 + len(xj)], xi, xj.T, alpha=-2.0, out=v)
+                v.add_(x_sq32[i0:i0 + len(xi), None])
+            heaps.addn(len(xj), faiss.swig_ptr(v.numpy()), j0, i0, len(xi))
+            if j0 != i0:
+                t = flipped[:len(xi) * len(xj)].view(len(xj), len(xi))
+                t.copy_(v.T)
+                heaps.addn(len(xi), faiss.swig_ptr(t.numpy()), i0, j0, len(xj))
+    if (ids < 0).any():
+        return None
+    found = torch.from_numpy(values)
+    return (1.0 - found if metric == "cosine" else found), torch.from_numpy(ids)
 
 
 def _screen(q32: torch.Tensor, db: RowBlocks, x_sq: torch.Tensor, c: int, metric: str,

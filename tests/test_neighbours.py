@@ -613,9 +613,9 @@ def test_knn_near_ties_at_the_cut_are_screened_again_with_more_candidates(metric
     calls: list[int] = []
     search = neighbours._Pass.search
 
-    def spy(self, queries, c, first):
+    def spy(self, queries, c, first, found=None):
         calls.append(c)
-        return search(self, queries, c, first)
+        return search(self, queries, c, first, found)
 
     monkeypatch.setattr(neighbours._Pass, "search", spy)
     for k in (3, 5, 8):

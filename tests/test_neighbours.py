@@ -640,12 +640,14 @@ def test_knn_near_ties_at_the_cut_are_screened_again_with_more_candidates(metric
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
 @pytest.mark.parametrize("kind", ["random", "duplicates", "grid"])
 def test_mutual_screen_of_a_database_against_itself_equals_float64_brute_force(metric, kind, monkeypatch):
-    # Queries that are the database itself are screened from each block pair's products once,
-    # both ways: small blocks (many pairs, a ragged last one), copies and near-ties across them.
+    # Queries that are the database itself are screened from each pair's product once, both
+    # ways: small strips (many, ragged last ones, the diagonal inside one), copies and near-ties
+    # across them.
     pytest.importorskip("faiss")
     x = np.random.default_rng(9).normal(size=(300, 8)).astype(np.float32) if kind == "random" else _tied_data(kind)
     monkeypatch.setattr(neighbours, "MUTUAL_MIN", 1)
     monkeypatch.setattr(neighbours, "MUTUAL_BLOCK", 37)
+    monkeypatch.setattr(neighbours, "MUTUAL_ELEMENTS", 37 * 50)  # strips of 50 columns
     used: list[bool] = []
     mutual = neighbours._screen_mutual
 

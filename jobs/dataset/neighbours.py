@@ -413,9 +413,10 @@ SCREEN_ELEMENTS = 2**24
 SCREEN_GROUP = 65_536
 # Database rows per faiss screen call (float32 elements at most, for the cosine copy: 64 MiB).
 FAISS_ELEMENTS = 2**24
-# A database against itself: rows per block of the mutual screen (a block pair's products,
-# and their transpose, 64 MiB each), and the fewest rows for which it pays.
-MUTUAL_BLOCK = 4096
+# A database against itself: rows per strip of the mutual screen, products per strip (its
+# products and their transpose, 64 MiB each), and the fewest rows for which it pays.
+MUTUAL_BLOCK = 512
+MUTUAL_ELEMENTS = 2**24
 MUTUAL_MIN = 2048
 # Safety factor on the textbook bound (D + 8) u |q| |x| for a float32 dot product and the
 # conversions and sums around it (faiss' |q|^2 + |x|^2 - 2 q.x and sum of squared
@@ -494,23 +495,30 @@ def _screen_mutual(faiss: Any, queries: torch.Tensor, db: RowBlocks, c: int, met
     heaps = faiss.float_minheap_array_t() if metric == "cosine" else faiss.float_maxheap_array_t()
     heaps.nh, heaps.k, heaps.val, heaps.ids = n, c, faiss.swig_ptr(values), faiss.swig_ptr(ids)
     heaps.heapify()
+    # Strips of b rows x w columns from the diagonal on: few, large parallel regions (the
+    # products' threads and faiss' are two pools, and each switch between them costs).
     b = min(n, MUTUAL_BLOCK)
-    buffer, flipped = torch.empty(b * b), torch.empty(b * b)
+    w = max(b, MUTUAL_ELEMENTS // b)
+    buffer, flipped = torch.empty(b * min(n, w)), torch.empty(b * min(n, w))
     for i0 in range(0, n, b):
         xi = x[i0:i0 + b]
-        for j0 in range(i0, n, b):
-            xj = x[j0:j0 + b]
-            v = buffer[:len(xi) * len(xj)].view(len(xi), len(xj))
+        rows = len(xi)
+        for j0 in range(i0, n, w):
+            xj = x[j0:j0 + w]
+            v = buffer[:rows * len(xj)].view(rows, len(xj))
             if metric == "cosine":
                 torch.mm(xi, xj.T, out=v)
             else:
                 torch.addmm(x_sq32[None, j0:j0 + len(xj)], xi, xj.T, alpha=-2.0, out=v)
-                v.add_(x_sq32[i0:i0 + len(xi), None])
-            heaps.addn(len(xj), faiss.swig_ptr(v.numpy()), j0, i0, len(xi))
-            if j0 != i0:
-                t = flipped[:len(xi) * len(xj)].view(len(xj), len(xi))
-                t.copy_(v.T)
-                heaps.addn(len(xi), faiss.swig_ptr(t.numpy()), i0, j0, len(xj))
+                v.add_(x_sq32[i0:i0 + rows, None])
+            heaps.addn(len(xj), faiss.swig_ptr(v.numpy()), j0, i0, rows)
+            # The transpose feeds the rows of the columns past the diagonal block (its pairs
+            # are in the rows' own products already).
+            skip = max(0, i0 + rows - j0)
+            if skip < len(xj):
+                t = flipped[:(len(xj) - skip) * rows].view(len(xj) - skip, rows)
+                t.copy_(v[:, skip:].T)
+                heaps.addn(rows, faiss.swig_ptr(t.numpy()), i0, j0 + skip, len(t))
     if (ids < 0).any():
         return None
     found = torch.from_numpy(values)

@@ -668,3 +668,6 @@ def test_mutual_screen_of_a_database_against_itself_equals_float64_brute_force(m
         other = knn(xt.clone(), xt, k, metric, exclude=torch.from_numpy(rows))
         assert torch.equal(other[0], dist) and torch.equal(other[1], idx)
         assert used[-2:] == [True, False]
+        # Every row of a database against all of it: one mutual search.
+        found = neighbours.knn_database(neighbours.RowBlocks([xt]), rows, k, metric)
+        assert found[1].tolist() == ref_i.tolist() and used[-1]

@@ -640,6 +640,13 @@ def knn_database(db: RowBlocks, rows: np.ndarray, k: int, metric: str, block: in
                  norms: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``knn`` of the database rows ``rows`` as queries, self excluded; queries gathered a block at a time."""
     norms = squared_norms(db, metric) if norms is None else norms
+    mutual = (len(db.blocks) == 1 and db.blocks[0].dtype == torch.float32 and db.device.type == "cpu"
+              and faiss_screen() is not None)
+    if mutual and len(rows) == len(db) and np.array_equal(rows, np.arange(len(db))):
+        # Every row against all: the database is its own queries (no gathered copy), screened mutually.
+        everything = torch.arange(len(db), device=db.device)
+        dist, idx = knn(db.blocks[0], db, k, metric, exclude=everything, block=block, norms=norms)
+        return dist.cpu().numpy(), idx.cpu().numpy()
     out_d, out_i = [], []
     for s in range(0, len(rows), block):
         r = torch.from_numpy(np.asarray(rows[s:s + block], dtype=np.int64)).to(db.device)

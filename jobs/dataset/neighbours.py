@@ -237,8 +237,9 @@ def unit32(rows: torch.Tensor, metric: str) -> torch.Tensor:
     if metric != "cosine" and rows.dtype == torch.float32:
         return rows  # float32 -> float64 -> float32 is the identity
     out = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
-    for s in range(0, len(rows), CONVERT_ROWS):
-        out[s:s + CONVERT_ROWS] = unit64(rows[s:s + CONVERT_ROWS], metric)
+    step = convert_rows(rows.shape[-1])
+    for s in range(0, len(rows), step):
+        out[s:s + step] = unit64(rows[s:s + step], metric)
     return out
 
 
@@ -247,7 +248,7 @@ def squared_norms(db: RowBlocks, metric: str) -> torch.Tensor:
     # Written into one preallocated vector: small results kept between the slices' large
     # temporaries fragment the heap (at 1.28M x 256, 2.4 GB of it resident).
     out = torch.empty(len(db), dtype=torch.float64, device=db.device)
-    for start, c in db.chunks(CONVERT_ROWS):
+    for start, c in db.chunks(convert_rows(db.dim)):
         out[start:start + len(c)] = unit64(c, metric).pow(2).sum(dim=1)
     return out
 
@@ -354,8 +355,9 @@ class _Pass:
         self.db, self.x_sq, self.width, self.metric, self.faiss = db, x_sq, width, metric, faiss
         self.x_sq32, self.x_sq_max = x_sq.float(), x_sq.max()
         self.qb = min(block, SCREEN_QUERIES)
-        # The float64 pass in blocks of up to ``block`` queries: few, larger tensor operations.
-        self.cb = min(block, CHECK_QUERIES)
+        # The float64 pass in blocks of CHECK_ELEMENTS float64 query elements: few, larger tensor
+        # operations (its memory per query is bounded by ``_exact``'s chunks, not by the block).
+        self.cb = max(1, CHECK_ELEMENTS // db.dim)
 
     def search(self, queries: torch.Tensor, c: int, first: int,
                found: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -403,8 +405,8 @@ SCREEN_FIRST = 1
 SCREEN_EXTRA = 32
 # Screened candidates beyond the ``width`` needed that the float64 pass looks at first.
 CHECK_EXTRA = 4
-# Queries per block of the float64 pass, at most (``block`` caps it too).
-CHECK_QUERIES = 8192
+# float64 query elements per block of the float64 pass (32 MiB).
+CHECK_ELEMENTS = 2**22
 # Queries per screen block, and float32 distances per screen block (64 MiB): wide blocks
 # keep the matrix products efficient and the top-c merges few.
 SCREEN_QUERIES = 1024
@@ -422,8 +424,13 @@ MUTUAL_MIN = 2048
 # conversions and sums around it (faiss' |q|^2 + |x|^2 - 2 q.x and sum of squared
 # differences included).
 SCREEN_ERROR = 2.0
-# Database rows converted to float64 at once (for D = 2,048: 32 MiB).
-CONVERT_ROWS = 2048
+# float64 elements converted at once (32 MiB; 2,048 rows of D = 2,048): few operations on small D.
+CONVERT_ELEMENTS = 2**22
+
+
+def convert_rows(d: int) -> int:
+    """Rows of D elements converted to float64 at once."""
+    return max(1, CONVERT_ELEMENTS // max(1, d))
 
 
 def _settled(screened: torch.Tensor, err: torch.Tensor, scale: torch.Tensor, kth: torch.Tensor,

@@ -270,17 +270,19 @@ def knn(queries: torch.Tensor, database: torch.Tensor | RowBlocks, k: int, metri
     (``w``: k, or k + 1 with ``exclude``): faiss' exact flat search (``faiss.knn``) on a CPU
     when faiss is installed, else blocked matrix products of at most ``SCREEN_QUERIES``
     queries x ``SCREEN_ELEMENTS / SCREEN_QUERIES`` database rows with a running top-c
-    (``screen``: ``auto``, ``faiss`` or ``torch`` picks one). Their distances are then taken
-    again in float64, which fixes the reported float32 values and the order, so neither
-    depends on the screen or the blocking. A query is verified when every row left out screened farther than its k-th
-    neighbour by more than the screen's worst-case rounding error (the bound ``SCREEN_ERROR
-    * (D + 8) * 2^-24`` times the squared norms, which covers both screens); a query that
-    is not (ties or near-ties at the cut) is screened again with ``c = w + SCREEN_EXTRA``
-    candidates and checked the same way, and one still open is searched in float64 against
-    the whole database, in blocks of ``block`` x ``block``. Rows are converted to float64 (and
+    (``screen``: ``auto``, ``faiss`` or ``torch`` picks one); a database searched against
+    itself (``queries`` is its one float32 block, faiss installed) is screened from half the
+    products (``_screen_mutual``). Their distances are then taken again in float64, which
+    fixes the reported float32 values and the order, so neither depends on the screen or the
+    blocking. A query is verified when every row left out screened farther than its k-th
+    neighbour by more than the screen's worst-case rounding error (the bound ``SCREEN_ERROR *
+    (D + 8) * 2^-24`` times the squared norms, which covers both screens); a query that is not
+    (ties or near-ties at the cut) is screened again with ``c = w + SCREEN_EXTRA`` candidates
+    and checked the same way, and one still open is searched in float64 against the whole
+    database, in blocks of ``block`` x ``block``. Rows are converted to float64 (and
     normalised, for cosine) a block at a time: memory is the database itself plus
-    O(SCREEN_ELEMENTS + block^2 + M (c + D) + N), never M x N and never a float64 copy of
-    the database.
+    O(SCREEN_ELEMENTS + block^2 + M (c + D) + N), never M x N and never a float64 copy of the
+    database.
 
     >>> d, i = knn(torch.tensor([[0.0], [1.0], [3.0]]), torch.tensor([[0.0], [1.0], [3.0]]), 1, "l2",
     ...            exclude=torch.tensor([0, 1, 2]))
@@ -647,8 +649,10 @@ def knn_database(db: RowBlocks, rows: np.ndarray, k: int, metric: str, block: in
                  norms: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``knn`` of the database rows ``rows`` as queries, self excluded; queries gathered a block at a time."""
     norms = squared_norms(db, metric) if norms is None else norms
+    # (For cosine the mutual screen holds a unit copy of the database: only a small one, so the
+    # driver's memory stays within its plan.)
     mutual = (len(db.blocks) == 1 and db.blocks[0].dtype == torch.float32 and db.device.type == "cpu"
-              and faiss_screen() is not None)
+              and faiss_screen() is not None and (metric == "l2" or len(db) * db.dim <= FAISS_ELEMENTS))
     if mutual and len(rows) == len(db) and np.array_equal(rows, np.arange(len(db))):
         # Every row against all: the database is its own queries (no gathered copy), screened mutually.
         everything = torch.arange(len(db), device=db.device)

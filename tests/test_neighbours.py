@@ -591,3 +591,83 @@ def test_screen_choice(monkeypatch):
         knn(x, x, 3, "l2", screen="faiss")
     # Without faiss, auto is the torch screen.
     assert knn(x, x, 3, "l2")[1].tolist() == brute_force(x.numpy(), x.numpy(), 3, "l2")[1].tolist()
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize("screen", ["faiss", "torch"])
+def test_knn_near_ties_at_the_cut_are_screened_again_with_more_candidates(metric, screen, monkeypatch):
+    # The first screen keeps one candidate beyond the width: a query whose width-th and next
+    # rows are closer than float32 rounding (12 near-ties, distinct in float64, the nearest at
+    # the highest indices, and exact copies among them) cannot be settled by it, and a result
+    # trusted to it would be wrong. The second screen (more candidates) must find them all.
+    if screen == "faiss":
+        pytest.importorskip("faiss")
+    rng = np.random.default_rng(8)
+    ties = 12
+    x = np.zeros((ties + 200, 3))
+    x[:ties, 0] = 1.0
+    x[:ties, 2] = 1e-5 * (1 + np.arange(ties)[::-1] * 1e-3)  # distinct, nearest last
+    x[3] = x[9]  # exact copies: tied in float64 too, the lower index first
+    x[ties:] = rng.normal(size=(200, 3)) + 5.0  # far rows
+    q = np.concatenate([[[1.0, 0.0, 0.0]], x[ties:ties + 20] + 1e-3 * rng.normal(size=(20, 3))])
+    calls: list[int] = []
+    search = neighbours._Pass.search
+
+    def spy(self, queries, c, first, found=None):
+        calls.append(c)
+        return search(self, queries, c, first, found)
+
+    monkeypatch.setattr(neighbours._Pass, "search", spy)
+    for k in (3, 5, 8):
+        calls.clear()
+        ref_d, ref_i = brute_force(q, x, k, metric)
+        dist, idx = knn(torch.from_numpy(q), torch.from_numpy(x), k, metric, screen=screen)
+        assert idx.tolist() == ref_i.tolist()
+        np.testing.assert_allclose(dist.numpy(), ref_d, rtol=1e-5, atol=1e-6)
+        assert calls == [k + neighbours.SCREEN_FIRST, k + neighbours.SCREEN_EXTRA]  # both screens ran
+    # Every row as a query, itself excluded: 10 rows around one point, closer together than
+    # the screen resolves (exact copies among them), among random rows.
+    base = rng.normal(size=(1, 8))
+    y = np.concatenate([base + 1e-4 * rng.integers(-2, 3, size=(10, 8)), rng.normal(size=(150, 8))])
+    y[[4, 7]] = y[2]
+    rows = np.arange(len(y))
+    ref_d, ref_i = brute_force(y, y, 4, metric, exclude=rows)
+    dist, idx = knn(torch.from_numpy(y), torch.from_numpy(y), 4, metric, exclude=torch.from_numpy(rows), screen=screen)
+    assert idx.tolist() == ref_i.tolist()
+    np.testing.assert_allclose(dist.numpy(), ref_d, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize("kind", ["random", "duplicates", "grid"])
+def test_mutual_screen_of_a_database_against_itself_equals_float64_brute_force(metric, kind, monkeypatch):
+    # Queries that are the database itself are screened from each pair's product once, both
+    # ways: small strips (many, ragged last ones, the diagonal inside one), copies and near-ties
+    # across them.
+    pytest.importorskip("faiss")
+    x = np.random.default_rng(9).normal(size=(300, 8)).astype(np.float32) if kind == "random" else _tied_data(kind)
+    monkeypatch.setattr(neighbours, "MUTUAL_MIN", 1)
+    monkeypatch.setattr(neighbours, "MUTUAL_BLOCK", 37)
+    monkeypatch.setattr(neighbours, "MUTUAL_ELEMENTS", 37 * 50)  # strips of 50 columns
+    used: list[bool] = []
+    mutual = neighbours._screen_mutual
+
+    def spy(*args):
+        found = mutual(*args)
+        used.append(found is not None)
+        return found
+
+    monkeypatch.setattr(neighbours, "_screen_mutual", spy)
+    rows = np.arange(len(x))
+    xt = torch.from_numpy(x)
+    for k in (1, 5, 30):
+        ref_d, ref_i = brute_force(x, x, k, metric, exclude=rows)
+        dist, idx = knn(xt, xt, k, metric, exclude=torch.from_numpy(rows))
+        assert idx.tolist() == ref_i.tolist()
+        np.testing.assert_allclose(dist.numpy(), ref_d, rtol=1e-5, atol=1e-6)
+        # The same vectors in another tensor take the plain screen, to the same result.
+        other = knn(xt.clone(), xt, k, metric, exclude=torch.from_numpy(rows))
+        assert torch.equal(other[0], dist) and torch.equal(other[1], idx)
+        assert used[-2:] == [True, False]
+        # Every row of a database against all of it: one mutual search.
+        found = neighbours.knn_database(neighbours.RowBlocks([xt]), rows, k, metric)
+        assert found[1].tolist() == ref_i.tolist() and used[-1]

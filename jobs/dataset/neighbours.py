@@ -237,8 +237,9 @@ def unit32(rows: torch.Tensor, metric: str) -> torch.Tensor:
     if metric != "cosine" and rows.dtype == torch.float32:
         return rows  # float32 -> float64 -> float32 is the identity
     out = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
-    for s in range(0, len(rows), CONVERT_ROWS):
-        out[s:s + CONVERT_ROWS] = unit64(rows[s:s + CONVERT_ROWS], metric)
+    step = convert_rows(rows.shape[-1])
+    for s in range(0, len(rows), step):
+        out[s:s + step] = unit64(rows[s:s + step], metric)
     return out
 
 
@@ -247,7 +248,7 @@ def squared_norms(db: RowBlocks, metric: str) -> torch.Tensor:
     # Written into one preallocated vector: small results kept between the slices' large
     # temporaries fragment the heap (at 1.28M x 256, 2.4 GB of it resident).
     out = torch.empty(len(db), dtype=torch.float64, device=db.device)
-    for start, c in db.chunks(CONVERT_ROWS):
+    for start, c in db.chunks(convert_rows(db.dim)):
         out[start:start + len(c)] = unit64(c, metric).pow(2).sum(dim=1)
     return out
 
@@ -265,20 +266,23 @@ def knn(queries: torch.Tensor, database: torch.Tensor | RowBlocks, k: int, metri
     is what a run holds); ``norms`` may give ``squared_norms(database, metric)`` when the
     same database serves many calls.
 
-    Exact, in two passes. A float32 screen keeps ``c = k + SCREEN_EXTRA`` candidates per
-    query: faiss' exact flat search (``faiss.knn``) on a CPU when faiss is installed, else
-    blocked matrix products of at most ``SCREEN_QUERIES`` queries x ``SCREEN_ELEMENTS /
-    SCREEN_QUERIES`` database rows with a running top-c (``screen``: ``auto``, ``faiss`` or
-    ``torch`` picks one). Their distances are then taken again in float64, which fixes the
-    reported float32 values and the order, so neither depends on the screen or the
+    Exact, in passes. A float32 screen keeps ``c = w + SCREEN_FIRST`` candidates per query
+    (``w``: k, or k + 1 with ``exclude``): faiss' exact flat search (``faiss.knn``) on a CPU
+    when faiss is installed, else blocked matrix products of at most ``SCREEN_QUERIES``
+    queries x ``SCREEN_ELEMENTS / SCREEN_QUERIES`` database rows with a running top-c
+    (``screen``: ``auto``, ``faiss`` or ``torch`` picks one); a database searched against
+    itself (``queries`` is its one float32 block, faiss installed) is screened from half the
+    products (``_screen_mutual``). Their distances are then taken again in float64, which
+    fixes the reported float32 values and the order, so neither depends on the screen or the
     blocking. A query is verified when every row left out screened farther than its k-th
-    neighbour by more than the screen's worst-case rounding error (the bound ``SCREEN_ERROR
-    * (D + 8) * 2^-24`` times the squared norms, which covers both screens); a query that
-    is not (ties or near-ties at the cut) is searched again in float64 against the whole
+    neighbour by more than the screen's worst-case rounding error (the bound ``SCREEN_ERROR *
+    (D + 8) * 2^-24`` times the squared norms, which covers both screens); a query that is not
+    (ties or near-ties at the cut) is screened again with ``c = w + SCREEN_EXTRA`` candidates
+    and checked the same way, and one still open is searched in float64 against the whole
     database, in blocks of ``block`` x ``block``. Rows are converted to float64 (and
     normalised, for cosine) a block at a time: memory is the database itself plus
-    O(SCREEN_ELEMENTS + block^2 + M (c + D) + N), never M x N and never a float64 copy of
-    the database.
+    O(SCREEN_ELEMENTS + block^2 + M (c + D) + N), never M x N and never a float64 copy of the
+    database.
 
     >>> d, i = knn(torch.tensor([[0.0], [1.0], [3.0]]), torch.tensor([[0.0], [1.0], [3.0]]), 1, "l2",
     ...            exclude=torch.tensor([0, 1, 2]))
@@ -315,56 +319,96 @@ def knn(queries: torch.Tensor, database: torch.Tensor | RowBlocks, k: int, metri
     # top k+1 by (distance, index) minus one member is the top k of the rest.
     width = k_eff + 1 if exclude is not None else k_eff
     x_sq = squared_norms(db, metric) if norms is None else norms.to(device=device, dtype=torch.float64)
-    x_sq32, x_sq_max = x_sq.float(), x_sq.max()
+    pass_ = _Pass(db, x_sq, width, metric, block, faiss)
+    # A first screen keeps one candidate beyond the ``width`` needed: enough to prove most
+    # queries (a gap wider than the rounding bound after the width-th), at about the cost of
+    # faiss' own top-k. The queries it does not settle are screened again with more slack,
+    # and those still open are searched in float64 against the whole database.
+    c_first = min(n, width + SCREEN_FIRST)
     c = min(n, width + SCREEN_EXTRA)
-    qb = min(block, SCREEN_QUERIES)
-    # The float64 pass in blocks of up to ``block`` queries: few, larger tensor operations.
-    cb = min(block, CHECK_QUERIES)
+    # Every row against every other (the queries are the database): faiss' heaps fed from
+    # each block pair's products once, both ways.
+    mutual = _screen_mutual(faiss, queries, db, c_first, metric, pass_.x_sq32) if faiss is not None else None
     out_d, out_i = [], []
-    # Queries are screened a group at a time against each database block in turn, so each
-    # block is converted (normalised, for cosine) once per group, not once per query block.
     for gs in range(0, m, SCREEN_GROUP):
-        q32 = unit32(queries[gs:gs + SCREEN_GROUP].to(device), metric)
-        found = _screen_faiss(faiss, q32, db, c, metric) if faiss is not None else None
-        screened, cands = found if found is not None else _screen(q32, db, x_sq32, c, metric, qb)
-        for qs in range(0, len(q32), cb):
-            q = unit64(queries[gs + qs:gs + qs + cb].to(device), metric)
+        group = queries[gs:gs + SCREEN_GROUP].to(device)
+        found = None if mutual is None else (mutual[0][gs:gs + len(group)], mutual[1][gs:gs + len(group)])
+        dist, idx, settled = pass_.search(group, c_first, c_first, found)
+        if c > c_first and not settled.all():
+            r = (~settled).nonzero()[:, 0]
+            dist[r], idx[r], settled[r] = pass_.search(group[r], c, min(c, width + CHECK_EXTRA))
+        # A block of queries at a time: memory stays block x block float64 distances.
+        open_ = (~settled).nonzero()[:, 0]
+        for s in range(0, len(open_), block):
+            r = open_[s:s + block]
+            q = unit64(group[r], metric)
+            dist[r], idx[r] = exhaustive(q, db, (q * q).sum(dim=1), x_sq, width, metric, block, raw=True)
+        if exclude is not None:
+            dist, idx = drop_excluded(dist, idx, exclude[gs:gs + len(group)].to(device))
+        out_d.append(dist)
+        out_i.append(idx)
+    return torch.cat(out_d), torch.cat(out_i)
+
+
+class _Pass:
+    """One screen-and-check pass of exact search over a database (see ``knn``)."""
+
+    def __init__(self, db: RowBlocks, x_sq: torch.Tensor, width: int, metric: str, block: int, faiss: Any):
+        self.db, self.x_sq, self.width, self.metric, self.faiss = db, x_sq, width, metric, faiss
+        self.x_sq32, self.x_sq_max = x_sq.float(), x_sq.max()
+        self.qb = min(block, SCREEN_QUERIES)
+        # The float64 pass in blocks of CHECK_ELEMENTS float64 query elements: few, larger tensor
+        # operations (its memory per query is bounded by ``_exact``'s chunks, not by the block).
+        self.cb = max(1, CHECK_ELEMENTS // db.dim)
+
+    def search(self, queries: torch.Tensor, c: int, first: int,
+               found: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The best ``width`` among each query's ``c`` screened candidates by float64 distance, and
+        whether that is provably the best of the whole database (``settled``); ``found``: the
+        queries' screen, when it was done already."""
+        db, metric, width = self.db, self.metric, self.width
+        if found is None:
+            q32 = unit32(queries, metric)
+            found = _screen_faiss(self.faiss, q32, db, c, metric) if self.faiss is not None else None
+            found = found if found is not None else _screen(q32, db, self.x_sq32, c, metric, self.qb)
+        screened, cands = found
+        out_d, out_i, out_s = [], [], []
+        for qs in range(0, len(queries), self.cb):
+            q = unit64(queries[qs:qs + self.cb], metric)
             q_sq = (q * q).sum(dim=1)
             # The float64 pass looks at the best ``first`` screened candidates, then at all c
-            # for the queries those do not settle, then at the whole database for the rest.
-            order = screened[qs:qs + cb].argsort(dim=1)
-            value = screened[qs:qs + cb].gather(1, order).double()
-            cand = cands[qs:qs + cb].gather(1, order)
-            first = min(c, width + CHECK_EXTRA)
-            dist, idx = _best(_exact(q, db, q_sq, x_sq, cand[:, :first], metric), cand[:, :first], width)
-            scale = q_sq + x_sq_max
+            # for the queries those do not settle.
+            order = screened[qs:qs + self.cb].argsort(dim=1)
+            value = screened[qs:qs + self.cb].gather(1, order).double()
+            cand = cands[qs:qs + self.cb].gather(1, order)
+            dist, idx = _best(_exact(q, db, q_sq, self.x_sq, cand[:, :first], metric), cand[:, :first], width)
+            scale = q_sq + self.x_sq_max
             err = SCREEN_ERROR * (db.dim + 8) * 2.0**-24 * scale
             if first < c:
                 # Every row not yet looked at screened at >= the first candidate left out.
                 redo = ~_settled(value[:, first], err, scale, dist[:, -1], metric)
                 if redo.any():
                     r = redo.nonzero()[:, 0]
-                    dist[r], idx[r] = _best(_exact(q[r], db, q_sq[r], x_sq, cand[r], metric), cand[r], width)
-            if c < n:
-                # Every row left out screened at >= the largest kept screen value.
-                redo = ~_settled(value[:, -1], err, scale, dist[:, -1], metric)
-                if redo.any():
-                    r = redo.nonzero()[:, 0]
-                    d_all, i_all = exhaustive(q[r], db, q_sq[r], x_sq, width, metric, block, raw=True)
-                    dist[r], idx[r] = d_all, i_all
-            if exclude is not None:
-                dist, idx = drop_excluded(dist, idx, exclude[gs + qs:gs + qs + len(q)].to(device))
+                    dist[r], idx[r] = _best(_exact(q[r], db, q_sq[r], self.x_sq, cand[r], metric), cand[r], width)
+            # Every row left out screened at >= the largest kept screen value.
+            settled = (_settled(value[:, -1], err, scale, dist[:, -1], metric) if c < len(db)
+                       else torch.ones(len(q), dtype=torch.bool, device=q.device))
             out_d.append(dist)
             out_i.append(idx)
-    return torch.cat(out_d), torch.cat(out_i)
+            out_s.append(settled)
+        return torch.cat(out_d), torch.cat(out_i), torch.cat(out_s)
 
 
-# Candidates beyond k that the float32 screen keeps per query: slack for near-ties at the cut.
-SCREEN_EXTRA = 16
+# Candidates beyond the width needed that the first float32 screen keeps per query.
+SCREEN_FIRST = 1
+# Candidates beyond k that the second float32 screen keeps per query (for the queries the first
+# did not settle): slack for near-ties at the cut.
+SCREEN_EXTRA = 32
 # Screened candidates beyond the ``width`` needed that the float64 pass looks at first.
 CHECK_EXTRA = 4
-# Queries per block of the float64 pass, at most (``block`` caps it too).
-CHECK_QUERIES = 8192
+# float64 query elements per block of the float64 pass (32 MiB).
+CHECK_ELEMENTS = 2**22
 # Queries per screen block, and float32 distances per screen block (64 MiB): wide blocks
 # keep the matrix products efficient and the top-c merges few.
 SCREEN_QUERIES = 1024
@@ -373,12 +417,22 @@ SCREEN_ELEMENTS = 2**24
 SCREEN_GROUP = 65_536
 # Database rows per faiss screen call (float32 elements at most, for the cosine copy: 64 MiB).
 FAISS_ELEMENTS = 2**24
+# A database against itself: rows per strip of the mutual screen, products per strip (its
+# products and their transpose, 64 MiB each), and the fewest rows for which it pays.
+MUTUAL_BLOCK = 512
+MUTUAL_ELEMENTS = 2**24
+MUTUAL_MIN = 2048
 # Safety factor on the textbook bound (D + 8) u |q| |x| for a float32 dot product and the
 # conversions and sums around it (faiss' |q|^2 + |x|^2 - 2 q.x and sum of squared
 # differences included).
 SCREEN_ERROR = 2.0
-# Database rows converted to float64 at once (for D = 2,048: 32 MiB).
-CONVERT_ROWS = 2048
+# float64 elements converted at once (32 MiB; 2,048 rows of D = 2,048): few operations on small D.
+CONVERT_ELEMENTS = 2**22
+
+
+def convert_rows(d: int) -> int:
+    """Rows of D elements converted to float64 at once."""
+    return max(1, CONVERT_ELEMENTS // max(1, d))
 
 
 def _settled(screened: torch.Tensor, err: torch.Tensor, scale: torch.Tensor, kth: torch.Tensor,
@@ -429,6 +483,55 @@ def _screen_faiss(faiss: Any, q32: torch.Tensor, db: RowBlocks, c: int, metric: 
     if best_v is None or best_i is None:
         return None
     return best_v, best_i
+
+
+def _screen_mutual(faiss: Any, queries: torch.Tensor, db: RowBlocks, c: int, metric: str, x_sq32: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``_screen_faiss`` of a database against itself (``queries`` is its one block), from half the
+    products: each block pair's float32 products ``X_I X_J^T`` (squared distances for l2, from
+    ``x_sq32``) feed the heaps of the rows of I, and their transpose those of J. None when the
+    queries are not the database, or faiss left a row short of candidates."""
+    n = len(db)
+    if (len(db.blocks) != 1 or db.blocks[0].data_ptr() != queries.data_ptr() or db.blocks[0].shape != queries.shape
+            or db.blocks[0].stride() != queries.stride() or queries.dtype != torch.float32 or c > n
+            or n < MUTUAL_MIN):
+        return None
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    x = unit32(queries, metric).contiguous()
+    values = np.empty((n, c), np.float32)
+    ids = np.empty((n, c), np.int64)
+    # Largest inner products (cosine), smallest squared distances (l2).
+    heaps = faiss.float_minheap_array_t() if metric == "cosine" else faiss.float_maxheap_array_t()
+    heaps.nh, heaps.k, heaps.val, heaps.ids = n, c, faiss.swig_ptr(values), faiss.swig_ptr(ids)
+    heaps.heapify()
+    # Strips of b rows x w columns from the diagonal on: few, large parallel regions (the
+    # products' threads and faiss' are two pools, and each switch between them costs).
+    b = min(n, MUTUAL_BLOCK)
+    w = max(b, MUTUAL_ELEMENTS // b)
+    buffer, flipped = torch.empty(b * min(n, w)), torch.empty(b * min(n, w))
+    for i0 in range(0, n, b):
+        xi = x[i0:i0 + b]
+        rows = len(xi)
+        for j0 in range(i0, n, w):
+            xj = x[j0:j0 + w]
+            v = buffer[:rows * len(xj)].view(rows, len(xj))
+            if metric == "cosine":
+                torch.mm(xi, xj.T, out=v)
+            else:
+                torch.addmm(x_sq32[None, j0:j0 + len(xj)], xi, xj.T, alpha=-2.0, out=v)
+                v.add_(x_sq32[i0:i0 + rows, None])
+            heaps.addn(len(xj), faiss.swig_ptr(v.numpy()), j0, i0, rows)
+            # The transpose feeds the rows of the columns past the diagonal block (its pairs
+            # are in the rows' own products already).
+            skip = max(0, i0 + rows - j0)
+            if skip < len(xj):
+                t = flipped[:(len(xj) - skip) * rows].view(len(xj) - skip, rows)
+                t.copy_(v[:, skip:].T)
+                heaps.addn(rows, faiss.swig_ptr(t.numpy()), i0, j0 + skip, len(t))
+    if (ids < 0).any():
+        return None
+    found = torch.from_numpy(values)
+    return (1.0 - found if metric == "cosine" else found), torch.from_numpy(ids)
 
 
 def _screen(q32: torch.Tensor, db: RowBlocks, x_sq: torch.Tensor, c: int, metric: str,
@@ -546,6 +649,15 @@ def knn_database(db: RowBlocks, rows: np.ndarray, k: int, metric: str, block: in
                  norms: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``knn`` of the database rows ``rows`` as queries, self excluded; queries gathered a block at a time."""
     norms = squared_norms(db, metric) if norms is None else norms
+    # (For cosine the mutual screen holds a unit copy of the database: only a small one, so the
+    # driver's memory stays within its plan.)
+    mutual = (len(db.blocks) == 1 and db.blocks[0].dtype == torch.float32 and db.device.type == "cpu"
+              and faiss_screen() is not None and (metric == "l2" or len(db) * db.dim <= FAISS_ELEMENTS))
+    if mutual and len(rows) == len(db) and np.array_equal(rows, np.arange(len(db))):
+        # Every row against all: the database is its own queries (no gathered copy), screened mutually.
+        everything = torch.arange(len(db), device=db.device)
+        dist, idx = knn(db.blocks[0], db, k, metric, exclude=everything, block=block, norms=norms)
+        return dist.cpu().numpy(), idx.cpu().numpy()
     out_d, out_i = [], []
     for s in range(0, len(rows), block):
         r = torch.from_numpy(np.asarray(rows[s:s + block], dtype=np.int64)).to(db.device)

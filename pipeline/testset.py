@@ -76,9 +76,9 @@ def with_dataset(manifest: Manifest, spec: DatasetSpec) -> Manifest:
 
 
 def run_testset_passes(manifest: Manifest, store: Store, tests: dict[str, DatasetIndex],
-                    analyses: Sequence[ReduceAnalysis], keys: dict[str, dict], checkpoints: Sequence[str | None],
-                    skip: set[str], run_map_stage: Callable[..., tuple[dict[str, dict], list[dict]]],
-                    log: Any) -> tuple[dict[str, dict], list[dict]]:
+                       analyses: Sequence[ReduceAnalysis], keys: dict[str, dict], checkpoints: Sequence[str | None],
+                       skip: set[str], run_map_stage: Callable[..., tuple[dict[str, dict], list[dict]]],
+                       log: Any) -> tuple[dict[str, dict], list[dict]]:
     """The map pass over each test dataset for the ``analyses`` that have one and whose partials
     (by folder, every checkpoint's at once) are not already committed with their key (``skip``).
     Returns their stats by entry and the rows of test images that could not be used."""
@@ -97,7 +97,7 @@ def run_testset_passes(manifest: Manifest, store: Store, tests: dict[str, Datase
             continue
         index = tests[entry]
         log(f"{entry}: test dataset pass, {len(index):,} images ({spec.kind})")
-        # Without checkpoints the pass still names its folder by slot: the entry's own is the other.
+        # Slots name the folders the pass writes (not the entry's own), with or without checkpoints.
         found, bad = run_map_stage(with_dataset(manifest, spec), store, index, Stage("map", [analysis]), keys,
                                    log, folders)
         stats[entry] = {"images": len(index), "seconds": round(sum(float(s.get("map_seconds") or 0.0)

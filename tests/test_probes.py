@@ -494,3 +494,17 @@ def test_baseline_rows_are_the_probes_of_the_baselines_features(tmp_path):
 
     page = (build_report(tmp_path).parent / "probes.html").read_text()
     assert "l (random_init)" in page and "random_init (test)" in page
+
+
+def test_memory_plan_counts_a_test_datasets_features():
+    from jobs.dataset.probes import IMAGE_BYTES, TEST_DATASET
+
+    inputs = _plan_inputs(300, {"l": 16})
+    test = _plan_inputs(120, {"l": 16})
+    tables = {**inputs.tables, **{TEST_DATASET + k: v for k, v in test.tables.items()}}
+    alone = Probes(ProbesParams(layers=["l"], solver="sklearn")).memory_plan(inputs)
+    both = Probes(ProbesParams(layers=["l"], solver="sklearn", test_dataset={"kind": "list"})).memory_plan(
+        TableInputs(tables))
+    assert alone is not None and both is not None
+    # The training side grows from the split's 225 images to all 300 (the fit's copies), plus the test features.
+    assert both.bytes >= alone.bytes + 120 * (16 * 4 + IMAGE_BYTES)

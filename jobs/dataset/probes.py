@@ -647,7 +647,8 @@ class Probes(ReduceAnalysis):
         ``N`` images of ``d`` float32 features; ``read`` = min(3 N d 4, STREAM_BYTES) while they
         stream in, ``left`` = min(N d 2, STREAM_LEFT) after; ``fit`` = :func:`solver_bytes` of
         the larger split side, for the solver :func:`choose_solver` takes on the CPU (on a GPU
-        the torch solver holds less here).
+        the torch solver holds less here). With a ``test_dataset``, every labelled image is the
+        training side and the test dataset's ``T`` images add ``T (d 4 + IMAGE_BYTES)``.
         """
         p = self.params
         present = set(inputs.partitions())
@@ -660,6 +661,10 @@ class Probes(ReduceAnalysis):
         classes = len(np.unique(labelled))
         n_test = math.ceil(p.test_size * len(labelled))
         n_train = len(labelled) - n_test
+        if p.test_dataset is not None:  # every labelled image trains; the test dataset's rows come on top
+            n_train = len(labelled)
+            first = TEST_DATASET + f"layer={layers[0]}"
+            n_test = inputs.rows(first) if first in present else 0
         rows = max(n_train, n_test)
         worst: tuple[int, str, int, int, str, int] | None = None
         for layer in layers:
@@ -668,6 +673,8 @@ class Probes(ReduceAnalysis):
             read, left = min(3 * total * d * 4, STREAM_BYTES), min(total * d * 2, STREAM_LEFT)
             fit = solver_bytes(solver, p.classifier, rows, d, classes, p.standardize)
             size = total * d * 4 + total * IMAGE_BYTES + max(read, left + fit)
+            if p.test_dataset is not None:  # the test dataset's features, held beside the layer's
+                size += n_test * (d * 4 + IMAGE_BYTES)
             if worst is None or size > worst[0]:
                 worst = (size, layer, total, d, solver, fit)
         if worst is None:

@@ -603,7 +603,7 @@ def check_classes(labels: np.ndarray) -> None:
                          f"of {len(classes)} class(es)")
 
 
-def test_features(inputs: ReduceInputs, layer: str, partition: str) -> tuple[np.ndarray, np.ndarray]:
+def testset_features(inputs: ReduceInputs, layer: str, partition: str) -> tuple[np.ndarray, np.ndarray]:
     """The labelled rows of a test dataset's layer (``partition`` of ``inputs``): features, labels.
     ValueError when it has none (nothing to score on)."""
     if partition not in inputs.partitions():
@@ -743,7 +743,7 @@ class Probes(ReduceAnalysis):
                     check_classes(labels)
                     train = np.arange(len(labels))
                     x_train = labelled
-                    test_x, test_y = test_features(inputs, layer, TEST_DATASET + partition)
+                    test_x, test_y = testset_features(inputs, layer, TEST_DATASET + partition)
                 # features[x_train] is a copy of our own.
                 model, solver = self.fit(features[x_train], labels[train], ctx, what)
                 records.append((layer, float(model.score(features[x_train], labels[train])),

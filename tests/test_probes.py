@@ -443,20 +443,25 @@ def test_heads_round_trip_and_the_sidecar_is_no_table_part(tmp_path):
     assert pd.read_parquet(tmp_path / "probes").shape == (1, 6)
 
 
+def _probes_page(root, output) -> str:
+    """The report's probes page of a run holding only the reduction's tables (committed as the runner does)."""
+    from pipeline.report import build_report
+
+    _commit(root, output)
+    (root / "run.json").write_text(json.dumps({
+        "name": "t", "status": "complete", "analyses": {"probes": {"type": "probes", "status": "complete"}},
+        "dataset": {"label_names": ["cat", "dog", "eel"]}, "model": {}, "execution": {}}))
+    pq.write_table(pa.table({"image_id": pa.array([], pa.string()), "stage": pa.array([], pa.string()),
+                             "error": pa.array([], pa.string())}), root / "errors.parquet")
+    return (build_report(root).parent / "probes.html").read_text()
+
+
 def test_the_report_draws_the_few_shot_curve(tmp_path):
     from pipeline.report.views.dataset import few_shot_summary
 
     x, labels = _uneven()
     out = _run({"l": x, "m": x[:, ::-1]}, labels, shots_per_class=[2, 5], repeats=3)
-    _commit(tmp_path, out)
-    (tmp_path / "run.json").write_text(json.dumps({
-        "name": "t", "status": "complete", "analyses": {"probes": {"type": "probes", "status": "complete"}},
-        "dataset": {"label_names": ["cat", "dog", "eel"]}, "model": {}, "execution": {}}))
-    pq.write_table(pa.table({"image_id": pa.array([], pa.string()), "stage": pa.array([], pa.string()),
-                             "error": pa.array([], pa.string())}), tmp_path / "errors.parquet")
-    from pipeline.report import build_report
-
-    page = (build_report(tmp_path).parent / "probes.html").read_text()
+    page = _probes_page(tmp_path, out)
     assert "few-shot linear probe test accuracy" in page and "training images per class" in page
     summary = few_shot_summary(pd.read_parquet(tmp_path / "probes"))
     assert summary[["layer", "shots"]].values.tolist() == [["l", 2], ["l", 5], ["m", 2], ["m", 5]]
@@ -484,15 +489,7 @@ def test_baseline_rows_are_the_probes_of_the_baselines_features(tmp_path):
                                         "few_shot_test_accuracy": alone.stats["few_shot_test_accuracy"]}
     assert out.tables[probes.HEADS].equals(own.tables[probes.HEADS])  # the model's heads only
 
-    _commit(tmp_path, out)
-    (tmp_path / "run.json").write_text(json.dumps({
-        "name": "t", "status": "complete", "analyses": {"probes": {"type": "probes", "status": "complete"}},
-        "dataset": {"label_names": ["cat", "dog", "eel"]}, "model": {}, "execution": {}}))
-    pq.write_table(pa.table({"image_id": pa.array([], pa.string()), "stage": pa.array([], pa.string()),
-                             "error": pa.array([], pa.string())}), tmp_path / "errors.parquet")
-    from pipeline.report import build_report
-
-    page = (build_report(tmp_path).parent / "probes.html").read_text()
+    page = _probes_page(tmp_path, out)
     assert "l (random_init)" in page and "random_init (test)" in page
 
 

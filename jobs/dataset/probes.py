@@ -199,6 +199,14 @@ def _class_name(c: int, names: Sequence[str] | None) -> str:
     return f"{c} ({names[c]})" if names is not None and 0 <= c < len(names) else str(c)
 
 
+def check_classes(labels: np.ndarray) -> None:
+    """ValueError unless ``labels`` hold at least two classes (a probe needs two to separate)."""
+    classes = np.unique(labels)
+    if len(classes) < 2:
+        raise ValueError(f"probes needs labelled images of at least 2 classes; got {len(labels)} labelled image(s) "
+                         f"of {len(classes)} class(es)")
+
+
 def split(labels: np.ndarray, test_size: float, seed: int = 0,
           label_names: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Train and test indices into ``labels`` (all >= 0): stratified, seeded.
@@ -208,11 +216,9 @@ def split(labels: np.ndarray, test_size: float, seed: int = 0,
     """
     from sklearn.model_selection import train_test_split
 
+    check_classes(labels)
     classes, counts = np.unique(labels, return_counts=True)
     n = len(labels)
-    if len(classes) < 2:
-        raise ValueError(f"probes needs labelled images of at least 2 classes; got {n} labelled image(s) "
-                         f"of {len(classes)} class(es)")
     single = classes[counts < 2]
     if len(single):
         listed = ", ".join(_class_name(int(c), label_names) for c in single[:10])
@@ -595,15 +601,7 @@ def make_classifier(kind: str, C: float, max_iter: int, seed: int, standardize: 
     return make_pipeline(StandardScaler(), model) if standardize else model
 
 
-def check_classes(labels: np.ndarray) -> None:
-    """ValueError unless ``labels`` hold at least two classes (a probe needs two to separate)."""
-    classes = np.unique(labels)
-    if len(classes) < 2:
-        raise ValueError(f"probes needs labelled images of at least 2 classes; got {len(labels)} labelled image(s) "
-                         f"of {len(classes)} class(es)")
-
-
-def testset_features(inputs: ReduceInputs, layer: str, partition: str) -> tuple[np.ndarray, np.ndarray]:
+def read_test_dataset(inputs: ReduceInputs, layer: str, partition: str) -> tuple[np.ndarray, np.ndarray]:
     """The labelled rows of a test dataset's layer (``partition`` of ``inputs``): features, labels.
     ValueError when it has none (nothing to score on)."""
     if partition not in inputs.partitions():
@@ -743,7 +741,7 @@ class Probes(ReduceAnalysis):
                     check_classes(labels)
                     train = np.arange(len(labels))
                     x_train = labelled
-                    test_x, test_y = testset_features(inputs, layer, TEST_DATASET + partition)
+                    test_x, test_y = read_test_dataset(inputs, layer, TEST_DATASET + partition)
                 # features[x_train] is a copy of our own.
                 model, solver = self.fit(features[x_train], labels[train], ctx, what)
                 records.append((layer, float(model.score(features[x_train], labels[train])),

@@ -208,8 +208,39 @@ def block_rows(manifest: Manifest, images: int) -> int:
     ex = manifest.execution
     block = decode_block(ex.decode_batch_size, preprocess_of(manifest.model).output_size())
     if ex.decode_batch_size == "auto":
-        block = max(1, min(block, -(-images // (BLOCKS_PER_WORKER * ex.workers))))
+        block = max(1, min(block, -(-images // (BLOCKS_PER_WORKER * ex.worker_count))))
     return -(-block // ex.batch_size) * ex.batch_size
+
+
+def auto_workers(resources: dict[str, float], device: str) -> int:
+    """What ``execution.workers: auto`` means on a cluster of these Ray ``resources``.
+
+    One model actor per GPU (a device other than ``cpu``). On CPUs, one per four CPUs and at
+    least two: much of an analysis' time is Python and small kernels that one thread runs, so
+    two actors of one thread each keep two cores busy where one actor of two threads does not.
+
+    >>> auto_workers({"CPU": 16, "GPU": 4}, "auto"), auto_workers({"CPU": 2}, "auto"), auto_workers({"CPU": 64}, "cpu")
+    (4, 2, 16)
+    """
+    gpus = int(resources.get("GPU", 0))
+    if device != "cpu" and gpus >= 1:
+        return gpus
+    cpus = max(1, int(resources.get("CPU", 1)))
+    return min(cpus, max(2, cpus // 4))
+
+
+def with_worker_count(manifest: Manifest, log: Log) -> Manifest:
+    """``manifest`` with ``execution.workers: auto`` replaced by its number on the running Ray
+    cluster (and ``min_workers`` no larger); any other manifest as it is."""
+    import ray
+
+    ex = manifest.execution
+    if ex.workers != "auto":
+        return manifest
+    n = auto_workers(ray.cluster_resources(), ex.device)
+    log(f"execution.workers: auto -> {n}")
+    low = None if ex.min_workers is None else min(ex.min_workers, n)
+    return manifest.model_copy(update={"execution": ex.model_copy(update={"workers": n, "min_workers": low})})
 
 
 @dataclass
@@ -234,11 +265,11 @@ def _resources(manifest: Manifest) -> Resources:
         actor_cpus = float(ex.cpus_per_worker)
     elif use_gpu:
         # Rendering and writing run beside the GPU work; the other half of the CPUs decode.
-        actor_cpus = float(max(1, min(4, int(total_cpus // ex.workers // 2))))
+        actor_cpus = float(max(1, min(4, int(total_cpus // ex.worker_count // 2))))
     else:
         # Leave one CPU for decoding, so model actors can never starve the tasks that feed them.
-        actor_cpus = max(0.1, min(1.0, (total_cpus - 1) / ex.workers))
-    threads = ex.threads_per_worker or (None if use_gpu else default_threads(ex.workers))
+        actor_cpus = max(0.1, min(1.0, (total_cpus - 1) / ex.worker_count))
+    threads = ex.threads_per_worker or (None if use_gpu else default_threads(ex.worker_count))
     return Resources(use_gpu, actor_cpus, threads)
 
 
@@ -253,7 +284,7 @@ def _map_dataset(manifest: Manifest, index: DatasetIndex, stage: Stage, store: S
 
     ex = manifest.execution
     res = _resources(manifest)
-    _await_cpus(min(float(ray.cluster_resources().get("CPU", 1)), res.actor_cpus * ex.workers + 1))
+    _await_cpus(min(float(ray.cluster_resources().get("CPU", 1)), res.actor_cpus * ex.worker_count + 1))
     execution = ex.model_dump(mode="json")
     execution["device"] = "cuda" if res.use_gpu else "cpu"
     execution["cpus_per_worker"] = res.actor_cpus
@@ -291,7 +322,7 @@ def _map_dataset(manifest: Manifest, index: DatasetIndex, stage: Stage, store: S
         },
         # Ray Data restarts dead actors and retries their blocks by default; a retried block
         # writes under a new attempt id, and the ledger names the files that count.
-        compute=ray.data.ActorPoolStrategy(min_size=ex.min_workers or ex.workers, max_size=ex.workers),
+        compute=ray.data.ActorPoolStrategy(min_size=ex.min_workers or ex.worker_count, max_size=ex.worker_count),
         num_cpus=res.actor_cpus,
         num_gpus=1 if res.use_gpu else 0,
         **store.remote_args(),
@@ -640,6 +671,7 @@ def _run(manifest: Manifest, store: Store, index: DatasetIndex, hashes: dict[str
     if stages:
         init_ray(manifest.execution.address, log)
         _configure_data()
+        manifest = with_worker_count(manifest, log)
     specs = model_specs(manifest.model)
     for stage in stages:
         log(f"{stage.kind} stage: {', '.join(stage.entries)}")

@@ -161,7 +161,7 @@ def _prepare(manifest: Manifest, store: Store, index: DatasetIndex, analysis: Mo
     }
     ctx = ModelContext(model=run_ctx.model, device=run_ctx.device, **shared)
     units = analysis.units(ctx)
-    parts = groups(units, group_size(analysis), manifest.execution.workers)
+    parts = groups(units, group_size(analysis), manifest.execution.worker_count)
     # The ledger is only valid for the same groups of the same units.
     layout = {"groups": hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()}
     return _Entry(analysis, shared, parts, StagedEntry(store, folder or analysis.params.entry_name, key, layout))
@@ -189,7 +189,7 @@ def run_model_stage(manifest: Manifest, store: Store, index: DatasetIndex, analy
             log(f"{name} failed: {stats[name]['error']}")
 
     use_gpu = run_ctx.device.type == "cuda"
-    threads = ex.threads_per_worker or (None if use_gpu else default_threads(ex.workers))
+    threads = ex.threads_per_worker or (None if use_gpu else default_threads(ex.worker_count))
     task = ray.remote(model_task).options(num_cpus=1, num_gpus=1 if use_gpu else 0, **store.remote_args())
     spec = manifest.model.model_dump(mode="json")
     device = "cuda" if use_gpu else "cpu"
@@ -204,7 +204,7 @@ def run_model_stage(manifest: Manifest, store: Store, index: DatasetIndex, analy
     running: dict[Any, tuple[_Entry, int]] = {}
     try:
         while pending or running:
-            while pending and len(running) < ex.workers:
+            while pending and len(running) < ex.worker_count:
                 entry, i = pending.pop(0)
                 if entry.error is None:
                     ref = task.remote(spec, entry.analysis.params.model_dump(mode="json"), device, threads,

@@ -264,7 +264,7 @@ class RunContext:
         self.device = resolve_device(ex.device)
         self.input_size = input_size_of(manifest.model)
         self.label_names = index.label_names
-        self.workers = ex.workers
+        self.workers = ex.worker_count
         self.source = ImageSource.of(manifest, index)
         self._model: torch.nn.Module | None = None
         pre = manifest.model.preprocess

@@ -184,5 +184,9 @@ def test_actor_pool_and_cpu_settings(tmp_path, image_folder):
     assert load(tmp_path, good(tmp_path, image_folder)).execution.cpus_per_worker == "auto"
     with pytest.raises(ManifestError, match=r"execution: .*min_workers \(3\) must not exceed workers \(2\)"):
         load(tmp_path, good(tmp_path, image_folder), overrides=["execution.workers=2", "execution.min_workers=3"])
+    auto = load(tmp_path, good(tmp_path, image_folder), overrides=["execution.workers=auto", "execution.min_workers=3"])
+    assert auto.execution.workers == "auto"  # min_workers is checked once auto has its number
+    with pytest.raises(ManifestError, match=r"execution.workers: expected a whole number >= 1 or 'auto', got 'all'"):
+        load(tmp_path, good(tmp_path, image_folder), overrides=["execution.workers=all"])
     with pytest.raises(ManifestError, match=r"execution.cpus_per_worker: expected a number of CPUs > 0 or 'auto'"):
         load(tmp_path, good(tmp_path, image_folder), overrides=["execution.cpus_per_worker=0"])

@@ -131,11 +131,12 @@ def test_results_do_not_depend_on_batch_size_or_workers(ray_session, resnet20_we
 
 
 def test_an_elastic_actor_pool_gives_the_same_tables(ray_session, resnet20_weights, tmp_path, image_folder):
+    """workers: auto (two actors on the session's two CPUs), growing from one, writes what one actor does."""
     base = write_manifest(tmp_path / "a.yaml", weights=resnet20_weights,
                           dataset={"kind": "image_folder", "root": str(image_folder)},
                           execution={"batch_size": 4, "decode_batch_size": 4})
     assert run(base, f"output={tmp_path / 'a'}").ok
-    assert run(base, f"output={tmp_path / 'b'}", "execution.workers=2", "execution.min_workers=1").ok
+    assert run(base, f"output={tmp_path / 'b'}", "execution.workers=auto", "execution.min_workers=1").ok
     for entry, layer in (("features", "layer1"), ("features", "layer3"), ("predictions", None)):
         folder = f"{entry}/layer={layer}" if layer else entry
         pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "a" / folder),
@@ -143,6 +144,7 @@ def test_an_elastic_actor_pool_gives_the_same_tables(ray_session, resnet20_weigh
                                       check_exact=True)  # unsorted: dataset order, whichever actor wrote a block
     info = json.loads((tmp_path / "b" / "run.json").read_text())
     assert info["execution"]["min_workers"] == 1 and info["analyses"]["features"]["blocks"] == 5
+    assert info["execution"]["workers"] == 2  # auto, on two CPUs
 
 
 def test_corrupt_images_are_recorded_and_skipped(ray_session, resnet20_weights, tmp_path):

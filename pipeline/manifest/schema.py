@@ -455,21 +455,25 @@ def _cpus(value: Any) -> float | str:
 CpuCount = Annotated[float | str, PlainValidator(_cpus)]
 
 
-def _decode_block(value: Any) -> int | str:
+def _count_or_auto(value: Any) -> int | str:
     if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
         return value
     raise ValueError(f"expected a whole number >= 1 or 'auto', got {value!r}")
 
 
 # One plain check, so a wrong value gets one message rather than one per member of a union.
-DecodeBlock = Annotated[int | str, PlainValidator(_decode_block)]
+DecodeBlock = Annotated[int | str, PlainValidator(_count_or_auto)]
+WorkerCount = Annotated[int | str, PlainValidator(_count_or_auto)]
 
 
 class Execution(Strict):
     """Where and how the work runs."""
 
     address: str | None = Field(default=None, description="Ray address; none starts an embedded local Ray")
-    workers: Count = Field(default=1, ge=1, description="model actors (one per GPU on a GPU cluster)")
+    workers: WorkerCount = Field(
+        default=1, description="model actors (one per GPU on a GPU cluster); auto: one per GPU of the cluster, "
+                               "or on CPUs one per four CPUs, at least two (one actor's Python runs while "
+                               "the other's kernels do), chosen once Ray has started")
     min_workers: Count | None = Field(
         default=None, ge=1, description="smallest model actor pool: Ray Data grows it up to `workers` while "
                                         "blocks are queued and shrinks it when idle (default: workers, a fixed pool)")
@@ -500,9 +504,16 @@ class Execution(Strict):
 
     @model_validator(mode="after")
     def _pool(self) -> Execution:
-        if self.min_workers is not None and self.min_workers > self.workers:
+        if self.min_workers is not None and isinstance(self.workers, int) and self.min_workers > self.workers:
             raise ValueError(f"min_workers ({self.min_workers}) must not exceed workers ({self.workers})")
         return self
+
+    @property
+    def worker_count(self) -> int:
+        """``workers`` as a number (``auto`` is replaced by one when Ray has started)."""
+        if not isinstance(self.workers, int):
+            raise ValueError("execution.workers: 'auto' has no number before Ray has started")
+        return self.workers
 
 
 # ----------------------------------------------------------------------------- analyses

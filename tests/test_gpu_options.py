@@ -169,6 +169,7 @@ def test_gpu_decode_and_compile_end_to_end(ray_session, resnet20_weights, tmp_pa
     root = jpeg_folder(tmp_path / "images")
     outputs = {}
     for name, options in {"plain": {}, "gpu": {"decode": "gpu", "compile": True}}.items():
+        (tmp_path / name).mkdir()
         path = write_manifest(tmp_path / name / "m.yaml",
                               model={"source": "builtin", "name": "cifar_resnet20", "weights": str(resnet20_weights),
                                      "preprocess": {"resize": 36, "crop": 32}},

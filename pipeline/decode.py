@@ -133,7 +133,7 @@ def _center_crop(img: Image.Image, size: int | list[int] | tuple[int, int]) -> I
     return img.crop((left, top, left + cw, top + ch))
 
 
-def _resized_size(w: int, h: int, size: int | list[int] | tuple[int, int]) -> tuple[int, int]:
+def resized_size(w: int, h: int, size: int | list[int] | tuple[int, int]) -> tuple[int, int]:
     """(width, height) after ``_resize``."""
     if isinstance(size, int):
         short, long = (w, h) if w <= h else (h, w)
@@ -144,7 +144,7 @@ def _resized_size(w: int, h: int, size: int | list[int] | tuple[int, int]) -> tu
     return int(size[1]), int(size[0])
 
 
-def _crop_offset(w: int, h: int, size: int | list[int] | tuple[int, int]) -> tuple[int, int, int, int]:
+def crop_offset(w: int, h: int, size: int | list[int] | tuple[int, int]) -> tuple[int, int, int, int]:
     """(left, top, crop width, crop height) of ``_center_crop`` in the (padded) frame; padding
     shows as a negative offset."""
     ch, cw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
@@ -168,12 +168,12 @@ def transform_box(box, size: tuple[int, int], resize: Size, crop: Size) -> list[
     w, h = size
     x0, y0, x1, y1 = (float(v) for v in box)
     if resize is not None:
-        nw, nh = _resized_size(w, h, resize)
+        nw, nh = resized_size(w, h, resize)
         sx, sy = nw / w, nh / h
         x0, x1, y0, y1 = x0 * sx, x1 * sx, y0 * sy, y1 * sy
         w, h = nw, nh
     if crop is not None:
-        left, top, w, h = _crop_offset(w, h, crop)
+        left, top, w, h = crop_offset(w, h, crop)
         x0, x1, y0, y1 = x0 - left, x1 - left, y0 - top, y1 - top
     out = [max(0, int(np.floor(x0 + 1e-9))), max(0, int(np.floor(y0 + 1e-9))),
            min(w, int(np.ceil(x1 - 1e-9))), min(h, int(np.ceil(y1 - 1e-9)))]
@@ -192,15 +192,23 @@ def decode_image(data: bytes, resize: Size = None, crop: Size = None) -> np.ndar
     return _decode(data, resize, crop)[0]
 
 
-def _decode(data: bytes, resize: Size, crop: Size) -> tuple[np.ndarray, tuple[int, int]]:
-    """Preprocessed pixels and the original (width, height)."""
+def _open(data: bytes) -> Image.Image:
+    """The image, its header read (not yet decoded); refused when empty or too large."""
     if not data:
         raise ValueError("empty file (0 bytes)")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         img: Image.Image = Image.open(io.BytesIO(data))  # an ImageFile; converted copies are plain Images
-        if img.width * img.height > MAX_PIXELS:
-            raise ValueError(f"image is {img.width}x{img.height}, over the {MAX_PIXELS:,}-pixel safety limit")
+    if img.width * img.height > MAX_PIXELS:
+        raise ValueError(f"image is {img.width}x{img.height}, over the {MAX_PIXELS:,}-pixel safety limit")
+    return img
+
+
+def _decode(data: bytes, resize: Size, crop: Size) -> tuple[np.ndarray, tuple[int, int]]:
+    """Preprocessed pixels and the original (width, height)."""
+    img = _open(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
         img.load()
     original = img.size
     img = _to_rgb(img)
@@ -216,12 +224,28 @@ def _decode(data: bytes, resize: Size, crop: Size) -> tuple[np.ndarray, tuple[in
     return arr, original
 
 
+# JPEG modes a device decoder turns into the RGB that PIL's conversion gives (CMYK and the
+# like are left to PIL, whose colour conversion differs).
+DEVICE_JPEG_MODES = ("RGB", "L")
+
+
+def defer_jpeg(data: bytes, resize: Size, crop: Size) -> tuple[np.ndarray | None, tuple[int, int]]:
+    """For decoding on the model's device: ``(None, original size)`` for a JPEG a device decoder
+    takes (only its header is read here), otherwise ``(pixels, original size)`` decoded here."""
+    img = _open(data)
+    if img.format == "JPEG" and img.mode in DEVICE_JPEG_MODES:
+        return None, img.size
+    return _decode(data, resize, crop)
+
+
 def decode_batch(batch: dict[str, np.ndarray], resize: Size, crop: Size,
-                 parquet_column: str | None = "image") -> dict[str, np.ndarray]:
+                 parquet_column: str | None = "image", device_jpeg: bool = False) -> dict[str, np.ndarray]:
     """Read and decode a batch of index rows into uint8 pixels; failures become error rows.
 
     A ``box`` column (object boxes in original pixels) comes back in the preprocessed frame,
-    as (N, 4) int64 with -1 rows where there is none.
+    as (N, 4) int64 with -1 rows where there is none. ``device_jpeg`` (``execution.decode: gpu``):
+    JPEGs are left encoded, their bytes in an ``encoded`` column (``b""`` for every other row),
+    for the model actor to decode on its device; other images are decoded here as always.
     """
     h, w = output_size(resize, crop) or (0, 0)
     has_boxes = "box" in batch
@@ -232,12 +256,20 @@ def decode_batch(batch: dict[str, np.ndarray], resize: Size, crop: Size,
     pixels = np.zeros((n, h, w, 3), dtype=np.uint8)
     errors = np.full(n, "", dtype=object)
     stages = np.full(n, "", dtype=object)
+    encoded = np.full(n, b"", dtype=object)
     for i, item in enumerate(data):
         if isinstance(item, Exception):
             errors[i], stages[i] = f"{type(item).__name__}: {item}", "read"
             continue
         try:
-            pixels[i], original = _decode(item, resize, crop)
+            if device_jpeg:
+                decoded, original = defer_jpeg(item, resize, crop)
+                if decoded is None:
+                    encoded[i] = item
+                else:
+                    pixels[i] = decoded
+            else:
+                pixels[i], original = _decode(item, resize, crop)
             if has_boxes:
                 boxes[i] = transform_box(batch["box"][i], original, resize, crop)
         except Exception as e:  # noqa: BLE001 -- any undecodable image is recorded and skipped
@@ -251,6 +283,8 @@ def decode_batch(batch: dict[str, np.ndarray], resize: Size, crop: Size,
     }
     if has_boxes:
         out["box"] = boxes
+    if device_jpeg:
+        out["encoded"] = encoded
     if "row" in batch:  # the dataset row of each image, carried through to the model actors
         out["row"] = np.asarray(batch["row"], dtype=np.int64)
     return out

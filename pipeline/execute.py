@@ -73,6 +73,12 @@ from pipeline.writers import (
 )
 
 RUN_LOG = "run.log"
+# torch.compile's backend for execution.compile; tests set "eager" (traced by dynamo, no code
+# generated), which takes seconds where generating C++ for a model on a CPU takes a minute.
+COMPILE_BACKEND = "inductor"
+# execution.decode: gpu on a CPU-only run decodes on the CPU; tests set this to run the device
+# path (decode_jpeg works on the CPU too) through the whole pipeline instead.
+DEVICE_DECODE_ON_CPU = False
 Log = Callable[[str], None]
 
 
@@ -157,14 +163,15 @@ def _decode_remote_args() -> dict:
     return {}
 
 
-def _decode_stage(ds, manifest: Manifest, block: int, column: str | None):
-    """Read + decode + resize/crop as CPU tasks (``pipeline.decode``, no torch)."""
+def _decode_stage(ds, manifest: Manifest, block: int, column: str | None, device_jpeg: bool = False):
+    """Read + decode + resize/crop as CPU tasks (``pipeline.decode``, no torch); with
+    ``device_jpeg``, JPEGs are only read, for the model actors to decode on their device."""
     pre = preprocess_of(manifest.model)
     return ds.map_batches(
         decode_batch,
         batch_size=block,
         batch_format="numpy",
-        fn_kwargs={"resize": pre.resize, "crop": pre.crop, "parquet_column": column},
+        fn_kwargs={"resize": pre.resize, "crop": pre.crop, "parquet_column": column, "device_jpeg": device_jpeg},
         num_cpus=1,
         # A remote-args function keeps Ray Data from fusing decoding into the model actor:
         # decode tasks then run beside the actors and overlap the model instead of delaying it.
@@ -275,7 +282,7 @@ def _resources(manifest: Manifest) -> Resources:
 
 def _map_dataset(manifest: Manifest, index: DatasetIndex, stage: Stage, store: Store,
                  staged: dict[str, StagedEntry], blocks: list[int], done: dict[str, set[int]],
-                 slots: dict[str, tuple[str, str | None]] | None = None):
+                 slots: dict[str, tuple[str, str | None]] | None = None, log: Log = _stderr):
     """The Ray Data pipeline of a map stage over ``blocks`` (lazy; nothing runs until it is
     iterated). Its output is one small metadata row per block written. ``slots``: with
     checkpoints, {folder: (entry, checkpoint)} of every folder the stage writes."""
@@ -288,6 +295,12 @@ def _map_dataset(manifest: Manifest, index: DatasetIndex, stage: Stage, store: S
     execution = ex.model_dump(mode="json")
     execution["device"] = "cuda" if res.use_gpu else "cpu"
     execution["cpus_per_worker"] = res.actor_cpus
+    execution["compile_backend"] = COMPILE_BACKEND
+    device_jpeg = ex.decode == "gpu" and (res.use_gpu or DEVICE_DECODE_ON_CPU)
+    if ex.decode == "gpu" and not device_jpeg:
+        log("warning: execution.decode: 'gpu', but the model actors run on the CPU (device auto, no GPU in the "
+            "Ray cluster); decoding on the CPU")
+    execution["decode"] = "gpu" if device_jpeg else "cpu"
     rows = block_rows(manifest, len(index))
     table = with_boxes(index)
     table = table.append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
@@ -298,7 +311,7 @@ def _map_dataset(manifest: Manifest, index: DatasetIndex, stage: Stage, store: S
     with warnings.catch_warnings():
         # ray_remote_args_fn is deprecated for removal in Ray 2.64; pyproject pins below it.
         warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*")
-        ds = _decode_stage(ds, manifest, rows, column)
+        ds = _decode_stage(ds, manifest, rows, column, device_jpeg)
     ds = ds.map_batches(
         ModelWorker,
         batch_size=None,  # one decoded block is one call: the actor batches it for the model
@@ -426,6 +439,7 @@ def run_map_stage(manifest: Manifest, store: Store, index: DatasetIndex, stage: 
     if resumed:
         log(f"  resuming: {resumed:,} of {nblocks:,} blocks already written by an earlier run")
     failures: dict[str, str] = {}
+    notices: set[str] = set()
     start = time.time()
     skipped_rows = total - sum(min(rows, total - b * rows) for b in todo)
     what = stage.entries[0] if len(stage.entries) == 1 else f"map stage ({len(stage.entries)} analyses)"
@@ -433,7 +447,7 @@ def run_map_stage(manifest: Manifest, store: Store, index: DatasetIndex, stage: 
     try:
         # Ray Data's actor start-up logs a false alarm at error level (see RAY_FALSE_ALARMS).
         with StderrFilter(RAY_FALSE_ALARMS) if todo else contextlib.nullcontext():
-            ds = _map_dataset(manifest, index, stage, store, staged, todo, done, slots) if todo else None
+            ds = _map_dataset(manifest, index, stage, store, staged, todo, done, slots, log) if todo else None
             batches = [] if ds is None else ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
             for batch in batches:
                 for text in batch["record"]:
@@ -447,6 +461,10 @@ def run_map_stage(manifest: Manifest, store: Store, index: DatasetIndex, stage: 
                         elif name not in failures:
                             staged[name].record(record)
                             recorded[name][record.block] = record
+                    for notice in block.get("notices", []):
+                        if notice not in notices:  # every actor says it once: the log says it once
+                            notices.add(notice)
+                            log(f"warning: {notice}")
                     progress.add(int(block["size"]))
     finally:
         progress.close()

@@ -59,6 +59,9 @@ def entry_key(params: AnalysisParams, manifest: Manifest, dataset_fingerprint: s
         "preprocess": manifest.model.preprocess.model_dump(mode="json") if manifest.model.preprocess else None,
         "precision": manifest.execution.precision,
     }
+    if manifest.execution.decode == "gpu":
+        # GPU resizing rounds differently from PIL's: pixels, and so results, may change.
+        inputs["decode"] = "gpu"
     if sources:
         inputs["sources"] = {name: key["key"] for name, key in sorted(sources.items())}
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()

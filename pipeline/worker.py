@@ -21,6 +21,7 @@ import torch
 from jobs import REGISTRY, Analysis, AnalysisParams, MapBatch, MapOutput
 from jobs.core.base import SharedForwardError
 from jobs.core.pixels import pixels_to_inputs
+from pipeline.compiled import CompiledForward
 from pipeline.plan import Stage
 from pipeline.store import Store
 from pipeline.writers import BlockRecord, BlockWriter, labels_to_arrow, to_arrow
@@ -86,6 +87,8 @@ class ModelWorker:
         params = [REGISTRY[e["type"]].Params.model_validate(e) for e in entries]
         self.analyses = [REGISTRY[p.type](p) for p in params]
         self.layers = Stage("map", self.analyses).layers()
+        # Warnings for the run's log, sent with the next block's record (once each).
+        self.notices: list[str] = []
         # Baseline models (an untrained network of the same architecture), one per (name, seed)
         # an entry asks for, each run on a batch only for the entries that ask.
         self.baseline_models: dict[tuple[str, int], torch.nn.Module] = {}
@@ -97,6 +100,22 @@ class ModelWorker:
                     model = random_init_model(spec, seed).to(self.device)
                     self.baseline_models[(name, seed)] = (
                         model.to(memory_format=torch.channels_last) if self.channels_last else model)
+        # execution.compile: each model's shared forward compiled once, its stage's layers tapped
+        # (see pipeline.compiled); every other use of a model stays eager.
+        self.compiled: dict[int, CompiledForward] = {}
+        if execution.get("compile"):
+            backend = str(execution.get("compile_backend") or "inductor")
+            wanted = {id(m): (m, self.layers) for m in self.models.values()}
+            for key, model in self.baseline_models.items():
+                users = [a for a in self.analyses if a.baselines().get(key[0]) == key[1]]
+                wanted[id(model)] = (model, list(dict.fromkeys(layer for a in users for _, layer in a.layers())))
+            for ident, (model, layers) in wanted.items():
+                try:
+                    self.compiled[ident] = CompiledForward(model, layers, self.notices.append, backend)
+                except Exception as e:  # noqa: BLE001 -- a TorchScript model takes no hooks: it runs eagerly
+                    self.notices.append(f"execution.compile: the model cannot be compiled ({type(e).__name__}: "
+                                        f"{str(e)[:300]}); it runs eagerly")
+                    break
         by_name = {a.params.entry_name: a for a in self.analyses}
         # What is written where: {folder: (analysis, checkpoint)}; without checkpoints each entry's
         # folder is the entry itself.
@@ -116,28 +135,32 @@ class ModelWorker:
         return autocast(self.device, self.precision)
 
     def _compute(self, analyses: list, pixels: np.ndarray, image_ids: np.ndarray, labels: np.ndarray,
-                 boxes: np.ndarray | None = None, model: torch.nn.Module | None = None
-                 ) -> dict[str, tuple[dict[str, pa.Table], list] | str]:
+                 boxes: np.ndarray | None = None, model: torch.nn.Module | None = None,
+                 on_device: torch.Tensor | None = None) -> dict[str, tuple[dict[str, pa.Table], list] | str]:
         """Every analysis' tables and images for one batch, by entry, with ``model`` (the worker's
         model by default); an analysis that raises gives its error message instead (the others keep
-        their rows; the runner fails that entry)."""
+        their rows; the runner fails that entry). ``on_device``: the same pixels already on the
+        device (decoded there), so they are not copied over again."""
         model = self.model if model is None else model
 
         try:
             # Ray hands batches over read-only and zero-copy: copy before use on the device.
             pixels = np.array(pixels, copy=True)
-            x = torch.from_numpy(pixels)
-            if self.device.type == "cuda":
-                # uint8 crosses the bus (a quarter of float32), from page-locked memory so the
-                # copy is a DMA; normalising happens on the device.
-                x = x.pin_memory()
-            x = x.to(self.device, non_blocking=True)
+            if on_device is not None:
+                x = on_device
+            else:
+                x = torch.from_numpy(pixels)
+                if self.device.type == "cuda":
+                    # uint8 crosses the bus (a quarter of float32), from page-locked memory so the
+                    # copy is a DMA; normalising happens on the device.
+                    x = x.pin_memory()
+                x = x.to(self.device, non_blocking=True)
             x = pixels_to_inputs(x, self.preprocess.mean, self.preprocess.std)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             batch = shared_batch(model, x, self.layers, [str(i) for i in image_ids], labels, amp=self._autocast,
                                  pixels=pixels, boxes=boxes, mean=tuple(self.preprocess.mean),
-                                 std=tuple(self.preprocess.std))
+                                 std=tuple(self.preprocess.std), run=self.compiled.get(id(model)))
         except Exception as e:  # noqa: BLE001 -- the inputs failed: every analysis of the batch did
             message = _describe(e, "model forward")
             return {a.params.entry_name: message for a in analyses}
@@ -151,9 +174,13 @@ class ModelWorker:
                 if (name, seed) not in baseline_batches:
                     users = [a for a in analyses if a.baselines().get(name) == seed]
                     layers = list(dict.fromkeys(layer for a in users for _, layer in a.layers()))
+                    base = self.baseline_models[(name, seed)]
+                    tapped = self.compiled.get(id(base))
                     baseline_batches[(name, seed)] = shared_batch(
-                        self.baseline_models[(name, seed)], x, layers, batch.image_ids, labels, amp=self._autocast,
-                        pixels=pixels, boxes=boxes, mean=batch.mean, std=batch.std)
+                        base, x, layers, batch.image_ids, labels, amp=self._autocast,
+                        pixels=pixels, boxes=boxes, mean=batch.mean, std=batch.std,
+                        # the compiled forward taps every user's layers: the active users' are among them
+                        run=tapped if tapped is not None and set(layers) <= set(tapped.layers) else None)
             # Set on the one shared batch (not a copy), so its forward still runs once.
             batch.baselines = {n: baseline_batches[(n, s)] for n, s in wanted.items()}
             return batch
@@ -200,6 +227,9 @@ class ModelWorker:
         every checkpoint's model runs on each batch of the block, decoded once."""
         began = time.time()
         start, size = int(batch["row"][0]), len(batch["row"])
+        on_device = None
+        if "encoded" in batch:
+            batch, on_device = self._decode_on_device(batch)
         ok = np.asarray(batch["error"]) == ""
         errors = [{"image_id": str(i), "stage": str(st), "error": str(e)}
                   for i, st, e in zip(batch["image_id"], batch["error_stage"], batch["error"]) if e != ""]
@@ -220,7 +250,8 @@ class ModelWorker:
                 if not active:
                     continue
                 computed = self._compute([self.slots[f][0] for f in active.values()], batch["pixels"][keep],
-                                         batch["image_id"][keep], batch["label"][keep], boxes, model)
+                                         batch["image_id"][keep], batch["label"][keep], boxes, model,
+                                         None if on_device is None else on_device[torch.from_numpy(keep)])
                 for entry, value in computed.items():
                     folder = active[entry]
                     if not isinstance(value, str):
@@ -245,7 +276,33 @@ class ModelWorker:
             record.size, record.errors = size, errors
             record.seconds = round(time.time() - began, 3)
             entries[folder] = record.to_json()
-        return {"start": start, "size": size, "errors": errors, "entries": entries}
+        notices, self.notices[:] = list(self.notices), []
+        return {"start": start, "size": size, "errors": errors, "entries": entries, "notices": notices}
+
+    def _decode_on_device(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+        """``execution.decode: gpu``: the block's JPEGs (its ``encoded`` bytes) decoded and
+        preprocessed on the device. Returns the block with their pixels (the CPU copy analyses
+        render from) and errors filled in, and every image's pixels on the device."""
+        from pipeline.device_decode import decode_on_device
+
+        encoded = batch["encoded"]
+        todo = [i for i, data in enumerate(encoded) if len(data)]
+        batch = {**batch, "pixels": np.array(batch["pixels"], copy=True),
+                 "error": np.array(batch["error"], copy=True), "error_stage": np.array(batch["error_stage"], copy=True)}
+        # Images decoded by the decode tasks (other formats) go over as they would anyway.
+        on_device = torch.from_numpy(batch["pixels"]).to(self.device)
+        decoded = decode_on_device([bytes(encoded[i]) for i in todo], self.preprocess.resize, self.preprocess.crop,
+                                   self.device)
+        good = []
+        for i, result in zip(todo, decoded):
+            if isinstance(result, Exception):  # an error row, as the decode tasks would make it
+                batch["error"][i], batch["error_stage"][i] = f"{type(result).__name__}: {result}", "decode"
+            else:
+                on_device[i] = result
+                good.append(i)
+        if good:
+            batch["pixels"][good] = on_device[good].cpu().numpy()
+        return batch, on_device
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = np.asarray(batch["row"], dtype=np.int64)
@@ -256,16 +313,24 @@ class ModelWorker:
 def shared_batch(model: torch.nn.Module, x: torch.Tensor, layers: list[str], image_ids: list[str],
                  labels: np.ndarray, amp: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                  pixels: np.ndarray | None = None, boxes: np.ndarray | None = None,
-                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> MapBatch:
+                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                 run: Callable[[torch.Tensor], tuple] | None = None) -> MapBatch:
     """The :class:`MapBatch` of inputs ``x`` that every fused analysis sees. Its one inference
     forward (hooks on ``layers``, under ``amp``) runs when an analysis first reads the logits or
-    activations: a batch of attribution methods that run their own forward pays for none."""
+    activations: a batch of attribution methods that run their own forward pays for none.
+    ``run``: that forward instead, returning ``(logits, activations)`` of at least ``layers``
+    (a :class:`pipeline.compiled.CompiledForward`); ``model`` stays the batch's eager model."""
 
     def forward() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         from pipeline.models import capture
 
-        with torch.inference_mode(), amp(), capture(model, layers) as acts:
-            logits = model(x)
+        if run is not None:
+            with torch.inference_mode(), amp():
+                logits, acts = run(x)
+            acts = {k: v for k, v in acts.items() if k in layers}
+        else:
+            with torch.inference_mode(), amp(), capture(model, layers) as acts:
+                logits = model(x)
         return (logits.float() if isinstance(logits, torch.Tensor) else logits,
                 {k: v.float() for k, v in acts.items()})
 

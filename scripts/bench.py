@@ -15,6 +15,7 @@ the same model in a tight loop on tensors already on the GPU).
     python scripts/bench.py                       # full: the cifar case, + resnet50 on a GPU
     python scripts/bench.py --quick               # a smoke test: a few images, agreement only
     python scripts/bench.py --case resnet50 --images 2000 --json bench.json
+    python scripts/bench.py --case resnet50 --compile --gpu-decode   # with execution.compile, decode: gpu
     python scripts/bench.py --neighbours-only     # exact kNN vs faiss IndexFlat on generated vectors
 """
 
@@ -522,16 +523,23 @@ def cifar_case(work: Path, quick: bool) -> Case:
     return Case("cifar", [f for f, _ in files], [lab for _, lab in files], model, execution, work, note)
 
 
-def resnet50_case(work: Path, n: int) -> Case:
+def resnet50_case(work: Path, n: int, compile: bool = False, gpu_decode: bool = False) -> Case:
+    """``compile``/``gpu_decode``: execution.compile and execution.decode: gpu for convscope's runs
+    (the baselines are unchanged); decoding on the GPU needs one, so without it the flag is noted
+    and left off."""
     gpu = torch.cuda.is_available()
     files = generated_images(work / "images-224", n, 224, "jpg")
     pre = {"resize": 224, "crop": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
     model = {"source": "torchvision", "name": "resnet50", "preprocess": pre}
     execution = {"workers": 1, "batch_size": 256 if gpu else 32, "device": "cuda" if gpu else "cpu",
-                 "precision": "bfloat16" if gpu else "float32", "channels_last": gpu}
+                 "precision": "bfloat16" if gpu else "float32", "channels_last": gpu,
+                 "compile": compile, "decode": "gpu" if gpu_decode and gpu else "cpu"}
     device = torch.cuda.get_device_name() if gpu else "CPU"
+    options = [o for o, on in (("torch.compile", compile), ("GPU JPEG decode", gpu_decode and gpu)) if on]
+    skipped = "; --gpu-decode left off: no GPU" if gpu_decode and not gpu else ""
     return Case("resnet50", [f for f, _ in files], [lab for _, lab in files], model, execution, work,
-                f"torchvision ResNet-50 (seeded random weights), {n} generated 224x224 JPEGs, {device}")
+                f"torchvision ResNet-50 (seeded random weights), {n} generated 224x224 JPEGs, {device}"
+                + (f", convscope with {' + '.join(options)}" if options else "") + skipped)
 
 
 def generated_images(folder: Path, n: int, size: int, ext: str) -> list[tuple[str, int]]:
@@ -623,6 +631,10 @@ def main(argv: list[str] | None = None) -> dict:
                    help="DataLoader worker processes of the plain loops")
     p.add_argument("--work", type=Path, help="where inputs and outputs go (default: a temporary folder)")
     p.add_argument("--json", type=Path, help="also write every row here")
+    p.add_argument("--compile", action="store_true",
+                   help="resnet50: convscope runs with execution.compile (torch.compile of the shared forward)")
+    p.add_argument("--gpu-decode", action="store_true",
+                   help="resnet50: convscope runs with execution.decode: gpu (JPEGs decoded on the GPU; needs one)")
     p.add_argument("--neighbours-only", action="store_true",
                    help="only the exact kNN rows on generated vectors (no Ray, no images)")
     args = p.parse_args(argv)
@@ -644,7 +656,8 @@ def main(argv: list[str] | None = None) -> dict:
         if args.case in ("cifar", "all"):
             cases.append(cifar_case(work / "cifar", args.quick))
         if args.case == "resnet50" or (args.case == "all" and torch.cuda.is_available()):
-            cases.append(resnet50_case(work / "resnet50", args.images or (64 if args.quick else 5000)))
+            cases.append(resnet50_case(work / "resnet50", args.images or (64 if args.quick else 5000),
+                                       compile=args.compile, gpu_decode=args.gpu_decode))
         for case in cases:
             case.work.mkdir(parents=True, exist_ok=True)
             run_case(case, args)

@@ -119,7 +119,7 @@ KEY_SECTIONS = [((), ["name", "output", "dataset", "model", "analyses", "executi
                 (("dataset",), ["kind", "root", "extensions", "limit", "sample"]),
                 (("model",), ["source", "name", "weights", "num_classes", "preprocess"]),
                 (("execution",), ["address", "workers", "min_workers", "cpus_per_worker", "batch_size", "device",
-                                  "precision", "channels_last",
+                                  "precision", "channels_last", "compile", "decode",
                                   "threads_per_worker", "decode_batch_size", "rows_per_part", "max_error_fraction"]),
                 (("analyses", 0), ["type", "name", "layers", "pool", "grid"]),
                 (("analyses", 1), ["type", "name", "top_k", "logits"])]

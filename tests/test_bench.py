@@ -164,3 +164,17 @@ def test_bench_neuron_times_every_new_analysis(tmp_path):
     assert len(names) == 7 and all(row["per_s"] > 0 for row in result["rows"])
     assert all(row["ratio"] > 0 for row in result["rows"] if "ratio" in row)
     assert (tmp_path / "b.json").is_file()
+
+
+def test_bench_resnet50_flags_reach_the_manifest(tmp_path, monkeypatch):
+    """--compile and --gpu-decode set the resnet50 case's execution (decode: gpu only with a GPU)."""
+    from pipeline.manifest import load_manifest
+
+    case = bench.resnet50_case(tmp_path, 2, compile=True, gpu_decode=True)
+    execution = load_manifest(case.manifest([{"type": "predictions"}], 2, tmp_path / "out")).execution
+    gpu = bench.torch.cuda.is_available()
+    assert execution.compile and execution.decode == ("gpu" if gpu else "cpu")
+    assert (execution.precision, execution.channels_last) == (("bfloat16", True) if gpu else ("float32", False))
+    assert gpu or "--gpu-decode left off" in case.note
+    plain = bench.resnet50_case(tmp_path, 2)
+    assert not plain.execution["compile"] and plain.execution["decode"] == "cpu"

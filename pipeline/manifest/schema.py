@@ -486,6 +486,20 @@ class Execution(Strict):
     precision: Literal["float32", "bfloat16", "float16"] = "float32"
     channels_last: bool = Field(default=False, description="NHWC model and inputs (faster convolutions on "
                                                            "GPU and CPU; equal up to float rounding)")
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the shared inference forward (logits and the hooked layers' outputs) of "
+                    "every model; attribution passes, gradients and analyses that hook the model themselves "
+                    "run the same model eagerly. Hooks for the shared forward's layers are installed once, "
+                    "before compiling, because a compiled forward does not see hooks added later. Equal up to "
+                    "float rounding; the first batches pay for compiling; a model that does not compile "
+                    "(no C++ compiler, an unsupported op) runs eagerly, with a warning in the log")
+    decode: Literal["cpu", "gpu"] = Field(
+        default="cpu",
+        description="where JPEGs are decoded and resized: cpu (PIL, in the decode tasks) or gpu (nvJPEG on the "
+                    "model actor's GPU; resize and crop on the GPU, which may differ from PIL by interpolation "
+                    "rounding, a few levels of 255); other formats and JPEGs that fail on the GPU are decoded "
+                    "on the CPU. Needs a GPU: with device auto and none, decoding stays on the CPU")
     threads_per_worker: Count | None = Field(default=None, ge=1, description="torch threads per CPU actor")
     decode_batch_size: DecodeBlock = Field(
         default="auto", description="images per decode task; auto: about 32 MiB of decoded pixels, "
@@ -506,6 +520,9 @@ class Execution(Strict):
     def _pool(self) -> Execution:
         if self.min_workers is not None and isinstance(self.workers, int) and self.min_workers > self.workers:
             raise ValueError(f"min_workers ({self.min_workers}) must not exceed workers ({self.workers})")
+        if self.decode == "gpu" and self.device == "cpu":
+            raise ValueError("execution.decode: 'gpu' decodes on the model's GPU, but execution.device is 'cpu'; "
+                             "set decode: cpu, or device: cuda (or auto)")
         return self
 
     @property

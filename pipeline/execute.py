@@ -53,7 +53,7 @@ from pipeline.manifest import BuiltinModel, Manifest, ParquetDataset
 from pipeline.model_stage import run_model_stage
 from pipeline.models import check_labels, check_layers, load_each_model, model_hash, preprocess_of
 from pipeline.plan import Stage, entry_key, plan
-from pipeline.progress import RAY_FALSE_ALARMS, Progress, RunLog, StderrFilter
+from pipeline.progress import RAY_FALSE_ALARMS, RAY_WORKER_NOISE, Progress, RunLog, StderrFilter
 from pipeline.reduce import run_reduce_stage
 from pipeline.store import Store
 from pipeline.testset import ERROR_STAGE as TESTSET_ERROR
@@ -686,72 +686,77 @@ def _run(manifest: Manifest, store: Store, index: DatasetIndex, hashes: dict[str
         return [e for e in stage.entries if folders[e][checkpoint] not in skip]
 
     status = "complete"
+    quiet = contextlib.ExitStack()
     if stages:
         init_ray(manifest.execution.address, log)
         _configure_data()
         manifest = with_worker_count(manifest, log)
+        # What Ray's workers print that no user can act on (its log monitor hands their lines to
+        # this process' stderr) stays out of the run's log.
+        quiet.enter_context(StderrFilter(RAY_WORKER_NOISE))
     specs = model_specs(manifest.model)
-    for stage in stages:
-        log(f"{stage.kind} stage: {', '.join(stage.entries)}")
-        try:
-            if stage.kind == "map":
-                # One pass for every checkpoint: each decoded batch goes through every checkpoint's model.
-                slots = {folders[e][c]: (e, c) for c in checkpoints
-                         for e in todo(stage, c, done_folders | partials_folders)} if series else None
-                stats, errors = run_map_stage(manifest, store, index, stage, keys, log, slots)
-                all_errors.extend(errors)
-            elif stage.kind == "reduce":
-                stats = {}
-                # Test datasets first: a map pass each, for the checkpoints whose entry still reduces.
-                ready = partials_folders | {testset_folder(e, c) for e in tests for c in checkpoints
-                                            if folders[e][c] in done_folders}
-                test_stats, test_errors = run_testset_passes(manifest, store, tests,
-                                                             stage.analyses_of(ReduceAnalysis), keys, checkpoints,
-                                                             ready, run_map_stage, log)
-                all_errors.extend(test_errors)
-                for c in checkpoints:  # the reductions, and the model stage, run checkpoint after checkpoint
-                    chosen = [a for a in stage.analyses_of(ReduceAnalysis)
-                              if folders[a.params.entry_name][c] not in done_folders]
-                    stats.update(run_reduce_stage(with_model(manifest, specs[c]), store, index, chosen, keys, log,
-                                                  checkpoint=c))
-                for entry, info in test_stats.items():
+    with quiet:
+        for stage in stages:
+            log(f"{stage.kind} stage: {', '.join(stage.entries)}")
+            try:
+                if stage.kind == "map":
+                    # One pass for every checkpoint: each decoded batch goes through every checkpoint's model.
+                    slots = {folders[e][c]: (e, c) for c in checkpoints
+                             for e in todo(stage, c, done_folders | partials_folders)} if series else None
+                    stats, errors = run_map_stage(manifest, store, index, stage, keys, log, slots)
+                    all_errors.extend(errors)
+                elif stage.kind == "reduce":
+                    stats = {}
+                    # Test datasets first: a map pass each, for the checkpoints whose entry still reduces.
+                    ready = partials_folders | {testset_folder(e, c) for e in tests for c in checkpoints
+                                                if folders[e][c] in done_folders}
+                    test_stats, test_errors = run_testset_passes(manifest, store, tests,
+                                                                 stage.analyses_of(ReduceAnalysis), keys, checkpoints,
+                                                                 ready, run_map_stage, log)
+                    all_errors.extend(test_errors)
+                    for c in checkpoints:  # the reductions, and the model stage, run checkpoint after checkpoint
+                        chosen = [a for a in stage.analyses_of(ReduceAnalysis)
+                                  if folders[a.params.entry_name][c] not in done_folders]
+                        stats.update(run_reduce_stage(with_model(manifest, specs[c]), store, index, chosen, keys, log,
+                                                      checkpoint=c))
+                    for entry, info in test_stats.items():
+                        for c in checkpoints:
+                            if folders[entry][c] in stats:
+                                stats[folders[entry][c]][TESTSET] = info
+                    for name, info in stats.items():
+                        before = by_folder.get(name, {})
+                        info["seconds"] = round(before.get("map_seconds", 0.0) + info.get("reduce_seconds", 0.0), 3)
+                        carried = ("map_seconds", "partial_rows", "fused_with", "errors", "blocks", "blocks_resumed")
+                        info.update({k: before[k] for k in carried if k in before})
+                        info["stage"] = "reduce"
+                elif stage.kind == "train":
+                    stats, errors = run_train_stage(manifest, store, index, stage.analyses_of(TrainAnalysis), keys, log)
+                    all_errors.extend(errors)
+                    for info in stats.values():
+                        info["stage"] = "train"
+                else:
+                    stats = {}
                     for c in checkpoints:
-                        if folders[entry][c] in stats:
-                            stats[folders[entry][c]][TESTSET] = info
-                for name, info in stats.items():
-                    before = by_folder.get(name, {})
-                    info["seconds"] = round(before.get("map_seconds", 0.0) + info.get("reduce_seconds", 0.0), 3)
-                    carried = ("map_seconds", "partial_rows", "fused_with", "errors", "blocks", "blocks_resumed")
-                    info.update({k: before[k] for k in carried if k in before})
-                    info["stage"] = "reduce"
-            elif stage.kind == "train":
-                stats, errors = run_train_stage(manifest, store, index, stage.analyses_of(TrainAnalysis), keys, log)
-                all_errors.extend(errors)
-                for info in stats.values():
-                    info["stage"] = "train"
-            else:
-                stats = {}
-                for c in checkpoints:
-                    chosen_models = [a for a in stage.analyses_of(ModelAnalysis)
-                                     if folders[a.params.entry_name][c] not in done_folders]
-                    stats.update(run_model_stage(with_model(manifest, specs[c]), store, index, chosen_models, keys,
-                                                 log, checkpoint=c))
-                for info in stats.values():
-                    info["stage"] = "model"
-            by_folder.update(stats)
-            if any(info["status"] == "failed" for info in stats.values()):
+                        chosen_models = [a for a in stage.analyses_of(ModelAnalysis)
+                                         if folders[a.params.entry_name][c] not in done_folders]
+                        stats.update(run_model_stage(with_model(manifest, specs[c]), store, index, chosen_models, keys,
+                                                     log, checkpoint=c))
+                    for info in stats.values():
+                        info["stage"] = "model"
+                by_folder.update(stats)
+                if any(info["status"] == "failed" for info in stats.values()):
+                    status = "failed"
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 -- one failed stage must not lose the others
                 status = "failed"
-        except UserError:
-            raise
-        except Exception as e:  # noqa: BLE001 -- one failed stage must not lose the others
-            status = "failed"
-            message = f"{type(e).__name__}: {e}"
-            log(f"{stage.kind} stage failed: {message}")
-            for name in stage.entries:
-                for folder in folders[name].values():
-                    if folder not in done_folders:
-                        by_folder[folder] = {"status": "failed", "error": message[:2000],
-                                             "traceback": traceback.format_exc()[-4000:]}
+                message = f"{type(e).__name__}: {e}"
+                log(f"{stage.kind} stage failed: {message}")
+                for name in stage.entries:
+                    for folder in folders[name].values():
+                        if folder not in done_folders:
+                            by_folder[folder] = {"status": "failed", "error": message[:2000],
+                                                 "traceback": traceback.format_exc()[-4000:]}
     if series:
         # An entry is committed once every checkpoint's folder is: its own _SUCCESS comes last.
         for name, by_checkpoint in folders.items():

@@ -122,6 +122,12 @@ class Progress:
 # actor is started the same way (https://github.com/ray-project/ray/issues/57733): a healthy
 # run would always show an error a user cannot act on.
 RAY_FALSE_ALARMS = (re.compile(rb"has constructor arguments in the object store and max_restarts > 0"),)
+# What an embedded Ray's workers print that a user can do nothing about: the same false alarm
+# (Ray Train's controller starts an actor so), Ray Train's placement-group cleaner polling the
+# state API (which a Ray without its dashboard does not serve) every second of a fit, and Ray
+# Train's line per report (the train stage logs each epoch itself).
+RAY_WORKER_NOISE = (*RAY_FALSE_ALARMS, re.compile(rb"Failed to query Ray Train Controller actor state"),
+                    re.compile(rb"Reporting training result \d+: TrainingReport"))
 
 
 class StderrFilter:
@@ -129,7 +135,8 @@ class StderrFilter:
     every line matching one of ``patterns``; everything else passes through at once.
 
     Text that is not yet a whole line passes at once too (a progress bar redraws with ``\\r``),
-    except the start of a line of Ray's native log (``[`` first), held until its newline.
+    except the start of a line of Ray's native log (``[`` first) or of a worker's line that Ray
+    hands on (a coloured ``(name pid=...)`` first), held until its newline.
 
         with StderrFilter(RAY_FALSE_ALARMS):
             ...  # start Ray Data actors
@@ -161,7 +168,7 @@ class StderrFilter:
             lines = (held + chunk).split(b"\n")
             held = lines.pop()
             keep = [line + b"\n" for line in lines if not any(p.search(line) for p in self.patterns)]
-            if held and not held.startswith(b"["):
+            if held and not held.startswith((b"[", b"\x1b[")):
                 keep.append(held)
                 held = b""
             if keep:

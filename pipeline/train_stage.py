@@ -190,8 +190,11 @@ def fit_on_ray(manifest: Manifest, analysis: TrainAnalysis, data: TrainData, sta
                use_gpu: bool) -> tuple[dict[str, Any], bytes]:
     """Run ``analysis.fit`` as a Ray Train TorchTrainer; return worker 0's output and model.pt."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
+
+    # What ray.train and ray.train.torch export under Ray Train v2 (the default), by their own names.
+    from ray.train.v2.api.config import LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.v2.torch.torch_trainer import TorchTrainer
 
     ex = manifest.execution
     workers = analysis.workers()
@@ -210,7 +213,10 @@ def fit_on_ray(manifest: Manifest, analysis: TrainAnalysis, data: TrainData, sta
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=f"{analysis.params.entry_name}-{uuid.uuid4().hex[:8]}", storage_path=path,
-                             storage_filesystem=filesystem),
+                             storage_filesystem=filesystem,
+                             # Ray Train's own progress (resources, worker group, each report) is
+                             # not the run's: the stage logs its epochs itself.
+                             logging_config=LoggingConfig(log_level="WARNING")),
     )
     try:
         result = trainer.fit()

@@ -711,3 +711,24 @@ def test_first_screen_checks_its_extra_candidates_where_the_cut_is_a_near_tie(me
         assert torch.equal(other[0], dist) and torch.equal(other[1], idx)
         ref_d, ref_i = brute_force(x[:10], x, k, metric)
         assert knn(xt[:10], xt, k, metric, screen=screen)[1].tolist() == ref_i.tolist()
+
+
+@pytest.mark.parametrize("d", [1, 7, 64, 257])
+def test_candidates_divided_by_row_lengths_are_bit_for_bit_unit64(d):
+    # The float64 check normalises gathered cosine candidates by their rows' lengths: the
+    # values must be exactly unit64's (ties and near-ties are ordered on them), zero rows,
+    # tiny and huge ones, and rows from several blocks included.
+    rng = np.random.default_rng(13)
+    x = torch.from_numpy((rng.normal(size=(600, d)) * np.logspace(-18, 18, 600)[:, None]).astype(np.float32))
+    x[[3, 400]] = 0.0
+    db = neighbours.RowBlocks([x[:250], x[250:251], x[251:]])
+    lengths = neighbours.row_lengths(db)
+    cand = torch.from_numpy(rng.integers(0, len(x), size=(90, 13)))
+    cand[0, :3] = torch.tensor([3, 400, 250])
+    q = neighbours.unit64(x[:90], "cosine")
+    q_sq = (q * q).sum(dim=1)
+    x_sq = neighbours.squared_norms(db, "cosine")
+    got = neighbours._exact(q, db, q_sq, x_sq, cand, "cosine", lengths)
+    assert torch.equal(got, neighbours._exact(q, db, q_sq, x_sq, cand, "cosine"))
+    assert torch.equal(db.take(cand).double() / lengths[cand][..., None],
+                       neighbours.unit64(db.take(cand), "cosine"))

@@ -671,3 +671,64 @@ def test_mutual_screen_of_a_database_against_itself_equals_float64_brute_force(m
         # Every row of a database against all of it: one mutual search.
         found = neighbours.knn_database(neighbours.RowBlocks([xt]), rows, k, metric)
         assert found[1].tolist() == ref_i.tolist() and used[-1]
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize("screen", ["faiss", "torch"])
+def test_first_screen_checks_its_extra_candidates_where_the_cut_is_a_near_tie(metric, screen, monkeypatch):
+    # The float64 pass of the first screen looks at the width + CHECK_FIRST best candidates,
+    # then at all of them for the queries where the next one screened within the rounding
+    # bound: rows 1e-4 apart (and exact copies, a zero vector) around the cut must come out
+    # as the float64 brute force orders them, without a second screen when the extra
+    # candidates settle them.
+    if screen == "faiss":
+        pytest.importorskip("faiss")
+    monkeypatch.setattr(neighbours, "MUTUAL_MIN", 1)
+    rng = np.random.default_rng(12)
+    base = rng.normal(size=(1, 6))
+    near = base + 1e-4 * rng.integers(-3, 4, size=(6, 6))
+    x = np.concatenate([near, near[:2], rng.normal(size=(120, 6)) * 3, np.zeros((1, 6))]).astype(np.float32)
+    calls: list[tuple[int, int]] = []
+    search = neighbours._Pass.search
+
+    def spy(self, queries, c, first, found=None):
+        calls.append((c, first))
+        return search(self, queries, c, first, found)
+
+    monkeypatch.setattr(neighbours._Pass, "search", spy)
+    rows = np.arange(len(x))
+    xt = torch.from_numpy(x)
+    for k in (3, 4, 7):
+        calls.clear()
+        ref_d, ref_i = brute_force(x, x, k, metric, exclude=rows)
+        dist, idx = knn(xt, xt, k, metric, exclude=torch.from_numpy(rows), screen=screen)
+        assert idx.tolist() == ref_i.tolist()
+        np.testing.assert_allclose(dist.numpy(), ref_d, rtol=1e-5, atol=1e-6)
+        width = k + 1
+        assert calls[0] == (width + neighbours.SCREEN_FIRST, width + neighbours.CHECK_FIRST)
+        # Queries as a copy (no mutual screen), and against the database without exclusion.
+        other = knn(xt.clone(), xt, k, metric, exclude=torch.from_numpy(rows), screen=screen)
+        assert torch.equal(other[0], dist) and torch.equal(other[1], idx)
+        ref_d, ref_i = brute_force(x[:10], x, k, metric)
+        assert knn(xt[:10], xt, k, metric, screen=screen)[1].tolist() == ref_i.tolist()
+
+
+@pytest.mark.parametrize("d", [1, 7, 64, 257])
+def test_candidates_divided_by_row_lengths_are_bit_for_bit_unit64(d):
+    # The float64 check normalises gathered cosine candidates by their rows' lengths: the
+    # values must be exactly unit64's (ties and near-ties are ordered on them), zero rows,
+    # tiny and huge ones, and rows from several blocks included.
+    rng = np.random.default_rng(13)
+    x = torch.from_numpy((rng.normal(size=(600, d)) * np.logspace(-18, 18, 600)[:, None]).astype(np.float32))
+    x[[3, 400]] = 0.0
+    db = neighbours.RowBlocks([x[:250], x[250:251], x[251:]])
+    lengths = neighbours.row_lengths(db)
+    cand = torch.from_numpy(rng.integers(0, len(x), size=(90, 13)))
+    cand[0, :3] = torch.tensor([3, 400, 250])
+    q = neighbours.unit64(x[:90], "cosine")
+    q_sq = (q * q).sum(dim=1)
+    x_sq = neighbours.squared_norms(db, "cosine")
+    got = neighbours._exact(q, db, q_sq, x_sq, cand, "cosine", lengths)
+    assert torch.equal(got, neighbours._exact(q, db, q_sq, x_sq, cand, "cosine"))
+    assert torch.equal(db.take(cand).double() / lengths[cand][..., None],
+                       neighbours.unit64(db.take(cand), "cosine"))

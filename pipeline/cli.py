@@ -115,6 +115,15 @@ def cmd_run(args) -> int:
 
     manifest = load_manifest(args.manifest, args.overrides, output=args.output, address=args.address)
     result = run_manifest(manifest)
+    if "ray" in sys.modules:
+        import ray
+
+        from pipeline.progress import RAY_WORKER_NOISE, StderrFilter
+
+        # Lines Ray's workers printed reach this process late; those still on their way arrive
+        # while Ray stops here, filtered as during the run, rather than after the summary.
+        with StderrFilter(RAY_WORKER_NOISE):
+            ray.shutdown()
     width = max(len(n) for n in result.analyses)
     print(f"\n{manifest.name}: {result.status}; results in {result.output}")
     for name, info in result.analyses.items():

@@ -4,9 +4,10 @@ and its incremental path (Nakandala et al., SIGMOD 2019) against the batched swe
 All run in one process on the same images and model: the trained CIFAR ResNet-20 and the
 first ``--images`` CIFAR-10 test images (sorted paths) when ``--shared-dir`` holds them,
 else a random-weights ResNet-20 on random images (it says so); ``--model demo`` takes the
-demo CNN (random weights, BatchNorm statistics from random images) on random ``--size``
-images. Inputs are normalised with the ImageNet mean/std the checkpoint was trained with;
-targets are the predicted classes. The loop and the batched sweep must agree, and so must
+demo CNN and ``--model resnet50`` torchvision's ResNet-50 (random weights, BatchNorm
+statistics from random images; nothing is downloaded) on random ``--size`` images. Inputs are
+normalised with the ImageNet mean/std the checkpoint was trained with; targets are the
+predicted classes. The loop and the batched sweep must agree, and so must
 the incremental and the batched sweep; ``occlusion_loop`` is also the reference
 ``tests/test_occlusion.py`` checks the kernel against. The sweep and the incremental path
 alternate ``--repeat`` times and the fastest run of each counts (the ratio is measured in
@@ -15,6 +16,7 @@ the same run, so a busy machine slows both).
     python -m scripts.bench_occlusion --shared-dir ../shared --images 50 --window 8 --stride 2
     python -m scripts.bench_occlusion --images 8 --window 8 --stride 4 --threads 2 --skip-loop
     python -m scripts.bench_occlusion --model demo --size 64 --images 8 --window 12 --stride 4 --threads 2 --skip-loop
+    python -m scripts.bench_occlusion --model resnet50 --images 2 --window 32 --stride 16 --threads 2 --skip-loop
 """
 
 from __future__ import annotations
@@ -132,6 +134,22 @@ def _random_demo(size: int) -> nn.Module:
     return model.eval()
 
 
+def _random_resnet50(size: int) -> nn.Module:
+    """torchvision's ResNet-50, random weights, BatchNorm statistics calibrated on random images
+    (with the default statistics the activations grow block after block)."""
+    from torchvision.models import resnet50
+
+    torch.manual_seed(0)
+    model = resnet50(weights=None)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # cumulative average
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(1)))
+    return model.eval()
+
+
 def load_inputs(shared: Path, images: int, force_random: bool) -> tuple[nn.Module, torch.Tensor, str]:
     """The model, normalised images (N, 3, 32, 32) and a line saying which ones."""
     weights = shared / "models" / "cifar10-resnet20.th"
@@ -166,8 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--chunk", type=int, default=256)
     p.add_argument("--fill", choices=["zero", "mean", "blur"], default="zero")
     p.add_argument("--random", action="store_true", help="random-weights model on random images")
-    p.add_argument("--model", choices=["resnet20", "demo"], default="resnet20")
-    p.add_argument("--size", type=int, default=64, help="image side for --model demo")
+    p.add_argument("--model", choices=["resnet20", "demo", "resnet50"], default="resnet20")
+    p.add_argument("--size", type=int, default=None,
+                   help="image side for --model demo (default 64) / resnet50 (default 224)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--repeat", type=int, default=1, help="timed runs of the sweep and the incremental path")
     p.add_argument("--skip-loop", action="store_true", help="no plain loop (slow on big grids)")
@@ -179,11 +198,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
-    if args.model == "demo":
-        model = _random_demo(args.size)
+    if args.model in ("demo", "resnet50"):
+        args.size = args.size or (64 if args.model == "demo" else 224)
+        model = _random_demo(args.size) if args.model == "demo" else _random_resnet50(args.size)
+        name = "demo CNN" if args.model == "demo" else "torchvision ResNet-50"
         mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
         raw = torch.rand(args.images, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
-        x, source = (raw - mean) / std, f"random-weights demo CNN on random {args.size}x{args.size} images"
+        x, source = (raw - mean) / std, f"random-weights {name} on random {args.size}x{args.size} images"
     else:
         model, x, source = load_inputs(args.shared_dir, args.images, args.random)
     with torch.inference_mode():

@@ -241,6 +241,35 @@ def test_cifar_resnet20_matches_the_sweep():
     assert_close(got, ref)
 
 
+
+def tiny_bottleneck_resnet() -> nn.Module:
+    """torchvision's ResNet-50 layer kinds at toy width: stem, maxpool, two ``Bottleneck`` blocks
+    (the second strided, both with a conv + BN shortcut), adaptive avgpool, flatten, linear."""
+    from torchvision.models.resnet import Bottleneck
+
+    def shortcut(cin: int, cout: int, stride: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    return nn.Sequential(OrderedDict([
+        ("conv1", nn.Conv2d(3, 8, 7, stride=2, padding=3, bias=False)), ("bn1", nn.BatchNorm2d(8)),
+        ("relu", nn.ReLU(inplace=True)), ("maxpool", nn.MaxPool2d(3, stride=2, padding=1)),
+        ("layer1", Bottleneck(8, 4, downsample=shortcut(8, 16, 1))),
+        ("layer2", Bottleneck(16, 8, stride=2, downsample=shortcut(16, 32, 2))),
+        ("avgpool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()), ("fc", nn.Linear(32, 5)),
+    ]))
+
+
+def test_torchvision_bottlenecks_match_the_sweep():
+    torch.manual_seed(9)
+    model = _calibrate(tiny_bottleneck_resnet())
+    x = images(2, 32, seed=10)
+    got, ref = both(model, x, torch.tensor([0, 3]), 8, 4, chunk=64, feature=("layer2.conv2", None))
+    plan = cached_plan(model, (3, 32, 32))
+    assert isinstance(plan, incremental.Plan)
+    source = fill_source(x, "zero", 8)
+    assert IncrementalRunner(plan, x, source, 8, 4, None, 64).geo.work < 1  # regions, not a full rerun
+    assert_close(got, ref)
+
 def test_manifest_switch():
     assert OcclusionParams().incremental is True
     assert OcclusionParams(incremental=False).incremental is False

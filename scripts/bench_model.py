@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
     from pipeline.models import load_model
     from pipeline.reduce import RunContext
 
-    manifest = load_manifest(args.manifest, args.overrides)
+    # Everything runs in this one process: no actor pool to size (workers: auto needs Ray).
+    manifest = load_manifest(args.manifest, [*(args.overrides or []), "execution.workers=1"])
     entries = [a for a in manifest.analyses
                if REGISTRY[a.type].stage == "model" and (not args.only or a.entry_name in args.only)]
     if not entries:

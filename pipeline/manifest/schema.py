@@ -472,8 +472,8 @@ class Execution(Strict):
     address: str | None = Field(default=None, description="Ray address; none starts an embedded local Ray")
     workers: WorkerCount = Field(
         default=1, description="model actors (one per GPU on a GPU cluster); auto: one per GPU of the cluster, "
-                               "or on CPUs one per four CPUs, at least two (one actor's Python runs while "
-                               "the other's kernels do), chosen once Ray has started")
+                               "or on CPUs one per four CPUs and at least two (while one actor runs Python, "
+                               "the other computes), chosen once Ray has started and logged")
     min_workers: Count | None = Field(
         default=None, ge=1, description="smallest model actor pool: Ray Data grows it up to `workers` while "
                                         "blocks are queued and shrinks it when idle (default: workers, a fixed pool)")

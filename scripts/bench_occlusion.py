@@ -25,6 +25,7 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -104,50 +105,39 @@ def occlusion_loop(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, win
     return out
 
 
-def _random_resnet() -> nn.Module:
-    """A random-weights ResNet-20 with BatchNorm statistics calibrated on random images."""
-    from pipeline.zoo import CifarResNet
-
+def _calibrated(build: Callable[[], nn.Module], images: int, size: int) -> nn.Module:
+    """``build()`` with random weights (seed 0) and BatchNorm statistics calibrated on ``images``
+    random images of ``size`` px (with the default statistics activations grow block after block)."""
     torch.manual_seed(0)
-    model = CifarResNet(20)
+    model = build()
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.momentum = None  # cumulative average
     model.train()
     with torch.no_grad():
-        model(torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+        model(torch.randn(images, 3, size, size, generator=torch.Generator().manual_seed(1)))
     return model.eval()
+
+
+def _random_resnet() -> nn.Module:
+    """A random-weights CIFAR ResNet-20, calibrated on random images."""
+    from pipeline.zoo import CifarResNet
+
+    return _calibrated(lambda: CifarResNet(20), 32, 32)
 
 
 def _random_demo(size: int) -> nn.Module:
-    """A random-weights demo CNN with BatchNorm statistics calibrated on random images."""
+    """A random-weights demo CNN, calibrated on random images."""
     from pipeline.zoo import DemoCNN
 
-    torch.manual_seed(0)
-    model = DemoCNN()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None  # cumulative average
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(16, 3, size, size, generator=torch.Generator().manual_seed(1)))
-    return model.eval()
+    return _calibrated(DemoCNN, 16, size)
 
 
 def _random_resnet50(size: int) -> nn.Module:
-    """torchvision's ResNet-50, random weights, BatchNorm statistics calibrated on random images
-    (with the default statistics the activations grow block after block)."""
+    """torchvision's ResNet-50, random weights, calibrated on random images."""
     from torchvision.models import resnet50
 
-    torch.manual_seed(0)
-    model = resnet50(weights=None)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None  # cumulative average
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(1)))
-    return model.eval()
+    return _calibrated(lambda: resnet50(weights=None), 8, size)
 
 
 def load_inputs(shared: Path, images: int, force_random: bool) -> tuple[nn.Module, torch.Tensor, str]:

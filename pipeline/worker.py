@@ -106,9 +106,8 @@ class ModelWorker:
         if execution.get("compile"):
             backend = str(execution.get("compile_backend") or "inductor")
             wanted = {id(m): (m, self.layers) for m in self.models.values()}
-            for key, model in self.baseline_models.items():
-                users = [a for a in self.analyses if a.baselines().get(key[0]) == key[1]]
-                wanted[id(model)] = (model, list(dict.fromkeys(layer for a in users for _, layer in a.layers())))
+            for (name, seed), model in self.baseline_models.items():
+                wanted[id(model)] = (model, baseline_layers(self.analyses, name, seed))
             for ident, (model, layers) in wanted.items():
                 try:
                     self.compiled[ident] = CompiledForward(model, layers, self.notices.append, backend)
@@ -172,8 +171,7 @@ class ModelWorker:
             wanted = analysis.baselines()
             for name, seed in wanted.items():
                 if (name, seed) not in baseline_batches:
-                    users = [a for a in analyses if a.baselines().get(name) == seed]
-                    layers = list(dict.fromkeys(layer for a in users for _, layer in a.layers()))
+                    layers = baseline_layers(analyses, name, seed)
                     base = self.baseline_models[(name, seed)]
                     tapped = self.compiled.get(id(base))
                     baseline_batches[(name, seed)] = shared_batch(
@@ -308,6 +306,11 @@ class ModelWorker:
         rows = np.asarray(batch["row"], dtype=np.int64)
         records = [self._write_block({k: v[run] for k, v in batch.items()}) for run in contiguous_runs(rows)]
         return {"record": np.asarray([json.dumps(r) for r in records], dtype=object)}
+
+
+def baseline_layers(analyses: list[Analysis], name: str, seed: int) -> list[str]:
+    """The layers a baseline model's forward is hooked at: those the analyses asking for it read."""
+    return Stage("map", [a for a in analyses if a.baselines().get(name) == seed]).layers()
 
 
 def shared_batch(model: torch.nn.Module, x: torch.Tensor, layers: list[str], image_ids: list[str],

@@ -462,15 +462,14 @@ def _count_or_auto(value: Any) -> int | str:
 
 
 # One plain check, so a wrong value gets one message rather than one per member of a union.
-DecodeBlock = Annotated[int | str, PlainValidator(_count_or_auto)]
-WorkerCount = Annotated[int | str, PlainValidator(_count_or_auto)]
+CountOrAuto = Annotated[int | str, PlainValidator(_count_or_auto)]
 
 
 class Execution(Strict):
     """Where and how the work runs."""
 
     address: str | None = Field(default=None, description="Ray address; none starts an embedded local Ray")
-    workers: WorkerCount = Field(
+    workers: CountOrAuto = Field(
         default=1, description="model actors (one per GPU on a GPU cluster); auto: one per GPU of the cluster, "
                                "or on CPUs one per four CPUs and at least two (while one actor runs Python, "
                                "the other computes), chosen once Ray has started and logged")
@@ -501,7 +500,7 @@ class Execution(Strict):
                     "rounding, a few levels of 255); other formats and JPEGs that fail on the GPU are decoded "
                     "on the CPU. Needs a GPU: with device auto and none, decoding stays on the CPU")
     threads_per_worker: Count | None = Field(default=None, ge=1, description="torch threads per CPU actor")
-    decode_batch_size: DecodeBlock = Field(
+    decode_batch_size: CountOrAuto = Field(
         default="auto", description="images per decode task; auto: about 32 MiB of decoded pixels, "
                                     "64 to 1024 images (fewer, larger blocks cost Ray less per image)")
     rows_per_part: Count = Field(default=100_000, ge=1, description="rows per Parquet part file")

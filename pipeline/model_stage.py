@@ -175,7 +175,7 @@ def run_model_stage(manifest: Manifest, store: Store, index: DatasetIndex, analy
     import ray
 
     ex = manifest.execution
-    run_ctx = RunContext(manifest, index, log)
+    run_ctx = RunContext(manifest, index, log, store.remote_args())
     labels = dict(zip(index.table.column("image_id").to_pylist(), index.table.column("label").to_pylist()))
     stats: dict[str, dict] = {}
     entries: list[_Entry] = []

@@ -255,11 +255,14 @@ class ImageSource:
 class RunContext:
     """:class:`jobs.ReduceContext` for a run: the model, decoded images, Ray for parallel work."""
 
-    def __init__(self, manifest: Manifest, index: DatasetIndex, log: Log):
+    def __init__(self, manifest: Manifest, index: DatasetIndex, log: Log, remote_args: dict | None = None):
+        """``remote_args``: the run store's (:meth:`pipeline.store.Store.remote_args`), for the tasks
+        of :meth:`parallel_map`."""
         from pipeline.models import input_size_of
         from pipeline.worker import resolve_device
 
         self.manifest, self.index, self._log = manifest, index, log
+        self.remote_args = dict(remote_args or {})
         ex = manifest.execution
         self.device = resolve_device(ex.device)
         self.input_size = input_size_of(manifest.model)
@@ -307,10 +310,11 @@ class RunContext:
         if len(items) <= 1:
             return [fn(resolve(shared), item) for item in items]
         gpus = 1 if gpu and self.device.type == "cuda" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        # Tasks that read the run's store (pieces of partials) need its credentials, as the map workers do.
-        env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "GOOGLE_"))}
-        task = ray.remote(_apply).options(num_cpus=1, num_gpus=gpus,
-                                          **({"runtime_env": {"env_vars": env}} if env else {}))
+        # Tasks that read the run's store (pieces of partials) need its credentials, as the map
+        # workers do; the store's own remote args, the same for every task of the run, so that
+        # one worker process (torch imported once) runs them all: Ray starts a process for each
+        # new runtime environment.
+        task = ray.remote(_apply).options(num_cpus=1, num_gpus=gpus, **self.remote_args)
         ref = ray.put(shared)
         return ray.get([task.remote(fn, ref, item) for item in items])
 
@@ -458,7 +462,7 @@ def run_reduce_stage(manifest: Manifest, store: Store, index: DatasetIndex, anal
                      keys: dict[str, dict], log: Log, checkpoint: str | None = None) -> dict[str, dict]:
     """Reduce every entry in turn (with the model of ``manifest``, one ``checkpoint`` of a series;
     ``keys`` and the stats are by folder); one failure does not stop the others."""
-    ctx = RunContext(manifest, index, log)
+    ctx = RunContext(manifest, index, log, store.remote_args())
     stats: dict[str, dict] = {}
     for analysis in analyses:
         name = entry_folder(analysis.params.entry_name, checkpoint)

@@ -294,7 +294,7 @@ def run_train_stage(manifest: Manifest, store: Store, index: DatasetIndex, analy
                     keys: dict[str, dict], log: Log) -> tuple[dict[str, dict], list[dict]]:
     """Train every entry in turn; one failure does not stop the others. Returns the entries'
     stats and the error rows of images that could not be decoded."""
-    ctx = RunContext(manifest, index, log)
+    ctx = RunContext(manifest, index, log, store.remote_args())
     stats: dict[str, dict] = {}
     errors: list[dict] = []
     for analysis in analyses:

@@ -294,3 +294,29 @@ def test_a_crash_before_the_tables_draws_the_pictures_again(ray_session, resnet2
     # Exactly the pictures the table names: none of the first attempt's files is left behind.
     assert set(pictures) == set(table.key) | set(table.grid_key)
     assert result.analyses["top_patches"]["images"] == len(pictures)
+
+
+def _runtime_env(shared, item) -> dict:
+    import ray
+
+    return dict(ray.get_runtime_context().runtime_env)
+
+
+def test_reduce_tasks_share_the_runs_runtime_environment(ray_session, resnet20_weights, tmp_path, image_folder,
+                                                         monkeypatch):
+    """A reduction's tasks get the store's remote args and nothing else: Ray starts fresh worker
+    processes (each importing torch again) for every new runtime environment, so a credential
+    variable of the driver's shell must not give them one of their own on a local run."""
+    from pipeline.datasets import list_dataset
+    from pipeline.reduce import RunContext
+    from pipeline.store import Store
+
+    manifest = load_manifest(write_manifest(tmp_path / "m.yaml", weights=resnet20_weights,
+                                            dataset={"kind": "image_folder", "root": str(image_folder)}))
+    index = list_dataset(manifest.dataset)
+    monkeypatch.setenv("AWS_CA_BUNDLE", "/etc/ssl/certs/ca.pem")
+    local = Store.open(str(tmp_path / "out"))
+    ctx = RunContext(manifest, index, lambda m: None, local.remote_args())
+    assert ctx.parallel_map(_runtime_env, [0, 1]) == [{}, {}]
+    remote = RunContext(manifest, index, lambda m: None, {"runtime_env": {"env_vars": {"AWS_REGION": "x"}}})
+    assert [e.get("env_vars") for e in remote.parallel_map(_runtime_env, [0, 1])] == [{"AWS_REGION": "x"}] * 2

@@ -7,6 +7,7 @@ Per entry, on the driver::
                     ─► TorchTrainer: ``workers`` Ray Train workers (gloo on CPUs, NCCL on GPUs),
                         each loads the model and runs analysis.fit on the same data;
                         worker 0 reports its rows and stats with a checkpoint (the weights)
+                        (one worker: the same fit in one Ray task, which returns them)
                     ─► the table, _split.parquet and _model.pt ─► ledger ─► commit
 
 The images go to the workers as one object in Ray's object store (uint8 pixels, read in place
@@ -16,7 +17,9 @@ starts (checked against ``execution.driver_memory``). That suits datasets of up 
 hundred thousand small images; a larger one should be sampled (``dataset.sample``).
 
 The checkpoint passes through Ray Train's storage, which is the entry's staging folder, so it
-is as shared as the output must be on a cluster. An entry is one unit: a run that stops during
+is as shared as the output must be on a cluster. An entry of one worker skips Ray Train: its
+controller and worker group cost seconds of start-up that a short fine-tune does not, and one
+worker has nothing to synchronise. An entry is one unit: a run that stops during
 training trains again from the start on the rerun; one that stops after recording its results
 commits them without training.
 """
@@ -60,6 +63,8 @@ DECODE_CHUNK = 1024  # images per decode task
 # epochs is short, and each poll it waits for at the end is time the run waits too; a value set
 # in the environment is kept.
 POLL_ENV, POLL_SECONDS = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
+# An entry of one worker trains in a plain Ray task unless this is set (tests compare the two).
+TRAIN_ONE_WORKER_ON_RAY_TRAIN = False
 
 
 def _decode(source: ImageSource, ids: list[str]) -> dict[str, np.ndarray]:
@@ -81,23 +86,17 @@ class TorchWorkers:
             torch.distributed.broadcast(tensor, src)
 
 
-def train_worker(config: dict[str, Any]) -> None:
-    """Ray Train's loop on each worker: load the model, ``fit``, and (worker 0) report the
-    rows, stats and trained weights as the run's checkpoint."""
+def fit_entry(config: dict[str, Any], rank: int, world: int, local_world: int, device: torch.device,
+              report: Callable[[dict[str, Any]], None]) -> tuple[dict[str, Any], bytes | None]:
+    """Load the model and run the entry's ``fit`` on this worker: its output (rows, stats, log)
+    and, on worker 0, the trained weights as ``torch.save`` bytes."""
     import ray
-    import ray.train
-    import ray.train.torch
 
     from pipeline.models import load_model, spec_from_json
 
-    # Ray Train says every report it receives at info level; the run's log says what counts.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
     if not config["use_gpu"]:
         # A fixed thread count (Ray starts workers with one): results depend on it, by rounding.
-        torch.set_num_threads(config["threads"] or max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
-    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
+        torch.set_num_threads(config["threads"] or max(1, (os.cpu_count() or 1) // local_world))
     entry = config["entry"]
     params = REGISTRY[entry["type"]].Params.model_validate(entry)
     analysis = REGISTRY[params.type](params)
@@ -106,20 +105,46 @@ def train_worker(config: dict[str, Any]) -> None:
     model = load_model(spec_from_json(config["model"])).to(device)
     data: TrainData = ray.get(config["data"])
     messages: list[str] = []
+    output = analysis.fit(model, data, device, TorchWorkers(rank, world), report=report, log=messages.append)
+    weights = None
+    if rank == 0:
+        buf = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+        weights = buf.getvalue()
+    return {"rows": output.rows, "stats": output.stats, "log": messages}, weights
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train's loop on each worker: :func:`fit_entry`, and (worker 0) report the rows,
+    stats and trained weights as the run's checkpoint."""
+    import ray.train
+    import ray.train.torch
+
+    # Ray Train says every report it receives at info level; the run's log says what counts.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    context = ray.train.get_context()
+    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
 
     def report(row: dict[str, Any]) -> None:
         ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float, str))})
 
-    output = analysis.fit(model, data, device, TorchWorkers(rank, world), report=report, log=messages.append)
+    output, weights = fit_entry(config, context.get_world_rank(), context.get_world_size(),
+                                context.get_local_world_size(), device, report)
     with tempfile.TemporaryDirectory(prefix="convscope-train-") as folder:
         checkpoint = None
-        if rank == 0:
-            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
-            with open(os.path.join(folder, "output.json"), "w") as f:
-                json.dump({"rows": output.rows, "stats": output.stats, "log": messages}, f)
+        if weights is not None:
+            with open(os.path.join(folder, CHECKPOINT_FILE), "wb") as f:
+                f.write(weights)
+            with open(os.path.join(folder, "output.json"), "w") as g:
+                json.dump(output, g)
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report({"done": 1}, checkpoint=checkpoint)
+
+
+def train_task(config: dict[str, Any]) -> tuple[dict[str, Any], bytes | None]:
+    """One worker's training as a plain Ray task: :func:`fit_entry` alone, nothing to synchronise."""
+    device = torch.device("cuda") if config["use_gpu"] else torch.device("cpu")
+    return fit_entry(config, 0, 1, 1, device, lambda row: None)
 
 
 def decode_images(ctx: RunContext, ids: Sequence[str], log: Log) -> dict[str, np.ndarray]:
@@ -188,7 +213,8 @@ def _storage(store: Store, rel: str) -> tuple[str, Any]:
 
 def fit_on_ray(manifest: Manifest, analysis: TrainAnalysis, data: TrainData, staged: StagedEntry,
                use_gpu: bool) -> tuple[dict[str, Any], bytes]:
-    """Run ``analysis.fit`` as a Ray Train TorchTrainer; return worker 0's output and model.pt."""
+    """Run ``analysis.fit`` as a Ray Train TorchTrainer (one worker: a Ray task); return worker
+    0's output and model.pt."""
     import ray
     from ray.train.torch import TorchConfig
 
@@ -201,6 +227,16 @@ def fit_on_ray(manifest: Manifest, analysis: TrainAnalysis, data: TrainData, sta
     threads = ex.threads_per_worker  # default: the node's CPUs shared by its workers
     config = {"entry": analysis.params.model_dump(mode="json"), "model": manifest.model.model_dump(mode="json"),
               "data": ray.put(data), "threads": threads, "use_gpu": use_gpu}
+    if workers == 1 and not TRAIN_ONE_WORKER_ON_RAY_TRAIN:
+        # One worker has nothing to synchronise: a task on one of the run's warm worker processes
+        # does the same computation without Ray Train's controller and worker group (about 8 s
+        # of start-up on two CPU cores, more than a short fine-tune's training).
+        task = ray.remote(train_task).options(num_cpus=1, num_gpus=1 if use_gpu else 0,
+                                              **staged.store.remote_args())
+        output, weights = ray.get(task.remote(config))
+        if weights is None:
+            raise RuntimeError("training finished without the trained weights")
+        return output, weights
     rel = f"{staged.staging}/{TRAIN_DIR}"
     staged.store.delete(rel)
     path, filesystem = _storage(staged.store, rel)
@@ -267,8 +303,10 @@ def _train(manifest: Manifest, index: DatasetIndex, analysis: TrainAnalysis, ctx
     name = analysis.params.entry_name
     data, undecodable = train_data(manifest, index, analysis, ctx, log)
     use_gpu = ctx.device.type == "cuda"
+    workers = analysis.workers()
+    on = "one Ray task" if workers == 1 and not TRAIN_ONE_WORKER_ON_RAY_TRAIN else f"{workers} Ray Train worker(s)"
     log(f"  {name}: training on {len(data.train):,} images, {len(data.held_out):,} held out, "
-        f"{analysis.workers()} Ray Train worker(s) on {'GPUs' if use_gpu else 'CPUs'}")
+        f"{on} on {'a GPU' if use_gpu and workers == 1 else 'GPUs' if use_gpu else 'CPUs'}")
     output, weights = fit_on_ray(manifest, analysis, data, staged, use_gpu)
     for message in output.get("log", []):
         log(f"  {name}: {message}")

@@ -260,7 +260,7 @@ def plain_accuracy(weights: Path, images: Path, held_out: list[str], labels: lis
     return correct / len(held_out)
 
 
-def test_ray_train_run_is_reproducible_and_its_checkpoint_scores_what_it_reports(ray_session, resnet20_weights,
+def test_one_worker_task_equals_ray_train_and_its_checkpoint_scores_what_it_reports(ray_session, resnet20_weights,
                                                                                  tmp_path, monkeypatch):
     monkeypatch.setattr(train_stage, "DECODE_CHUNK", 10)  # the images decoded by several tasks
     images = tmp_path / "images"
@@ -271,6 +271,8 @@ def test_ray_train_run_is_reproducible_and_its_checkpoint_scores_what_it_reports
     path = manifest_with(tmp_path, resnet20_weights, images, **entry)
     outs = []
     for n in (1, 2):
+        # The first run trains in a Ray task (one worker), the second on Ray Train: the same weights.
+        monkeypatch.setattr(train_stage, "TRAIN_ONE_WORKER_ON_RAY_TRAIN", n == 2)
         manifest = load_manifest(path, [f"output={tmp_path / f'out{n}'}"])
         result = run_manifest(manifest, log=lambda m: None)
         assert result.ok, result.analyses

@@ -26,7 +26,7 @@ Example manifest entry::
       split: {held_out: 0.5, seed: 0}
       reset_head: false       # true: a new, seeded head (same shape) instead of the pretrained one
       probe: true             # the logistic-regression probe on the frozen penultimate features
-      workers: 1              # Ray Train workers (one GPU each when the run has GPUs)
+      workers: 1              # Ray Train workers (one GPU each when the run has GPUs); one: a Ray task
 
 Which parameters train:
 
@@ -134,7 +134,8 @@ class FinetuneParams(AnalysisParams):
     split: HeldOut = Field(default_factory=HeldOut)
     reset_head: bool = Field(default=False, description="start from a new seeded head of the same shape")
     probe: bool = Field(default=True, description="fit the linear probe on the frozen penultimate features")
-    workers: int = Field(default=1, ge=1, description="Ray Train workers (one GPU each on a GPU run)")
+    workers: int = Field(default=1, ge=1, description="Ray Train workers (one GPU each on a GPU run); one trains in "
+                                                      "a plain Ray task, without Ray Train's start-up")
 
     @field_validator("train_layers", mode="before")
     @classmethod

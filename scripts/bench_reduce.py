@@ -272,6 +272,7 @@ def run_one(spec: dict) -> dict:
     ctx.input_size = (INPUT_SIZE, INPUT_SIZE)
     ctx.model = conv_model()  # top_patches measures its receptive field (the others never look)
     ctx._log = lambda message: None
+    ctx.remote_args = store.remote_args()  # its parallel_map tasks, as a run's
     execution = types.SimpleNamespace(rows_per_part=100_000, driver_memory=None)
     manifest = types.SimpleNamespace(analyses=[analysis.params], execution=execution)
     peaks = TaskPeaks()

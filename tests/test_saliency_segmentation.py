@@ -49,6 +49,22 @@ def test_a_flat_map_gives_no_mask():
     assert not ran and not mask.any()
 
 
+def test_float_rounding_at_a_threshold_does_not_move_a_seed():
+    # Ties in exact arithmetic (an upsampled map's) that float rounding splits, at the
+    # foreground quantile and at the median, as another batch size's rounding would.
+    image = square_image(size=16)
+    heat = np.random.default_rng(1).random((16, 16)) * 0.1  # distinct: the background quantile
+    heat[2:14, 2:14] = 0.5  # 128 pixels: the median and the 0.9 quantile
+    heat[6:10, 6:10] = 1.0  # 16 pixels: the foreground seeds
+    nudged = heat.copy()
+    nudged[heat == 0.5] += np.random.default_rng(0).normal(0, 1e-9, int((heat == 0.5).sum()))
+    nudged[heat == 1.0] -= 1e-9 * np.arange(16)
+    for min_seeds, grabcut in ((3, True), (300, False)):  # GrabCut runs; too few seeds: seeds alone
+        mask, ran = grabcut_mask(image, heat, foreground=0.9, min_seeds=min_seeds)
+        again, ran_again = grabcut_mask(image, nudged, foreground=0.9, min_seeds=min_seeds)
+        assert ran == ran_again == grabcut and np.array_equal(mask, again)
+
+
 def test_rows_aggregates_and_batch_independence():
     torch.manual_seed(0)
     model = _randomise_bn(ModuleNet()).eval()

@@ -6,8 +6,10 @@ foreground colour model of GrabCut (Rother et al., SIGGRAPH 2004; OpenCV's ``gra
 below its ``background`` quantile (default 0.30) the background's, and GrabCut labels the rest
 (pixels above the map's median start as probable foreground, the others as probable
 background). A map too flat to give ``min_seeds`` seeds of each kind keeps its foreground
-seeds as the mask (``grabcut`` false). OpenCV's random state is seeded before every image, so
-a mask does not depend on the batch.
+seeds as the mask (``grabcut`` false). OpenCV's random state is seeded before every image, and
+a value within ``1e-5`` of the map's largest magnitude of a threshold counts as on it (equal
+values in exact arithmetic, such as an upsampled map's, differ by float rounding from one
+batch size to another), so a mask does not depend on the batch.
 
 The maps are the checked attribution entries' own (``methods``, default every attribution
 entry that explains classes; each with its ``target``), computed again on this entry's
@@ -72,6 +74,9 @@ class SaliencySegmentationParams(AnalysisParams):
     method_entries: list[dict[str, Any]] = Field(default_factory=list, json_schema_extra={"hidden": True})
 
 
+TIE_TOLERANCE = 1e-5  # of a map's largest magnitude: far above float32 rounding, far below a seed's meaning
+
+
 def grabcut_mask(image: np.ndarray, heat: np.ndarray, foreground: float = 0.95, background: float = 0.30,
                  iterations: int = 5, min_seeds: int = 10) -> tuple[np.ndarray, bool]:
     """A bool (H, W) object mask of ``image`` (uint8 (H, W, 3), RGB) seeded by ``heat`` (H, W):
@@ -80,11 +85,14 @@ def grabcut_mask(image: np.ndarray, heat: np.ndarray, foreground: float = 0.95, 
     import cv2
 
     heat = np.nan_to_num(np.asarray(heat, np.float64), nan=-np.inf)
+    finite = np.abs(heat[np.isfinite(heat)])
+    # Float rounding must not move a pixel across a threshold: within tol of one is on it.
+    tol = TIE_TOLERANCE * (float(finite.max()) if finite.size else 0.0)
     hi, lo = np.quantile(heat, foreground), np.quantile(heat, background)
-    seeds_fg, seeds_bg = heat > hi, heat < lo
-    if hi <= lo or seeds_fg.sum() < min_seeds or seeds_bg.sum() < min_seeds:
-        return heat >= hi if hi > lo else np.zeros(heat.shape, bool), False
-    mask = np.where(heat >= np.median(heat), cv2.GC_PR_FGD, cv2.GC_PR_BGD).astype(np.uint8)
+    seeds_fg, seeds_bg = heat > hi + tol, heat < lo - tol
+    if hi <= lo + tol or seeds_fg.sum() < min_seeds or seeds_bg.sum() < min_seeds:
+        return heat >= hi - tol if hi > lo + tol else np.zeros(heat.shape, bool), False
+    mask = np.where(heat >= np.median(heat) - tol, cv2.GC_PR_FGD, cv2.GC_PR_BGD).astype(np.uint8)
     mask[seeds_fg] = cv2.GC_FGD
     mask[seeds_bg] = cv2.GC_BGD
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)

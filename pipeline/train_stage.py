@@ -144,7 +144,11 @@ def train_worker(config: dict[str, Any]) -> None:
 def train_task(config: dict[str, Any]) -> tuple[dict[str, Any], bytes | None]:
     """One worker's training as a plain Ray task: :func:`fit_entry` alone, nothing to synchronise."""
     device = torch.device("cuda") if config["use_gpu"] else torch.device("cpu")
-    return fit_entry(config, 0, 1, 1, device, lambda row: None)
+    threads = torch.get_num_threads()
+    try:
+        return fit_entry(config, 0, 1, 1, device, lambda row: None)
+    finally:
+        torch.set_num_threads(threads)  # the worker process runs the run's other tasks too
 
 
 def decode_images(ctx: RunContext, ids: Sequence[str], log: Log) -> dict[str, np.ndarray]:

@@ -257,8 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{result['torch_threads']} torch threads")
     if not args.skip_loop:
         print(f"  plain loop (batch 1)    {loop_s:8.2f} s  {result['loop_images_per_s']:8.2f} images/s")
-    print(f"  occlusion_sweep ({args.chunk:>4})  {sweep_s:8.2f} s  {result['sweep_images_per_s']:8.2f} images/s  "
-          f"({result['ratio']:.1f}x the loop)")
+    print(f"  occlusion_sweep ({args.chunk:>4})  {sweep_s:8.2f} s  {result['sweep_images_per_s']:8.2f} images/s"
+          + ("" if args.skip_loop else f"  ({result['ratio']:.1f}x the loop)"))
     if not args.skip_loop:
         print(f"  agree: max |prob diff| = {result['max_abs_prob_diff']:.2e}, "
               f"labels equal at {100 * result['label_agreement']:.2f}% of positions")

@@ -29,12 +29,36 @@ def test_bench_quick_agrees_with_every_baseline(ray_session, tmp_path):
         ("grad_cam", "captum LayerGradCam"), ("grad_cam", "pytorch-grad-cam GradCAM"),
         ("guided_grad_cam", "captum GuidedGradCam"), ("occlusion", "captum Occlusion, default"),
         ("occlusion", "captum Occlusion, best per_eval"), ("neighbours", "faiss IndexFlat"),
-        ("embedding tsne", "scikit-learn TSNE"),
+        ("embedding tsne", "scikit-learn TSNE"), ("occlusion incr.", "batched sweep"),
     }
     assert expected <= seen, expected - seen
+    # The demo CNN's row runs the incremental path (the ResNet-20's regions save too little).
+    assert [r["incremental"] for r in rows if r["analysis"] == "occlusion incr."] == [True, False]
     untimed = [r for r in rows if not (r["images"] > 0 and r["convscope_s"] > 0 and r["baseline_s"] > 0)]
     assert untimed == [], untimed
     assert json.loads((tmp_path / "bench.json").read_text())["rows"] == rows
+
+
+def test_bench_demo_row_times_a_whole_run_and_checks_it(tmp_path, image_folder, resnet20_weights):
+    """The demo row on a tiny manifest: a whole ``convscope run`` process, every entry complete,
+    a quiet log; a manifest whose entry fails is a row that does not agree."""
+    from tests.conftest import write_manifest
+
+    manifest = write_manifest(tmp_path / "m.yaml", weights=resnet20_weights,
+                              dataset={"kind": "image_folder", "root": str(image_folder)})
+    case = bench.Case("tiny", [], [], {}, {"device": "cpu", "batch_size": 8}, tmp_path / "w")
+    case.work.mkdir()
+    got = bench.bench_demo(case, manifest, target_s=600)
+    row = case.rows[-1]
+    assert got["returncode"] == 0 and got["errors"] == [] and got["incomplete"] == []
+    assert row["agrees"] and row["images"] == len(list(image_folder.rglob("*.png"))) and row["convscope_s"] > 0
+    assert row["ratio"] == round(600 / row["convscope_s"], 2)
+    broken = write_manifest(tmp_path / "broken.yaml", weights=resnet20_weights,
+                            dataset={"kind": "image_folder", "root": str(image_folder)},
+                            analyses=[{"type": "features", "layers": ["layer3"]},
+                                      {"type": "grad_cam", "layer": "no_such_layer"}])
+    bench.bench_demo(case, broken, target_s=600)
+    assert not case.rows[-1]["agrees"]
 
 
 def test_bench_attribution_times_every_attribution_entry(tmp_path):

@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -208,21 +209,25 @@ def bench_features(case: Case, n: int, layers: list[str], repeats: int, loader_w
     return {"seconds": t_ours, "features": got}
 
 
+def timed_process(command: list[str]) -> tuple[float, subprocess.CompletedProcess]:
+    """Run ``command`` from the repository root (this checkout importable); its wall seconds
+    and the finished process."""
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True)
+    return time.perf_counter() - start, done
+
+
 def bench_process(case: Case, n: int, layers: list[str], repeats: int, loader_workers: int) -> None:
     """features as whole processes: ``convscope run`` (Python, imports, an embedded Ray of its
     own, the run) against a script doing the plain loop (Python, imports, the loop)."""
-    import subprocess
-
     entry = [{"type": "features", "layers": layers, "pool": "avg"}]
     case.work.mkdir(parents=True, exist_ok=True)
     output = case.work / "out-process"
     manifest = case.manifest(entry, n, output)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     def timed(command: list[str]) -> float:
-        start = time.perf_counter()
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-        seconds = time.perf_counter() - start
+        seconds, done = timed_process(command)
         if done.returncode:
             raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
         return seconds
@@ -475,16 +480,9 @@ def bench_demo(case: Case, manifest: Path = ROOT / "manifests" / "demo.yaml", ta
     new folder, timed against ``target_s``; it agrees when every entry completes and stderr has
     no error-level line (a healthy run's log is quiet). A first run trains and caches the demo
     CNN when it is not cached yet (untimed, as the README's timing assumes)."""
-    import subprocess
-
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-
     def run(output: Path) -> tuple[float, subprocess.CompletedProcess]:
         shutil.rmtree(output, ignore_errors=True)
-        start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(manifest), "--output", str(output)],
-                              cwd=ROOT, env=env, capture_output=True, text=True)
-        return time.perf_counter() - start, done
+        return timed_process([sys.executable, "-m", "pipeline.cli", "run", str(manifest), "--output", str(output)])
 
     model = yaml.safe_load(manifest.read_text())["model"]
     weights = (manifest.parent / model["weights"]).resolve() if model.get("weights") else None
@@ -512,17 +510,16 @@ def bench_incremental(case: Case, quick: bool) -> None:
     the changed regions stay small. A model whose regions save too little runs the sweep."""
     from scripts import bench_occlusion
 
-    runs = [("demo CNN", ["--model", "demo", "--size", "64", "--images", "2" if quick else "8",
-                          "--window", "12", "--stride", "4"]),
-            ("ResNet-20", ["--images", "2" if quick else "50", "--window", "8", "--stride", "4",
-                           "--shared-dir", str(SHARED)])]  # random weights and images without ../shared
-    if not quick:  # two 224 px images: about 80 s on two CPU cores
-        runs.append(("ResNet-50", ["--model", "resnet50", "--size", "224", "--images", "2", "--window", "32",
-                                   "--stride", "16", "--chunk", "8", "--repeat", "2"]))
-    for name, argv in runs:
+    runs = [("demo CNN", 64, ["--model", "demo", "--size", "64", "--images", "2" if quick else "8",
+                              "--window", "12", "--stride", "4"]),
+            ("ResNet-20", 32, ["--images", "2" if quick else "50", "--window", "8", "--stride", "4",
+                               "--shared-dir", str(SHARED)])]  # random weights and images without ../shared
+    if not quick:  # two 224 px images: about a minute on two CPU cores
+        runs.append(("ResNet-50", 224, ["--model", "resnet50", "--size", "224", "--images", "2", "--window", "32",
+                                        "--stride", "16", "--chunk", "8", "--repeat", "2"]))
+    for name, size, argv in runs:
         with contextlib.redirect_stdout(io.StringIO()):  # its own report: the row says it here
             r = bench_occlusion.main([*argv, "--skip-loop"])
-        size = "224" if name == "ResNet-50" else "64" if name == "demo CNN" else "32"
         how = (f"{100 * r['incremental_work_share']:.0f}% of the convolution work" if r["incremental"]
                else f"ran the sweep: {r['incremental_why_not']}")
         diff = r["incremental_max_abs_prob_diff"]
